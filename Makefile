@@ -1,0 +1,33 @@
+# gemma-export: `make demo` and `make test` work on a fresh machine (they set up .venv first).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install demo test lint bench clean
+
+install: $(STAMP)
+
+# torch is pinned to the CPU wheel this workplace ships; an unpinned torch would pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "torch==2.13.0"
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/gemma-export demo --out build/demo
+
+test: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check gemma_export tests
+	$(BIN)/ruff format --check gemma_export tests
+
+bench: install
+	@echo "benchmarks arrive with the bench command (issue: CPU speed)"; exit 2
+
+clean:
+	rm -rf build $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,3 @@
+"""gemma-export: Gemma checkpoints to proven ONNX artifacts."""
+
+__version__ = "0.1.0"

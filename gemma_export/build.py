@@ -1,0 +1,101 @@
+"""The pipeline: load -> trace -> optimize -> package -> verify, one way, each stage timed.
+
+checkpoint dir --load--> (config, reference model) --trace--> ONNX with ai.gemma nodes
+    --optimize--> cleaned graph + function bodies --package--> staging folder
+    --verify--> parity report (gate) --> manifest.json --> rename to OUT_DIR
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gemma_export import load, optimize, package, trace, verify
+from gemma_export.errors import BadInput, ParityError
+from gemma_export.progress import Stages
+from gemma_export.runtime import OrtDecoder, TorchDecoder
+
+TARGETS = ("ort-cpu", "onnx")
+PRECISIONS = ("fp32",)
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    target: str = "ort-cpu"
+    precision: str = "fp32"
+    tolerance: float = verify.DEFAULT_TOLERANCE
+    force: bool = False
+
+    def check(self) -> None:
+        if self.target not in TARGETS:
+            raise BadInput(f"--target {self.target!r} is not supported; choose one of: {', '.join(TARGETS)}")
+        if self.precision not in PRECISIONS:
+            raise BadInput(
+                f"--precision {self.precision!r} is not supported for {self.target}; choose one of: "
+                f"{', '.join(PRECISIONS)}"
+            )
+        if not self.tolerance > 0:
+            raise BadInput(f"--tolerance must be positive, got {self.tolerance}")
+
+
+def build(checkpoint_dir: Path, out_dir: Path, options: BuildOptions, stages: Stages) -> dict[str, Any]:
+    """Build the artifact; returns its manifest. Raises BadInput / ParityError; leaves no partial OUT_DIR."""
+    options.check()
+    checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
+    if out_dir.exists() and not options.force:
+        raise BadInput(f"{out_dir}: output directory exists (pass --force to replace it)")
+
+    with stages.stage("load"):
+        cfg, model = load.load_model(checkpoint_dir)
+    with stages.stage("trace"):
+        proto = trace.export_decoder(model)
+    with stages.stage("optimize"):
+        proto = optimize.attach_functions(optimize.optimize(proto), trace.OPSET)
+
+    with package.staging_dir(out_dir, options.force) as staging:
+        with stages.stage("package") as st:
+            io = package.io_spec(proto)
+            domains = {imp.domain or "ai.onnx": imp.version for imp in proto.opset_import}
+            package.write_model(proto, staging)
+            del proto
+            max_length = cfg.max_position_embeddings
+            package.write_json(staging / package.GENAI_CONFIG, package.genai_config(cfg, max_length))
+            tokenizer_files = package.copy_tokenizer(checkpoint_dir, staging)
+            roles = {
+                "model": package.MODEL_FILE,
+                "weights": package.WEIGHTS_FILE,
+                "genai_config": package.GENAI_CONFIG,
+                **{name: name for name in tokenizer_files},
+            }
+            manifest: dict[str, Any] = {
+                "format": package.MANIFEST_FORMAT,
+                "model": {
+                    "type": cfg.model_type,
+                    "source_model_type": cfg.source_model_type,
+                    "config": cfg.to_json(),
+                },
+                "build": {
+                    "target": options.target,
+                    "precision": options.precision,
+                    "opset": trace.OPSET,
+                    "domains": domains,
+                    "max_length": max_length,
+                },
+                **io,
+                "state": package.kv_state(cfg),
+                "files": package.file_table(staging, roles),
+                "versions": package.versions(),
+            }
+            st.bytes = sum(f["bytes"] for f in manifest["files"].values())
+
+        with stages.stage("verify"):
+            report = verify.compare(TorchDecoder(model), OrtDecoder(staging, manifest), cfg, options.tolerance)
+        manifest["parity"] = report.to_json()
+        if not report.passed:
+            raise ParityError(
+                f"parity gate failed: max abs logit error prefill {report.prefill_max_abs_error:.3g}, "
+                f"decode {report.decode_max_abs_error:.3g} > tolerance {options.tolerance:g}"
+            )
+        package.write_json(staging / package.MANIFEST, manifest)
+    return manifest

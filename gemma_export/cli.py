@@ -1,0 +1,190 @@
+"""The `gemma-export` command line.
+
+Exit codes: 0 ok, 1 a parity gate failed, 2 bad input (one line on stderr), 3 internal error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import click
+import typer
+
+from gemma_export.errors import BadInput, GemmaExportError, ParityError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Turn Gemma checkpoints into ONNX / ONNX Runtime artifacts and prove they compute what the model does.",
+)
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print a machine-readable result on stdout.")]
+
+
+def _emit(result: dict[str, Any], as_json: bool, text: str) -> None:
+    if as_json:
+        print(json.dumps({"ok": True, **result}, indent=2))
+    else:
+        print(text)
+
+
+@app.command()
+def build(
+    checkpoint: Annotated[Path, typer.Argument(help="Hugging Face-format checkpoint folder.")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="Artifact folder to create.")],
+    target: Annotated[str, typer.Option(help="ort-cpu (ONNX Runtime, CPU) or onnx (portable graph).")] = "ort-cpu",
+    precision: Annotated[str, typer.Option(help="Weights and activations: fp32.")] = "fp32",
+    tolerance: Annotated[float, typer.Option(help="Parity gate: max abs logit error vs the reference.")] = 1e-4,
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Build an artifact from CHECKPOINT into OUT, verifying it against the PyTorch reference."""
+    from gemma_export.build import BuildOptions
+    from gemma_export.build import build as run_build
+    from gemma_export.progress import Stages
+
+    stages = Stages(quiet=as_json)
+    options = BuildOptions(target=target, precision=precision, tolerance=tolerance, force=force)
+    manifest = run_build(checkpoint, out, options, stages)
+    parity = manifest["parity"]
+    _emit(
+        {"out": str(out), "stages": stages.to_json(), "parity": parity},
+        as_json,
+        f"built {out}: prefill max |dlogit| {parity['prefill']:.2e}, decode {parity['decode']:.2e} "
+        f"(tolerance {parity['tolerance']:g})",
+    )
+
+
+@app.command()
+def generate(
+    artifact: Annotated[Path, typer.Argument(help="Artifact folder made by `build`.")],
+    prompt: Annotated[list[str] | None, typer.Option(help="Prompt text; repeat for a batch.")] = None,
+    token_ids: Annotated[
+        str | None, typer.Option("--token-ids", help="Comma-separated prompt token ids instead of text.")
+    ] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 32,
+    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
+    top_k: Annotated[int, typer.Option(help="0 = no limit.")] = 0,
+    top_p: Annotated[float, typer.Option()] = 1.0,
+    seed: Annotated[int, typer.Option()] = 0,
+    threads: Annotated[int, typer.Option(help="ONNX Runtime intra-op threads (0 = all cores).")] = 0,
+    as_json: JsonFlag = False,
+) -> None:
+    """Generate text with the artifact on ONNX Runtime."""
+    from gemma_export import generation
+
+    result = generation.run(
+        artifact,
+        prompts=prompt or [],
+        token_ids=token_ids,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+        threads=threads,
+    )
+    _emit(result, as_json, "\n".join(r["text"] for r in result["outputs"]))
+
+
+@app.command()
+def verify(
+    artifact: Annotated[Path, typer.Argument(help="Artifact folder made by `build`.")],
+    checkpoint: Annotated[
+        Path | None, typer.Option(help="Checkpoint to re-run parity against (else: only file hashes).")
+    ] = None,
+    tolerance: Annotated[float | None, typer.Option(help="Default: the tolerance the artifact was built with.")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Re-check an artifact: file hashes against its manifest, and parity against CHECKPOINT."""
+    from gemma_export import load, package
+    from gemma_export import verify as verify_stage
+    from gemma_export.runtime import OrtDecoder, TorchDecoder
+
+    manifest = package.read_manifest(artifact)
+    changed = package.changed_files(artifact, manifest)
+    if changed:
+        raise ParityError(f"{artifact}: files changed since the build: {', '.join(changed)}")
+    result: dict[str, Any] = {"artifact": str(artifact), "files": "unchanged"}
+    text = f"{artifact}: {len(manifest['files'])} files match their manifest hashes"
+    if checkpoint is not None:
+        cfg, model = load.load_model(checkpoint)
+        if cfg.to_json() != manifest["model"]["config"]:
+            raise BadInput(f"{checkpoint}: config differs from the one the artifact was built from")
+        tol = tolerance if tolerance is not None else manifest["parity"]["tolerance"]
+        report = verify_stage.compare(TorchDecoder(model), OrtDecoder(artifact, manifest), cfg, tol)
+        result["parity"] = report.to_json()
+        text += (
+            f"\nparity: prefill max |dlogit| {report.prefill_max_abs_error:.2e}, decode "
+            f"{report.decode_max_abs_error:.2e} (tolerance {tol:g})"
+        )
+        if not report.passed:
+            if as_json:
+                print(json.dumps({"ok": False, **result}, indent=2))
+            raise ParityError(text.replace("\n", "; "))
+    _emit(result, as_json, text)
+
+
+@app.command()
+def inspect(
+    artifact: Annotated[Path, typer.Argument(help="Artifact folder made by `build`.")],
+    as_json: JsonFlag = False,
+) -> None:
+    """Show an artifact's contract: model, inputs/outputs, carried state, files, parity."""
+    from gemma_export import package
+    from gemma_export.report import describe_manifest
+
+    manifest = package.read_manifest(artifact)
+    if as_json:
+        print(json.dumps({"ok": True, "manifest": manifest}, indent=2))
+    else:
+        describe_manifest(manifest)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("-o", "--out", help="Working folder for the demo.")] = Path("build/demo"),
+    prompt: Annotated[str, typer.Option()] = "The quick brown fox",
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 16,
+) -> None:
+    """Build the embedded default (a small random-weight Gemma 3), verify it, generate, and summarise."""
+    from gemma_export.report import run_demo
+
+    run_demo(out, prompt=prompt, max_new_tokens=max_new_tokens)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        app(args=argv, standalone_mode=False, prog_name="gemma-export")
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.exceptions.Abort:
+        print("gemma-export: interrupted", file=sys.stderr)
+        return 130
+    except click.ClickException as e:
+        e.show()
+        return 2
+    except GemmaExportError as e:
+        print(f"gemma-export: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("gemma-export: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug of ours: one line, the traceback only on request
+        if os.environ.get("GEMMA_EXPORT_DEBUG"):
+            raise
+        print(
+            f"gemma-export: internal error: {type(e).__name__}: {e} (GEMMA_EXPORT_DEBUG=1 shows the traceback)",
+            file=sys.stderr,
+        )
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

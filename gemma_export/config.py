@@ -1,0 +1,297 @@
+"""What a checkpoint's `config.json` says, normalised into one typed `GemmaConfig`.
+
+Two spellings of the same facts exist on disk and both are read here:
+
+* the hub's files (written by transformers 4): `rope_theta`, `rope_local_base_freq`, `rope_scaling`,
+  `sliding_window_pattern`, no `layer_types`;
+* transformers 5's files: `rope_parameters` (flat, or nested per layer type) and `layer_types`.
+
+The differences between Gemma generations live in `FAMILIES` (data), so that the model code has no
+`if model_type == ...` branches: it reads `post_norms`, `qk_norm`, softcaps, windows from the config.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gemma_export.errors import BadInput
+
+SLIDING = "sliding_attention"
+GLOBAL = "full_attention"
+
+
+@dataclass(frozen=True)
+class Family:
+    """Architecture traits that a generation fixes, whatever its size."""
+
+    post_norms: bool  # post-attention and post-feed-forward RMSNorms (Gemma 2 and 3)
+    qk_norm: bool  # RMSNorm on each query and key head (Gemma 3)
+    scale_by_query_pre_attn_scalar: bool  # else head_dim ** -0.5 (Gemma 1)
+    window_every: int  # layer i is global when (i + 1) % window_every == 0; 0 = every layer global
+    default_window_every: int = 0
+
+
+FAMILIES: dict[str, Family] = {
+    "gemma": Family(post_norms=False, qk_norm=False, scale_by_query_pre_attn_scalar=False, window_every=0),
+    "gemma2": Family(post_norms=True, qk_norm=False, scale_by_query_pre_attn_scalar=True, window_every=2),
+    "gemma3_text": Family(post_norms=True, qk_norm=True, scale_by_query_pre_attn_scalar=True, window_every=6),
+}
+SUPPORTED_MODEL_TYPES = (*FAMILIES, "gemma3")
+
+# Where the decoder's tensors live in each on-disk layout, tried in order.
+WEIGHT_PREFIXES = ("model.", "model.language_model.", "language_model.model.")
+
+
+@dataclass(frozen=True)
+class Rope:
+    """Rotary embedding of one layer type: `inv_freq = 1 / theta ** (2i / d) / factor` (linear scaling)."""
+
+    theta: float
+    factor: float = 1.0
+
+
+@dataclass(frozen=True)
+class GemmaConfig:
+    model_type: str  # gemma | gemma2 | gemma3_text (a gemma3 multimodal config is reduced to its text part)
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    query_pre_attn_scalar: float
+    attn_logit_softcapping: float  # 0 = none
+    final_logit_softcapping: float  # 0 = none
+    sliding_window: int  # 0 = none
+    layer_types: tuple[str, ...]
+    rope: dict[str, Rope]  # layer type -> rope
+    max_position_embeddings: int
+    bos_token_id: int
+    eos_token_ids: tuple[int, ...]
+    pad_token_id: int
+    use_bidirectional_attention: bool = False
+    source_model_type: str = ""  # as written in config.json (gemma3 for a multimodal checkpoint)
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def family(self) -> Family:
+        return FAMILIES[self.model_type]
+
+    @property
+    def attention_scale(self) -> float:
+        if self.family.scale_by_query_pre_attn_scalar:
+            return self.query_pre_attn_scalar**-0.5
+        return self.head_dim**-0.5
+
+    def window_of(self, layer: int) -> int:
+        """Attention window of a layer in keys, the current one included (0 = global)."""
+        return self.sliding_window if self.layer_types[layer] == SLIDING else 0
+
+    @property
+    def max_window(self) -> int:
+        return max((self.window_of(i) for i in range(self.num_hidden_layers)), default=0)
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.pop("extra")
+        out["layer_types"] = list(self.layer_types)
+        out["eos_token_ids"] = list(self.eos_token_ids)
+        out["rope"] = {k: asdict(v) for k, v in self.rope.items()}
+        return out
+
+
+def load_config(checkpoint_dir: Path) -> GemmaConfig:
+    """Read and validate `checkpoint_dir/config.json`."""
+    path = Path(checkpoint_dir) / "config.json"
+    if not Path(checkpoint_dir).is_dir():
+        raise BadInput(f"{checkpoint_dir}: checkpoint directory does not exist")
+    if not path.is_file():
+        raise BadInput(f"{path}: no config.json in the checkpoint directory")
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadInput(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise BadInput(f"{path}: expected a JSON object")
+    return parse_config(raw, source=str(path))
+
+
+def parse_config(raw: dict[str, Any], source: str = "config.json") -> GemmaConfig:
+    model_type = raw.get("model_type")
+    if model_type == "gemma3":
+        text = raw.get("text_config")
+        if not isinstance(text, dict):
+            raise BadInput(f"{source}: model_type 'gemma3' needs a 'text_config' object")
+        text = {"model_type": "gemma3_text", **text}
+        cfg = parse_config(text, source=f"{source} (text_config)")
+        return _replace(cfg, source_model_type="gemma3")
+    if model_type not in FAMILIES:
+        raise BadInput(
+            f"{source}: unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    family = FAMILIES[model_type]
+    r = _Reader(raw, source)
+
+    hidden = r.int("hidden_size")
+    heads = r.int("num_attention_heads")
+    head_dim = r.int("head_dim", default=hidden // heads if heads else 0)
+    layers = r.int("num_hidden_layers")
+    window = r.opt_int("sliding_window") or 0
+    window_every = r.int("sliding_window_pattern", default=family.window_every)
+    window_every = r.int("_sliding_window_pattern", default=window_every)
+
+    layer_types = raw.get("layer_types")
+    if layer_types is None:
+        layer_types = [SLIDING if window and window_every and (i + 1) % window_every else GLOBAL for i in range(layers)]
+    if (
+        not isinstance(layer_types, list)
+        or len(layer_types) != layers
+        or any(t not in (SLIDING, GLOBAL) for t in layer_types)
+    ):
+        raise BadInput(
+            f"{source}: 'layer_types' must list {layers} entries of {SLIDING!r} or {GLOBAL!r}, got {layer_types!r}"
+        )
+    if SLIDING in layer_types and window <= 0:
+        raise BadInput(f"{source}: 'sliding_window' must be a positive integer when layers slide")
+
+    eos = raw.get("eos_token_id", 1)
+    eos_ids = tuple(eos) if isinstance(eos, list) else (eos,)
+    if not all(isinstance(e, int) for e in eos_ids):
+        raise BadInput(f"{source}: 'eos_token_id' must be an integer or a list of integers, got {eos!r}")
+
+    cfg = GemmaConfig(
+        model_type=model_type,
+        vocab_size=r.int("vocab_size"),
+        hidden_size=hidden,
+        intermediate_size=r.int("intermediate_size"),
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=r.int("num_key_value_heads", default=heads),
+        head_dim=head_dim,
+        rms_norm_eps=r.float("rms_norm_eps", default=1e-6),
+        query_pre_attn_scalar=r.float("query_pre_attn_scalar", default=float(head_dim)),
+        attn_logit_softcapping=r.opt_float("attn_logit_softcapping") or 0.0,
+        final_logit_softcapping=r.opt_float("final_logit_softcapping") or 0.0,
+        sliding_window=window if SLIDING in layer_types else 0,
+        layer_types=tuple(layer_types),
+        rope=_parse_rope(raw, r, model_type, source),
+        max_position_embeddings=r.int("max_position_embeddings", default=8192),
+        bos_token_id=r.int("bos_token_id", default=2),
+        eos_token_ids=eos_ids,
+        pad_token_id=r.int("pad_token_id", default=0),
+        use_bidirectional_attention=bool(raw.get("use_bidirectional_attention") or False),
+        source_model_type=model_type,
+    )
+    _check_consistency(cfg, source)
+    return cfg
+
+
+def _parse_rope(raw: dict[str, Any], r: _Reader, model_type: str, source: str) -> dict[str, Rope]:
+    params = raw.get("rope_parameters")
+    if isinstance(params, dict) and (SLIDING in params or GLOBAL in params):
+        # transformers 5, per layer type (Gemma 3).
+        return {
+            kind: _rope_from(params.get(kind) or {}, source, f"rope_parameters.{kind}") for kind in (SLIDING, GLOBAL)
+        }
+    if isinstance(params, dict):
+        # transformers 5, one rope for every layer (Gemma 1 and 2).
+        rope = _rope_from(params, source, "rope_parameters")
+        return {SLIDING: rope, GLOBAL: rope}
+    if params is not None:
+        raise BadInput(f"{source}: 'rope_parameters' must be an object, got {type(params).__name__}")
+    # The hub's transformers-4 spelling.
+    default_theta = 1_000_000.0 if model_type == "gemma3_text" else 10_000.0
+    theta = r.float("rope_theta", default=default_theta)
+    scaling = raw.get("rope_scaling")
+    global_rope = _rope_from({"rope_theta": theta, **(scaling or {})}, source, "rope_scaling")
+    if model_type == "gemma3_text":
+        local = Rope(theta=r.float("rope_local_base_freq", default=10_000.0))
+        return {SLIDING: local, GLOBAL: global_rope}
+    return {SLIDING: global_rope, GLOBAL: global_rope}
+
+
+def _rope_from(d: dict[str, Any], source: str, key: str) -> Rope:
+    if not isinstance(d, dict):
+        raise BadInput(f"{source}: '{key}' must be an object, got {type(d).__name__}")
+    kind = d.get("rope_type", d.get("type", "default"))
+    theta = d.get("rope_theta", 10_000.0)
+    if not isinstance(theta, int | float) or isinstance(theta, bool) or theta <= 0:
+        raise BadInput(f"{source}: '{key}.rope_theta' must be a positive number, got {theta!r}")
+    if kind == "default":
+        return Rope(theta=float(theta))
+    if kind == "linear":
+        factor = d.get("factor")
+        if not isinstance(factor, int | float) or isinstance(factor, bool) or factor <= 0:
+            raise BadInput(f"{source}: '{key}.factor' must be a positive number, got {factor!r}")
+        return Rope(theta=float(theta), factor=float(factor))
+    raise BadInput(f"{source}: unsupported rope type {kind!r} in '{key}'; supported: default, linear")
+
+
+def _check_consistency(cfg: GemmaConfig, source: str) -> None:
+    for name in (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+    ):
+        if getattr(cfg, name) <= 0:
+            raise BadInput(f"{source}: '{name}' must be a positive integer, got {getattr(cfg, name)}")
+    if cfg.num_attention_heads % cfg.num_key_value_heads:
+        raise BadInput(
+            f"{source}: num_attention_heads ({cfg.num_attention_heads}) must be a multiple of "
+            f"num_key_value_heads ({cfg.num_key_value_heads})"
+        )
+    if cfg.head_dim % 2:
+        raise BadInput(f"{source}: 'head_dim' must be even for rotary embeddings, got {cfg.head_dim}")
+    if not math.isfinite(cfg.rms_norm_eps) or cfg.rms_norm_eps <= 0:
+        raise BadInput(f"{source}: 'rms_norm_eps' must be a positive number, got {cfg.rms_norm_eps}")
+
+
+def _replace(cfg: GemmaConfig, **changes: Any) -> GemmaConfig:
+    from dataclasses import replace
+
+    return replace(cfg, **changes)
+
+
+class _Reader:
+    """Typed access to config fields; a wrong type is a one-line error naming the field."""
+
+    def __init__(self, raw: dict[str, Any], source: str) -> None:
+        self.raw, self.source = raw, source
+
+    def _get(self, key: str, default: Any) -> Any:
+        if key not in self.raw or self.raw[key] is None:
+            if default is _MISSING:
+                raise BadInput(f"{self.source}: missing required field '{key}'")
+            return default
+        return self.raw[key]
+
+    def int(self, key: str, default: Any = None) -> int:
+        v = self._get(key, _MISSING if default is None else default)
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise BadInput(f"{self.source}: field '{key}' must be an integer, got {v!r}")
+        return v
+
+    def opt_int(self, key: str) -> int | None:
+        return None if self.raw.get(key) is None else self.int(key)
+
+    def float(self, key: str, default: Any = None) -> float:
+        v = self._get(key, _MISSING if default is None else default)
+        if not isinstance(v, int | float) or isinstance(v, bool):
+            raise BadInput(f"{self.source}: field '{key}' must be a number, got {v!r}")
+        return float(v)
+
+    def opt_float(self, key: str) -> float | None:
+        return None if self.raw.get(key) is None else self.float(key)
+
+
+_MISSING = object()

@@ -1,0 +1,185 @@
+"""Gemma 1, 2 and 3 (text) decoders as one model; the generations differ only in `GemmaConfig`.
+
+    x_0   = embed(tokens) * sqrt(hidden)                      (scale rounded to the compute dtype, as HF does)
+    h     = x + PostAttnNorm(Attention(InputNorm(x)))         (PostAttnNorm: Gemma 2/3; identity for Gemma 1)
+    x'    = h + PostFFNorm(MLP(PreFFNorm(h)))                 (PostFFNorm:   Gemma 2/3; identity for Gemma 1)
+    MLP   = down(gelu_tanh(gate(x)) * up(x))
+    Norm  = x / rms(x) * (1 + w), in float32
+    Attention: q, k (RMSNorm per head on Gemma 3) -> RoPE (per-layer-type base and linear scaling) ->
+               softcap(q.k * scale) -> mask (causal, window on local layers, padding) -> softmax -> v
+    logits = softcap(Norm(x_L) @ embed^T)                     (softcap: Gemma 2), in float32
+
+Attention itself is the custom op `torch.ops.gemma.attention` (gemma_export/ops/attention.py), so the ONNX
+graph carries one `ai.gemma::Attention` node per layer.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gemma_export.config import GemmaConfig, Rope
+from gemma_export.ops import attention as attention_op
+
+KVCache = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with Gemma's `(1 + weight)` scale, computed in float32 whatever the input dtype."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * (1.0 + self.weight.float())).to(x.dtype)
+
+
+def rope_inv_freq(rope: Rope, head_dim: int) -> torch.Tensor:
+    """Inverse frequencies of rotary embedding, with linear scaling by `rope.factor`."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+    return 1.0 / (rope.theta**exponents) / rope.factor
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """cos and sin tables [batch, seq, head_dim] for the rotate-half (non-interleaved) convention."""
+    freqs = position_ids[:, :, None].float() * inv_freq[None, None, :]
+    angles = torch.cat((freqs, freqs), dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [batch, heads, seq, head_dim]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: GemmaConfig, layer: int) -> None:
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.scale = cfg.attention_scale
+        self.softcap = cfg.attn_logit_softcapping
+        self.window = cfg.window_of(layer)
+        self.causal = not cfg.use_bidirectional_attention
+        self.q_proj = nn.Linear(cfg.hidden_size, self.heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.heads * self.head_dim, cfg.hidden_size, bias=False)
+        norm = (lambda: RMSNorm(self.head_dim, cfg.rms_norm_eps)) if cfg.family.qk_norm else nn.Identity
+        self.q_norm, self.k_norm = norm(), norm()
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attention_mask: torch.Tensor,
+        past: tuple[torch.Tensor, torch.Tensor],
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        batch, seq, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(batch, seq, self.heads, self.head_dim)).transpose(1, 2)
+        k = self.k_norm(self.k_proj(x).view(batch, seq, self.kv_heads, self.head_dim)).transpose(1, 2)
+        v = self.v_proj(x).view(batch, seq, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k = torch.cat((past[0], k), dim=2)
+        v = torch.cat((past[1], v), dim=2)
+        out = torch.ops.gemma.attention(q, k, v, attention_mask, self.scale, self.softcap, self.window, self.causal)
+        out = out.transpose(1, 2).reshape(batch, seq, self.heads * self.head_dim)
+        return self.o_proj(out), (k, v)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GemmaConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: GemmaConfig, layer: int) -> None:
+        super().__init__()
+        norm = lambda: RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)  # noqa: E731
+        post_norm = norm if cfg.family.post_norms else nn.Identity
+        self.rope_kind = cfg.layer_types[layer]
+        self.input_layernorm = norm()
+        self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = post_norm()
+        self.pre_feedforward_layernorm = norm()
+        self.mlp = MLP(cfg)
+        self.post_feedforward_layernorm = post_norm()
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attention_mask: torch.Tensor,
+        past: tuple[torch.Tensor, torch.Tensor],
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        attn, present = self.self_attn(self.input_layernorm(x), cos, sin, attention_mask, past)
+        h = x + self.post_attention_layernorm(attn)
+        return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h))), present
+
+
+class GemmaModel(nn.Module):
+    """The decoder with its tied LM head: token ids -> float32 logits and the new KV cache."""
+
+    def __init__(self, cfg: GemmaConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.init_rope()
+
+    def init_rope(self) -> None:
+        """(Re)compute the rotary frequencies, which are derived from the config, never loaded."""
+        for kind, rope in self.cfg.rope.items():
+            inv_freq = rope_inv_freq(rope, self.cfg.head_dim).to(self.norm.weight.device)
+            self.register_buffer(f"inv_freq_{kind}", inv_freq, persistent=False)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [batch, seq] int64
+        attention_mask: torch.Tensor,  # [batch, past + seq] int64, 0 = padding
+        position_ids: torch.Tensor,  # [batch, seq] int64
+        past: KVCache,  # per layer ([batch, kv_heads, past, head_dim],) * 2
+    ) -> tuple[torch.Tensor, KVCache]:
+        dtype = self.embed_tokens.weight.dtype
+        x = self.embed_tokens(input_ids) * torch.tensor(self.cfg.hidden_size**0.5, dtype=dtype)
+        tables = {kind: rope_cos_sin(getattr(self, f"inv_freq_{kind}"), position_ids, dtype) for kind in self.cfg.rope}
+        presents: KVCache = []
+        for layer, layer_past in zip(self.layers, past, strict=True):
+            cos, sin = tables[layer.rope_kind]
+            x, present = layer(x, cos, sin, attention_mask, layer_past)
+            presents.append(present)
+        logits = torch.matmul(self.norm(x), self.embed_tokens.weight.t()).float()
+        cap = self.cfg.final_logit_softcapping
+        if cap > 0:
+            logits = cap * torch.tanh(logits / cap)
+        return logits, presents
+
+    def empty_cache(self, batch: int) -> KVCache:
+        shape = (batch, self.cfg.num_key_value_heads, 0, self.cfg.head_dim)
+        dtype = self.embed_tokens.weight.dtype
+        return [(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)) for _ in self.layers]
+
+
+# Our module name -> the checkpoint's, where they differ: Gemma 1 calls its pre-MLP norm "post attention".
+CHECKPOINT_RENAMES: dict[str, dict[str, str]] = {
+    "gemma": {"pre_feedforward_layernorm": "post_attention_layernorm"},
+    "gemma2": {},
+    "gemma3_text": {},
+}
+
+_ = attention_op  # the import registers torch.ops.gemma.attention

@@ -1,0 +1,224 @@
+"""Package stage: write the artifact folder and its manifest, atomically.
+
+The folder is assembled in a temporary sibling directory and renamed into place only when complete, so a
+failed or interrupted build never leaves a half-written OUT_DIR (and `--force` never destroys the old one
+before the new one exists). Nothing time- or machine-dependent goes into `model.onnx` or the manifest's
+hashed content, so the same inputs give byte-identical files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from gemma_export import __version__
+from gemma_export.config import GemmaConfig
+from gemma_export.errors import BadInput
+
+MANIFEST = "manifest.json"
+MODEL_FILE = "model.onnx"
+WEIGHTS_FILE = "model.onnx.data"
+GENAI_CONFIG = "genai_config.json"
+MANIFEST_FORMAT = "gemma-export/manifest-v1"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "chat_template.jinja",
+)
+VERSIONED = ("torch", "onnx", "onnxscript", "onnx-ir", "onnxruntime")
+_DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.INT64: "int64", onnx.TensorProto.FLOAT16: "float16",
+           onnx.TensorProto.BFLOAT16: "bfloat16", onnx.TensorProto.INT32: "int32"}  # fmt: skip
+
+
+@contextlib.contextmanager
+def staging_dir(out_dir: Path, force: bool) -> Iterator[Path]:
+    """A temporary folder beside `out_dir`, renamed to `out_dir` if the block completes, removed otherwise."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not force:
+        raise BadInput(f"{out_dir}: output directory exists (pass --force to replace it)")
+    parent = out_dir.resolve().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=parent))
+    except OSError as e:
+        raise BadInput(f"{out_dir}: cannot create the output directory ({e.strerror})") from None
+    try:
+        yield tmp
+        _publishable(tmp)
+        if out_dir.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=parent))
+            os.replace(out_dir, old / "replaced")
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:  # includes KeyboardInterrupt: never leave a partial artifact behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _publishable(folder: Path) -> None:
+    """mkdtemp makes a private (0700) folder; the artifact gets the modes any new folder would get."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for f in folder.iterdir():
+        f.chmod(0o666 & ~umask)
+
+
+def write_model(proto: onnx.ModelProto, folder: Path) -> None:
+    """model.onnx with every weight in one external file (protobuf caps a single file at 2 GB)."""
+    onnx.save_model(
+        proto,
+        folder / MODEL_FILE,
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=WEIGHTS_FILE,
+        size_threshold=1024,  # small constants (shapes, axes) stay inline for shape inference
+    )
+
+
+def copy_tokenizer(checkpoint_dir: Path, folder: Path) -> list[str]:
+    copied = []
+    for name in TOKENIZER_FILES:
+        src = Path(checkpoint_dir) / name
+        if src.is_file():
+            shutil.copyfile(src, folder / name)
+            copied.append(name)
+    return copied
+
+
+def io_spec(proto: onnx.ModelProto) -> dict[str, list[dict[str, Any]]]:
+    def describe(v: onnx.ValueInfoProto) -> dict[str, Any]:
+        t = v.type.tensor_type
+        shape = [d.dim_param if d.HasField("dim_param") else d.dim_value for d in t.shape.dim]
+        return {"name": v.name, "dtype": _DTYPES.get(t.elem_type, str(t.elem_type)), "shape": shape}
+
+    return {"inputs": [describe(v) for v in proto.graph.input], "outputs": [describe(v) for v in proto.graph.output]}
+
+
+def kv_state(cfg: GemmaConfig) -> list[dict[str, Any]]:
+    """Each carried input, the output that feeds it next step, and its shape before the first step."""
+    shape = ["batch", cfg.num_key_value_heads, 0, cfg.head_dim]
+    return [
+        {"input": f"past_key_values.{i}.{kind}", "output": f"present.{i}.{kind}", "shape": shape, "dtype": "float32"}
+        for i in range(cfg.num_hidden_layers)
+        for kind in ("key", "value")
+    ]
+
+
+def genai_config(cfg: GemmaConfig, max_length: int) -> dict[str, Any]:
+    """onnxruntime-genai's description of the decoder: it feeds the growing cache back, unshared."""
+    genai_type = {"gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3"}[cfg.model_type]
+    return {
+        "model": {
+            "bos_token_id": cfg.bos_token_id,
+            "context_length": max_length,
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "filename": MODEL_FILE,
+                "head_size": cfg.head_dim,
+                "hidden_size": cfg.hidden_size,
+                "inputs": {
+                    "input_ids": "input_ids",
+                    "attention_mask": "attention_mask",
+                    "position_ids": "position_ids",
+                    "past_key_names": "past_key_values.%d.key",
+                    "past_value_names": "past_key_values.%d.value",
+                },
+                "outputs": {
+                    "logits": "logits",
+                    "present_key_names": "present.%d.key",
+                    "present_value_names": "present.%d.value",
+                },
+                "num_attention_heads": cfg.num_attention_heads,
+                "num_hidden_layers": cfg.num_hidden_layers,
+                "num_key_value_heads": cfg.num_key_value_heads,
+            },
+            "eos_token_id": list(cfg.eos_token_ids) if len(cfg.eos_token_ids) > 1 else cfg.eos_token_ids[0],
+            "pad_token_id": cfg.pad_token_id,
+            "type": genai_type,
+            "vocab_size": cfg.vocab_size,
+        },
+        "search": {
+            "diversity_penalty": 0.0,
+            "do_sample": False,
+            "early_stopping": True,
+            "length_penalty": 1.0,
+            "max_length": max_length,
+            "min_length": 0,
+            "no_repeat_ngram_size": 0,
+            "num_beams": 1,
+            "num_return_sequences": 1,
+            "past_present_share_buffer": False,
+            "repetition_penalty": 1.0,
+            "temperature": 1.0,
+            "top_k": 1,
+            "top_p": 1.0,
+        },
+    }
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_table(folder: Path, roles: dict[str, str]) -> dict[str, dict[str, Any]]:
+    return {
+        role: {"path": name, "sha256": sha256(folder / name), "bytes": (folder / name).stat().st_size}
+        for role, name in roles.items()
+    }
+
+
+def versions() -> dict[str, str]:
+    out = {"gemma-export": __version__}
+    for dist in VERSIONED:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            out[dist] = metadata.version(dist)
+    return out
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def read_manifest(artifact_dir: Path) -> dict[str, Any]:
+    path = Path(artifact_dir) / MANIFEST
+    if not Path(artifact_dir).is_dir():
+        raise BadInput(f"{artifact_dir}: artifact directory does not exist")
+    if not path.is_file():
+        raise BadInput(f"{artifact_dir}: no {MANIFEST}; not a gemma-export artifact")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadInput(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise BadInput(f"{path}: unknown manifest format (expected {MANIFEST_FORMAT!r})")
+    return manifest
+
+
+def changed_files(artifact_dir: Path, manifest: dict[str, Any]) -> list[str]:
+    """Files whose bytes no longer match the manifest's sha256 (or that are missing)."""
+    changed = []
+    for role, entry in manifest["files"].items():
+        path = Path(artifact_dir) / entry["path"]
+        if not path.is_file() or sha256(path) != entry["sha256"]:
+            changed.append(f"{entry['path']} ({role})")
+    return changed

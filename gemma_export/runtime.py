@@ -1,0 +1,176 @@
+"""Running a decoder, either the artifact (ONNX Runtime) or the reference (PyTorch), behind one interface.
+
+Both take the artifact contract's inputs as numpy arrays, so that verification and generation drive them
+with the very same code: any difference in what they return is a difference in what they compute.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from gemma_export.errors import BadInput
+
+Cache = list[np.ndarray]  # flat: layer 0 key, layer 0 value, layer 1 key, ...
+
+
+class Decoder(Protocol):
+    vocab_size: int
+
+    def empty_cache(self, batch: int) -> Cache: ...
+
+    def step(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, cache: Cache
+    ) -> tuple[np.ndarray, Cache]:
+        """One forward pass: float32 logits [batch, seq, vocab] and the new cache."""
+        ...
+
+
+class OrtDecoder:
+    """The artifact in an ONNX Runtime session; names and cache shapes come from its manifest."""
+
+    def __init__(self, artifact_dir: Path, manifest: dict, threads: int = 0) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(
+            str(Path(artifact_dir) / manifest["files"]["model"]["path"]), options, providers=["CPUExecutionProvider"]
+        )
+        self.state = manifest["state"]
+        self.vocab_size = int(manifest["model"]["config"]["vocab_size"])
+        self._output_names = ["logits", *(s["output"] for s in self.state)]
+
+    def empty_cache(self, batch: int) -> Cache:
+        return [np.zeros([batch if d == "batch" else d for d in s["shape"]], np.float32) for s in self.state]
+
+    def step(self, input_ids, attention_mask, position_ids, cache):
+        feed = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        feed.update({s["input"]: c for s, c in zip(self.state, cache, strict=True)})
+        logits, *present = self.session.run(self._output_names, feed)
+        return logits, present
+
+
+class TorchDecoder:
+    """The PyTorch reference model."""
+
+    def __init__(self, model) -> None:
+        self.model = model.eval()
+        self.vocab_size = model.cfg.vocab_size
+
+    def empty_cache(self, batch: int) -> Cache:
+        return [t.numpy() for kv in self.model.empty_cache(batch) for t in kv]
+
+    def step(self, input_ids, attention_mask, position_ids, cache):
+        import torch
+
+        past = [(torch.from_numpy(k), torch.from_numpy(v)) for k, v in zip(cache[0::2], cache[1::2], strict=True)]
+        with torch.inference_mode():
+            logits, presents = self.model(
+                torch.from_numpy(input_ids), torch.from_numpy(attention_mask), torch.from_numpy(position_ids), past
+            )
+        return logits.numpy(), [t.numpy() for kv in presents for t in kv]
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """temperature 0 = greedy; otherwise softmax(logits / T) restricted to top-k and top-p."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise BadInput(f"--temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise BadInput(f"--top-k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise BadInput(f"--top-p must be in (0, 1], got {self.top_p}")
+
+
+def pick(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> np.ndarray:
+    """Next token per row from the last position's logits [batch, vocab]."""
+    if sampling.temperature == 0:
+        return logits.argmax(-1)
+    scaled = logits.astype(np.float64) / sampling.temperature
+    if sampling.top_k:
+        kth = np.sort(scaled, axis=-1)[:, -min(sampling.top_k, scaled.shape[-1])][:, None]
+        scaled = np.where(scaled < kth, -np.inf, scaled)
+    probs = np.exp(scaled - scaled.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    if sampling.top_p < 1:
+        order = np.argsort(-probs, axis=-1)
+        sorted_p = np.take_along_axis(probs, order, -1)
+        drop = np.cumsum(sorted_p, -1) - sorted_p >= sampling.top_p  # keep the smallest prefix reaching top_p
+        np.put_along_axis(probs, order, np.where(drop, 0.0, sorted_p), -1)
+        probs /= probs.sum(-1, keepdims=True)
+    return np.array([rng.choice(len(p), p=p) for p in probs])
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Left-padded ids and attention mask for a batch of prompts of unequal lengths."""
+    width = max(len(p) for p in prompts)
+    ids = np.full((len(prompts), width), pad_id, np.int64)
+    mask = np.zeros((len(prompts), width), np.int64)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p) :] = p
+        mask[row, width - len(p) :] = 1
+    return ids, mask
+
+
+def positions(mask: np.ndarray) -> np.ndarray:
+    """Position of each token within its own row, as transformers' generate computes it (pads get 1)."""
+    pos = mask.cumsum(-1) - 1
+    return np.where(mask == 0, 1, pos).astype(np.int64)
+
+
+def check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, max_length: int, max_new_tokens: int) -> None:
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise BadInput("empty prompt: give at least one token")
+    for p in prompts:
+        bad = [t for t in p if not 0 <= t < vocab_size]
+        if bad:
+            raise BadInput(f"token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
+        if len(p) + max_new_tokens > max_length:
+            raise BadInput(
+                f"prompt of {len(p)} tokens + {max_new_tokens} new tokens exceeds the model's "
+                f"maximum length of {max_length}"
+            )
+
+
+def generate(
+    decoder: Decoder,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    eos_ids: Sequence[int] = (),
+    pad_id: int = 0,
+    sampling: Sampling = Sampling(),
+) -> list[list[int]]:
+    """New tokens for each prompt (stopping at an end-of-sequence id), with the KV cache carried."""
+    rng = np.random.default_rng(sampling.seed)
+    ids, mask = left_pad(prompts, pad_id)
+    pos = positions(mask)
+    cache = decoder.empty_cache(len(prompts))
+    out: list[list[int]] = [[] for _ in prompts]
+    done = np.zeros(len(prompts), bool)
+    for _ in range(max_new_tokens):
+        logits, cache = decoder.step(ids, mask, pos, cache)
+        nxt = pick(logits[:, -1], sampling, rng)
+        for row, token in enumerate(nxt):
+            if not done[row]:
+                out[row].append(int(token))
+                done[row] = int(token) in eos_ids
+        if done.all():
+            break
+        ids = np.where(done, pad_id, nxt).astype(np.int64)[:, None]
+        mask = np.concatenate([mask, np.ones((len(prompts), 1), np.int64)], axis=1)
+        pos = pos[:, -1:] + 1
+    return out

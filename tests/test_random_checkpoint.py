@@ -1,0 +1,233 @@
+"""Tests of the random checkpoint generator against its two consumers' oracles.
+
+transformers must load every file exactly as it loads a hub checkpoint (no missing, unexpected or
+mismatched tensor), and onnxruntime-genai's tokenizer must agree with transformers' on ids and text:
+that is what makes these checkpoints stand in for real Gemma weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from gemma_export.config import GLOBAL, SLIDING, load_config
+from gemma_export.errors import BadInput
+from gemma_export.random_checkpoint import (
+    SPECIAL_TOKENS,
+    TINY_CONFIGS,
+    TOKENIZER_VOCAB_SIZE,
+    write_random_checkpoint,
+)
+
+transformers = pytest.importorskip("transformers")
+
+MODEL_TYPES = sorted(TINY_CONFIGS)
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT = torch.tensor([[2, 300, 301, 302, 303, 304, 305, 306]])
+
+SENTENCES = [
+    "Hello world",
+    "The quick brown fox jumps over the lazy dog.",
+    " leading, trailing and  double  spaces ",
+    "Ünïcödé, 日本語 and an emoji 🤖!",
+    "tabs\tand\nnewlines\r\n",
+    "def add(a, b):\n    return a + b",
+    "<start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n",
+    "literal <0x41> is text, not a byte token",
+]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("random_checkpoints")
+    return {mt: write_random_checkpoint(root / mt, TINY_CONFIGS[mt]) for mt in MODEL_TYPES}
+
+
+def _load(path: Path) -> tuple[torch.nn.Module, dict]:
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(path, output_loading_info=True)
+    return model.eval(), info
+
+
+def _logits(model: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(PROMPT).logits
+
+
+def _files(path: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_transformers_loads_every_tensor(checkpoints: dict[str, Path], model_type: str) -> None:
+    model, info = _load(checkpoints[model_type])
+    assert type(model).__name__ == TINY_CONFIGS[model_type]["architectures"][0]
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    assert model.config.tie_word_embeddings
+    logits = _logits(model)
+    assert logits.shape == (1, PROMPT.shape[1], 512)
+    assert torch.isfinite(logits).all()
+    # Unit-scale activations: the distribution is neither flat nor saturated.
+    assert 0.3 < logits.std().item() < 10
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_configs_keep_each_generations_traits(checkpoints: dict[str, Path], model_type: str) -> None:
+    """Both transformers and our own parser read the written config.json as intended."""
+    path = checkpoints[model_type]
+    ours = load_config(path)
+    theirs = transformers.AutoConfig.from_pretrained(path)
+    assert ours.model_type == theirs.model_type == model_type
+    assert ours.vocab_size == theirs.vocab_size >= TOKENIZER_VOCAB_SIZE
+    assert json.loads((path / "config.json").read_text())["dtype"] == "float32"
+    if model_type == "gemma":
+        assert ours.num_key_value_heads == 1 and ours.sliding_window == 0
+    if model_type == "gemma2":
+        assert ours.layer_types == tuple(theirs.layer_types) == (SLIDING, GLOBAL) * 3
+        assert (ours.attn_logit_softcapping, ours.final_logit_softcapping) == (50.0, 30.0)
+        assert ours.query_pre_attn_scalar != ours.head_dim
+    if model_type == "gemma3_text":
+        assert ours.layer_types == tuple(theirs.layer_types) == (SLIDING,) * 5 + (GLOBAL,)
+        assert ours.rope[GLOBAL].factor == theirs.rope_parameters[GLOBAL]["factor"] == 8.0
+        assert ours.rope[SLIDING].theta == 10000.0 and ours.rope[GLOBAL].theta == 1e6
+        assert ours.family.qk_norm
+
+
+def test_same_seed_same_bytes_in_another_process(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    """Byte-identical files from a fresh interpreter with another hash seed; another seed changes weights."""
+    again = tmp_path / "again"
+    code = (
+        "import sys; from pathlib import Path; from gemma_export.random_checkpoint import *; "
+        "write_random_checkpoint(Path(sys.argv[1]), TINY_CONFIGS['gemma3_text'])"
+    )
+    env = {**os.environ, "PYTHONHASHSEED": "12345", "PYTHONPATH": str(ROOT)}
+    subprocess.run([sys.executable, "-c", code, str(again)], check=True, env=env, timeout=120)
+    assert _files(again) == _files(checkpoints["gemma3_text"])
+
+    other = write_random_checkpoint(tmp_path / "other", TINY_CONFIGS["gemma3_text"], seed=1)
+    a, b = _files(other), _files(again)
+    assert a.pop("model.safetensors") != b.pop("model.safetensors")
+    assert a == b  # config and tokenizer do not depend on the seed
+
+
+def test_sharded_bfloat16_holds_the_same_weights(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    out = write_random_checkpoint(
+        tmp_path / "sharded", TINY_CONFIGS["gemma3_text"], dtype="bfloat16", max_shard_bytes=100_000
+    )
+    assert not (out / "model.safetensors").exists()
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 2 and shards == sorted(p.name for p in out.glob("model-*-of-*.safetensors"))
+
+    single = checkpoints["gemma3_text"] / "model.safetensors"
+    with safe_open(str(single), framework="pt") as f:
+        reference = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 - safe_open is not a dict
+    sharded: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        with safe_open(str(out / shard), framework="pt") as f:
+            assert f.metadata() == {"format": "pt"}
+            for name in f.keys():  # noqa: SIM118
+                assert index["weight_map"][name] == shard
+                sharded[name] = f.get_tensor(name)
+    assert sharded.keys() == reference.keys()
+    assert index["metadata"]["total_size"] == sum(t.numel() * 2 for t in sharded.values())
+    for name, tensor in sharded.items():
+        assert tensor.dtype == torch.bfloat16
+        assert torch.equal(tensor, reference[name].to(torch.bfloat16)), name
+
+    model, info = _load(out)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    assert model.dtype == torch.bfloat16
+    assert torch.isfinite(_logits(model)).all()
+
+    # Rewriting unsharded into the same folder leaves no stale shard or index behind.
+    write_random_checkpoint(out, TINY_CONFIGS["gemma3_text"])
+    assert _files(out) == _files(checkpoints["gemma3_text"])
+
+
+def test_untied_embeddings_store_lm_head(tmp_path: Path) -> None:
+    config = {**TINY_CONFIGS["gemma"], "tie_word_embeddings": False}
+    model, info = _load(write_random_checkpoint(tmp_path, config))
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert not torch.equal(model.lm_head.weight, model.model.embed_tokens.weight)
+
+
+@pytest.mark.parametrize(
+    ("change", "kwargs", "match"),
+    [
+        ({"model_type": "gemma3"}, {}, "text-only"),
+        ({"vocab_size": 256}, {}, "vocab_size 256"),
+        ({"model_type": "llama"}, {}, "unsupported model_type"),
+        ({}, {"dtype": "float16"}, "dtype 'float16'"),
+        ({}, {"max_shard_bytes": 0}, "max_shard_bytes"),
+    ],
+)
+def test_rejects_what_it_cannot_write(tmp_path: Path, change: dict, kwargs: dict, match: str) -> None:
+    with pytest.raises(BadInput, match=match):
+        write_random_checkpoint(tmp_path, {**TINY_CONFIGS["gemma"], **change}, **kwargs)
+
+
+def test_tokenizer_parity_with_onnxruntime_genai(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    og = pytest.importorskip("onnxruntime_genai")
+    src = checkpoints["gemma"]
+    hf = transformers.AutoTokenizer.from_pretrained(src)
+    assert type(hf).__name__ == "GemmaTokenizer" and len(hf) == TOKENIZER_VOCAB_SIZE
+    assert [hf.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS] == list(range(len(SPECIAL_TOKENS)))
+    assert (hf.pad_token_id, hf.eos_token_id, hf.bos_token_id, hf.unk_token_id) == (0, 1, 2, 3)
+    assert hf.padding_side == "left"
+
+    # onnxruntime-genai makes a tokenizer from a model folder; it needs genai_config.json, not an ONNX file.
+    folder = tmp_path / "genai"
+    folder.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(src / name, folder / name)
+    (folder / "genai_config.json").write_text(json.dumps(_genai_config(TINY_CONFIGS["gemma"])))
+    plain = og.Tokenizer(str(folder))  # encode() adds no special tokens by default in onnxruntime-genai
+    with_bos = og.Tokenizer(str(folder))
+    with_bos.update_options(add_special_tokens="true")
+    assert (plain.bos_token_id, plain.pad_token_id, list(plain.eos_token_ids)) == (2, 0, [1])
+
+    for text in SENTENCES:
+        ids = hf(text)["input_ids"]
+        assert ids[0] == 2 and all(i < TOKENIZER_VOCAB_SIZE for i in ids)
+        assert [int(i) for i in with_bos.encode(text)] == ids, text
+        assert [int(i) for i in plain.encode(text)] == hf(text, add_special_tokens=False)["input_ids"], text
+        if "<start_of_turn>" not in text:
+            assert hf.decode(ids, skip_special_tokens=True) == plain.decode(ids) == text
+
+    messages = [{"role": "user", "content": "Hi there"}]
+    expected = "<bos><start_of_turn>user\nHi there<end_of_turn>\n<start_of_turn>model\n"
+    assert hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == expected
+    assert plain.apply_chat_template(json.dumps(messages), add_generation_prompt=True) == expected
+
+
+def _genai_config(config: dict) -> dict:
+    """The least genai_config.json that onnxruntime-genai 0.18 accepts to build a tokenizer."""
+    return {
+        "model": {
+            "type": config["model_type"],
+            "vocab_size": config["vocab_size"],
+            "context_length": config["max_position_embeddings"],
+            "bos_token_id": 2,
+            "eos_token_id": 1,
+            "pad_token_id": 0,
+            "decoder": {
+                "filename": "model.onnx",  # never opened for a tokenizer
+                "head_size": config["head_dim"],
+                "hidden_size": config["hidden_size"],
+                "num_attention_heads": config["num_attention_heads"],
+                "num_hidden_layers": config["num_hidden_layers"],
+                "num_key_value_heads": config["num_key_value_heads"],
+                "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask"},
+                "outputs": {"logits": "logits"},
+            },
+        },
+        "search": {"do_sample": False, "max_length": config["max_position_embeddings"], "num_beams": 1},
+    }
