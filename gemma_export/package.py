@@ -121,8 +121,11 @@ def kv_state(cfg: GemmaConfig) -> list[dict[str, Any]]:
 
 
 def genai_config(cfg: GemmaConfig, max_length: int) -> dict[str, Any]:
-    """onnxruntime-genai's description of the decoder: it feeds the growing cache back, unshared."""
-    genai_type = {"gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3"}[cfg.model_type]
+    """onnxruntime-genai's description of the decoder: it feeds the growing cache back, unshared.
+
+    The type is our (text) model type: genai reads "gemma3" as the multimodal pipeline and then looks for
+    vision and embedding sessions the artifact does not have.
+    """
     return {
         "model": {
             "bos_token_id": cfg.bos_token_id,
@@ -150,7 +153,7 @@ def genai_config(cfg: GemmaConfig, max_length: int) -> dict[str, Any]:
             },
             "eos_token_id": list(cfg.eos_token_ids) if len(cfg.eos_token_ids) > 1 else cfg.eos_token_ids[0],
             "pad_token_id": cfg.pad_token_id,
-            "type": genai_type,
+            "type": cfg.model_type,
             "vocab_size": cfg.vocab_size,
         },
         "search": {

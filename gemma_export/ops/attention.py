@@ -130,16 +130,16 @@ def _(query, key, value, attention_mask, scale, softcap, window, causal):
 
 @script(gemma, default_opset=op)
 def Attention(
-    query: FLOAT[batch, heads, seq, head_dim],
-    key: FLOAT[batch, kv_heads, total, head_dim],
-    value: FLOAT[batch, kv_heads, total, head_dim],
-    attention_mask: INT64[batch, total],
+    query: FLOAT["batch", "heads", "seq", "head_dim"],
+    key: FLOAT["batch", "kv_heads", "total", "head_dim"],
+    value: FLOAT["batch", "kv_heads", "total", "head_dim"],
+    attention_mask: INT64["batch", "total"],
     scale: float,
     softcap: float,
     window: int,
     causal: int,
     kv_num_heads: int,
-) -> FLOAT[batch, heads, seq, head_dim]:
+) -> FLOAT["batch", "heads", "seq", "head_dim"]:
     zero = op.Constant(value_int=0)
     one = op.Constant(value_int=1)
     q_shape = op.Shape(query)
