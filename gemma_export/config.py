@@ -32,13 +32,72 @@ class Family:
     qk_norm: bool  # RMSNorm on each query and key head (Gemma 3)
     scale_by_query_pre_attn_scalar: bool  # else head_dim ** -0.5 (Gemma 1)
     window_every: int  # layer i is global when (i + 1) % window_every == 0; 0 = every layer global
-    default_window_every: int = 0
+    defaults: dict[str, Any]  # transformers' config defaults: hub files omit the fields that equal them
 
 
+_SHARED_DEFAULTS = {
+    "head_dim": 256,
+    "rms_norm_eps": 1e-6,
+    "pad_token_id": 0,
+    "eos_token_id": 1,
+    "bos_token_id": 2,
+    "attention_bias": False,
+}
 FAMILIES: dict[str, Family] = {
-    "gemma": Family(post_norms=False, qk_norm=False, scale_by_query_pre_attn_scalar=False, window_every=0),
-    "gemma2": Family(post_norms=True, qk_norm=False, scale_by_query_pre_attn_scalar=True, window_every=2),
-    "gemma3_text": Family(post_norms=True, qk_norm=True, scale_by_query_pre_attn_scalar=True, window_every=6),
+    "gemma": Family(
+        post_norms=False,
+        qk_norm=False,
+        scale_by_query_pre_attn_scalar=False,
+        window_every=0,
+        defaults={
+            **_SHARED_DEFAULTS,
+            "vocab_size": 256000,
+            "hidden_size": 3072,
+            "intermediate_size": 24576,
+            "num_hidden_layers": 28,
+            "num_attention_heads": 16,
+            "num_key_value_heads": 16,
+            "max_position_embeddings": 8192,
+        },
+    ),
+    "gemma2": Family(
+        post_norms=True,
+        qk_norm=False,
+        scale_by_query_pre_attn_scalar=True,
+        window_every=2,
+        defaults={
+            **_SHARED_DEFAULTS,
+            "vocab_size": 256000,
+            "hidden_size": 2304,
+            "intermediate_size": 9216,
+            "num_hidden_layers": 26,
+            "num_attention_heads": 8,
+            "num_key_value_heads": 4,
+            "max_position_embeddings": 8192,
+            "query_pre_attn_scalar": 256,
+            "sliding_window": 4096,
+            "attn_logit_softcapping": 50.0,
+            "final_logit_softcapping": 30.0,
+        },
+    ),
+    "gemma3_text": Family(
+        post_norms=True,
+        qk_norm=True,
+        scale_by_query_pre_attn_scalar=True,
+        window_every=6,
+        defaults={
+            **_SHARED_DEFAULTS,
+            "vocab_size": 262208,
+            "hidden_size": 2304,
+            "intermediate_size": 9216,
+            "num_hidden_layers": 26,
+            "num_attention_heads": 8,
+            "num_key_value_heads": 4,
+            "max_position_embeddings": 131072,
+            "query_pre_attn_scalar": 256,
+            "sliding_window": 4096,
+        },
+    ),
 }
 SUPPORTED_MODEL_TYPES = (*FAMILIES, "gemma3")
 
@@ -136,13 +195,20 @@ def parse_config(raw: dict[str, Any], source: str = "config.json") -> GemmaConfi
             f"{source}: unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
     family = FAMILIES[model_type]
+    raw = {**family.defaults, **raw}  # a field written as null stays null (e.g. no softcap)
     r = _Reader(raw, source)
+    if raw.get("attention_bias"):
+        raise BadInput(f"{source}: 'attention_bias': true is not a Gemma architecture; no Gemma has attention biases")
 
     hidden = r.int("hidden_size")
     heads = r.int("num_attention_heads")
     head_dim = r.int("head_dim", default=hidden // heads if heads else 0)
     layers = r.int("num_hidden_layers")
     window = r.opt_int("sliding_window") or 0
+    bidirectional = bool(raw.get("use_bidirectional_attention") or False)
+    if bidirectional and window:
+        # transformers stores the bidirectional window as sliding_window // 2 + 1 keys each way (EmbeddingGemma).
+        window = window // 2 + 1
     window_every = r.int("sliding_window_pattern", default=family.window_every)
     window_every = r.int("_sliding_window_pattern", default=window_every)
 
@@ -185,7 +251,7 @@ def parse_config(raw: dict[str, Any], source: str = "config.json") -> GemmaConfi
         bos_token_id=r.int("bos_token_id", default=2),
         eos_token_ids=eos_ids,
         pad_token_id=r.int("pad_token_id", default=0),
-        use_bidirectional_attention=bool(raw.get("use_bidirectional_attention") or False),
+        use_bidirectional_attention=bidirectional,
         source_model_type=model_type,
     )
     _check_consistency(cfg, source)

@@ -1,0 +1,129 @@
+"""The built artifact against the reference and the oracles, and its contract (manifest, graph, files)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from gemma_export import load, package, verify
+from gemma_export.build import BuildOptions, build
+from gemma_export.progress import Stages
+from gemma_export.runtime import OrtDecoder, TorchDecoder, generate, left_pad
+from tests.test_reference import long_and_padded
+
+TOL = 1e-4
+
+
+def test_artifact_matches_reference_prefill_and_decode(artifact, checkpoint) -> None:  # noqa: ANN001
+    cfg, model = load.load_model(checkpoint)
+    manifest = package.read_manifest(artifact)
+    report = verify.compare(TorchDecoder(model), OrtDecoder(artifact, manifest), cfg, TOL, decode_steps=8)
+    lengths = [n for c in report.cases for n in c.prompt_lengths]
+    assert max(lengths) > 2 * cfg.max_window
+    assert any(len(c.prompt_lengths) == 2 and len(set(c.prompt_lengths)) == 2 for c in report.cases)
+    assert report.prefill_max_abs_error <= TOL
+    assert report.decode_max_abs_error <= TOL
+    # the build recorded its own run of the same gate
+    assert manifest["parity"]["passed"] and manifest["parity"]["prefill"] <= TOL and manifest["parity"]["decode"] <= TOL
+
+
+def test_artifact_greedy_tokens_match_transformers(artifact, checkpoint, hf_model) -> None:  # noqa: ANN001
+    cfg, _ = load.load_model(checkpoint)
+    prompts = long_and_padded(cfg)
+    ids, mask = left_pad(prompts, cfg.pad_token_id)
+    with torch.no_grad():
+        hf_out = hf_model.generate(
+            input_ids=torch.from_numpy(ids),
+            attention_mask=torch.from_numpy(mask),
+            max_new_tokens=20,
+            min_new_tokens=20,
+            do_sample=False,
+            pad_token_id=cfg.pad_token_id,
+        )
+    expected = hf_out[:, ids.shape[1] :].tolist()
+    ours = generate(OrtDecoder(artifact, package.read_manifest(artifact)), prompts, 20, pad_id=cfg.pad_token_id)
+    assert ours == expected
+
+
+def test_onnxruntime_genai_reproduces_greedy_tokens(artifact, checkpoint) -> None:  # noqa: ANN001
+    og = pytest.importorskip("onnxruntime_genai")
+    cfg, model = load.load_model(checkpoint)
+    prompt = long_and_padded(cfg)[0]
+    expected = generate(TorchDecoder(model), [prompt], 20)[0]
+
+    genai_model = og.Model(str(artifact))
+    params = og.GeneratorParams(genai_model)
+    params.set_search_options(max_length=len(prompt) + 20, do_sample=False)
+    generator = og.Generator(genai_model, params)
+    generator.append_tokens(np.array([prompt], dtype=np.int32))
+    got = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        got.append(int(generator.get_next_tokens()[0]))
+    assert got[: len(expected)] == expected[: len(got)]
+    assert len(got) == 20 or got[-1] in cfg.eos_token_ids
+
+
+def test_graph_carries_one_attention_op_per_layer_with_the_layer_window(artifact, checkpoint) -> None:  # noqa: ANN001
+    cfg, _ = load.load_model(checkpoint)
+    proto = onnx.load(str(artifact / package.MODEL_FILE), load_external_data=False)
+    nodes = [n for n in proto.graph.node if n.domain == "ai.gemma"]
+    assert [n.op_type for n in nodes] == ["Attention"] * cfg.num_hidden_layers
+    windows = [next(a.i for a in n.attribute if a.name == "window") for n in nodes]
+    assert windows == [cfg.window_of(i) for i in range(cfg.num_hidden_layers)]
+    if cfg.model_type == "gemma2":  # even layers local, odd global
+        assert windows == [cfg.sliding_window if i % 2 == 0 else 0 for i in range(cfg.num_hidden_layers)]
+    if cfg.model_type == "gemma3_text":  # layer i global when (i + 1) % 6 == 0
+        assert windows == [0 if (i + 1) % 6 == 0 else cfg.sliding_window for i in range(cfg.num_hidden_layers)]
+    softcaps = {next(a.f for a in n.attribute if a.name == "softcap") for n in nodes}
+    assert softcaps == {cfg.attn_logit_softcapping}
+    # the standard-op definition travels with the graph, and no length is baked in
+    assert [(f.domain, f.name) for f in proto.functions] == [("ai.gemma", "Attention")]
+    onnx.checker.check_model(str(artifact / package.MODEL_FILE))  # by path: weights are external
+    for node in proto.graph.node:
+        assert not node.metadata_props, "exporter annotations (absolute paths) must not reach the artifact"
+
+
+def test_manifest_describes_the_contract(artifact, checkpoint) -> None:  # noqa: ANN001
+    cfg, _ = load.load_model(checkpoint)
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    inputs = {v["name"]: v for v in manifest["inputs"]}
+    outputs = {v["name"]: v for v in manifest["outputs"]}
+    assert inputs["input_ids"] == {"name": "input_ids", "dtype": "int64", "shape": ["batch", "sequence_length"]}
+    assert inputs["attention_mask"]["shape"] == ["batch", "total_sequence_length"]
+    assert inputs["position_ids"]["dtype"] == "int64"
+    kv, hd = cfg.num_key_value_heads, cfg.head_dim
+    assert inputs["past_key_values.0.key"]["shape"] == ["batch", kv, "past_sequence_length", hd]
+    assert outputs["logits"] == {
+        "name": "logits",
+        "dtype": "float32",
+        "shape": ["batch", "sequence_length", cfg.vocab_size],
+    }
+    assert outputs[f"present.{cfg.num_hidden_layers - 1}.value"]["shape"] == ["batch", kv, "total_sequence_length", hd]
+    assert len(manifest["state"]) == 2 * cfg.num_hidden_layers
+    assert manifest["state"][0] == {
+        "input": "past_key_values.0.key",
+        "output": "present.0.key",
+        "shape": ["batch", kv, 0, hd],
+        "dtype": "float32",
+    }
+    assert set(manifest["state"][i]["input"] for i in range(len(manifest["state"]))) <= set(inputs)
+    assert manifest["build"]["domains"] == {"ai.onnx": 23, "ai.gemma": 1}
+    for entry in manifest["files"].values():
+        assert package.sha256(artifact / entry["path"]) == entry["sha256"]
+    assert {"tokenizer.json", "tokenizer_config.json", "genai_config", "model", "weights"} <= set(
+        manifest["files"]
+    )
+    assert manifest["versions"]["torch"].startswith("2.")
+
+
+def test_same_inputs_give_byte_identical_artifacts(checkpoints, tmp_path) -> None:  # noqa: ANN001
+    first, second = tmp_path / "a", tmp_path / "b"
+    for out in (first, second):
+        build(checkpoints["gemma3_text"], out, BuildOptions(), Stages(quiet=True))
+    for name in (package.MODEL_FILE, package.WEIGHTS_FILE, package.MANIFEST, package.GENAI_CONFIG):
+        assert (first / name).read_bytes() == (second / name).read_bytes(), name
