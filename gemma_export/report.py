@@ -28,7 +28,7 @@ def describe_manifest(manifest: dict[str, Any]) -> None:
     io = Table("direction", "name", "dtype", "shape", title="Inputs and outputs")
     for direction in ("inputs", "outputs"):
         for v in _collapse(manifest[direction]):
-            io.add_row(direction[:-1], v["name"], v["dtype"], str(v["shape"]))
+            io.add_row(direction[:-1], v["name"], v["dtype"], "[" + ", ".join(map(str, v["shape"])) + "]")
     console.print(io)
     files = Table("role", "path", "bytes", "sha256", title="Files")
     for role, f in manifest["files"].items():

@@ -147,11 +147,11 @@ def Attention(
     seq = op.Shape(query, start=2, end=3)
     head_dim = op.Shape(query, start=3, end=4)
     total = op.Shape(key, start=2, end=3)
-    kvh = op.Reshape(op.Constant(value_int=kv_num_heads), op.Constant(value_ints=[1]))
+    kvh = op.Shape(key, start=1, end=2)  # == kv_num_heads for valid inputs; the tensor is the truth
     group = op.Div(op.Shape(query, start=1, end=2), kvh)
 
     # Grouped-query attention without copying K/V: queries [b, kv, g, s, d] against keys [b, kv, 1, d, t].
-    q = op.Reshape(query, op.Concat(batch, kvh, group, seq, head_dim, axis=0))
+    q = op.Reshape(query, op.Concat(batch, kvh, group, seq, head_dim, axis=0), allowzero=1)
     k = op.Unsqueeze(op.Transpose(key, perm=[0, 1, 3, 2]), [2])
     v = op.Unsqueeze(value, [2])
     scores = op.Mul(op.Cast(op.MatMul(q, k), to=1), op.Constant(value_float=scale))
@@ -179,7 +179,7 @@ def Attention(
     scores = op.Where(visible, scores, op.Constant(value_float=-3.4028234663852886e38))
     probs = op.CastLike(op.Softmax(scores, axis=-1), value)
     out = op.MatMul(probs, v)  # [b, kv, g, s, d]
-    return op.Reshape(out, q_shape)
+    return op.Reshape(out, q_shape, allowzero=1)  # allowzero: an empty query (S = 0) stays empty
 
 
 def _translate_attention(
