@@ -7,6 +7,7 @@ checkpoint dir --load--> (config, reference model) --trace--> ONNX with ai.gemma
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,12 +40,24 @@ class BuildOptions:
             raise BadInput(f"--tolerance must be positive, got {self.tolerance}")
 
 
+def check_output_location(checkpoint_dir: Path, out_dir: Path, force: bool) -> None:
+    """Fail before the slow stages if OUT_DIR cannot be (re)placed."""
+    out, ckpt = out_dir.resolve(), checkpoint_dir.resolve()
+    if out == ckpt or out in ckpt.parents:
+        # with --force the build would replace OUT, and so delete the checkpoint it was built from
+        raise BadInput(f"{out_dir}: the output directory must not be or contain the checkpoint {checkpoint_dir}")
+    if out_dir.exists() and not force:
+        raise BadInput(f"{out_dir}: output directory exists (pass --force to replace it)")
+    parent = next((p for p in out.parents if p.exists()), None)
+    if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise BadInput(f"{out_dir}: cannot create the output directory here ({parent} is not a writable folder)")
+
+
 def build(checkpoint_dir: Path, out_dir: Path, options: BuildOptions, stages: Stages) -> dict[str, Any]:
     """Build the artifact; returns its manifest. Raises BadInput / ParityError; leaves no partial OUT_DIR."""
     options.check()
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
-    if out_dir.exists() and not options.force:
-        raise BadInput(f"{out_dir}: output directory exists (pass --force to replace it)")
+    check_output_location(checkpoint_dir, out_dir, options.force)
 
     with stages.stage("load"):
         cfg, model = load.load_model(checkpoint_dir)

@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
+from typer.exceptions import TyperException
 
 from gemma_export.errors import BadInput, GemmaExportError, ParityError
 
@@ -158,32 +158,46 @@ def demo(
     run_demo(out, prompt=prompt, max_new_tokens=max_new_tokens)
 
 
+def _one_line(text: str) -> str:
+    """Messages are promised as one line; a foreign exception's may span several."""
+    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
 def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else list(argv)
+    if not args:  # no command: the help, as a usage error (typer's own path reports it as an exception)
+        app(args=["--help"], standalone_mode=False, prog_name="gemma-export")
+        return 2
     try:
-        app(args=argv, standalone_mode=False, prog_name="gemma-export")
-    except click.exceptions.Exit as e:
-        return e.exit_code
-    except click.exceptions.Abort:
-        print("gemma-export: interrupted", file=sys.stderr)
-        return 130
-    except click.ClickException as e:
-        e.show()
+        # typer >= 0.29 vendors click: its Exit/Abort/usage errors are typer's classes, not click's. In
+        # non-standalone mode it turns a KeyboardInterrupt into an exit code that it *returns* (130).
+        rv = app(args=args, standalone_mode=False, prog_name="gemma-export")
+    except typer.Exit as e:
+        rv = e.exit_code
+    except typer.Abort:
+        rv = 130
+    except TyperException as e:  # usage: unknown option, missing argument, value of the wrong type
+        ctx = getattr(e, "ctx", None)
+        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        print(f"gemma-export: error: {_one_line(e.format_message())}{hint}", file=sys.stderr)
         return 2
     except GemmaExportError as e:
-        print(f"gemma-export: error: {e}", file=sys.stderr)
+        print(f"gemma-export: error: {_one_line(str(e))}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        print("gemma-export: interrupted", file=sys.stderr)
-        return 130
+        rv = 130
     except Exception as e:  # a bug of ours: one line, the traceback only on request
         if os.environ.get("GEMMA_EXPORT_DEBUG"):
             raise
         print(
-            f"gemma-export: internal error: {type(e).__name__}: {e} (GEMMA_EXPORT_DEBUG=1 shows the traceback)",
+            f"gemma-export: internal error: {type(e).__name__}: {_one_line(str(e))} "
+            "(GEMMA_EXPORT_DEBUG=1 shows the traceback)",
             file=sys.stderr,
         )
         return 3
-    return 0
+    if rv == 130:
+        print("gemma-export: interrupted", file=sys.stderr)
+    return rv if isinstance(rv, int) and not isinstance(rv, bool) else 0
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,13 @@ def parse_token_ids(text: str) -> list[int]:
         raise BadInput(f"--token-ids must be comma-separated integers, got {text!r}") from None
 
 
+def check_threads(threads: int) -> None:
+    """ONNX Runtime starts every thread it is asked for: a typo would hang the machine, not fail."""
+    max_threads = 4 * (os.cpu_count() or 1)
+    if not 0 <= threads <= max_threads:
+        raise BadInput(f"--threads must be between 0 (all cores) and {max_threads}, got {threads}")
+
+
 def run(
     artifact_dir: Path,
     *,
@@ -43,6 +51,7 @@ def run(
 ) -> dict[str, Any]:
     manifest = package.read_manifest(artifact_dir)
     cfg = manifest["model"]["config"]
+    check_threads(threads)
     sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     if bool(prompts) == (token_ids is not None):
         raise BadInput("give either --prompt (repeatable) or --token-ids")

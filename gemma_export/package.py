@@ -30,6 +30,7 @@ MODEL_FILE = "model.onnx"
 WEIGHTS_FILE = "model.onnx.data"
 GENAI_CONFIG = "genai_config.json"
 MANIFEST_FORMAT = "gemma-export/manifest-v1"
+MANIFEST_KEYS = ("model", "build", "inputs", "outputs", "state", "files", "parity")
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer.model",
@@ -214,6 +215,9 @@ def read_manifest(artifact_dir: Path) -> dict[str, Any]:
         raise BadInput(f"{path}: not valid JSON ({e})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
         raise BadInput(f"{path}: unknown manifest format (expected {MANIFEST_FORMAT!r})")
+    missing = [key for key in MANIFEST_KEYS if not isinstance(manifest.get(key), dict | list)]
+    if missing:
+        raise BadInput(f"{path}: manifest lacks {', '.join(missing)}; rebuild the artifact")
     return manifest
 
 

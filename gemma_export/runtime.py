@@ -6,6 +6,7 @@ with the very same code: any difference in what they return is a difference in w
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,8 +88,10 @@ class Sampling:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise BadInput(f"--temperature must be >= 0, got {self.temperature}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise BadInput(f"--temperature must be a finite number >= 0, got {self.temperature}")
+        if self.seed < 0:
+            raise BadInput(f"--seed must be >= 0, got {self.seed}")
         if self.top_k < 0:
             raise BadInput(f"--top-k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:

@@ -18,7 +18,7 @@ from tests.test_reference import long_and_padded
 TOL = 1e-4
 
 
-def test_artifact_matches_reference_prefill_and_decode(artifact, checkpoint) -> None:  # noqa: ANN001
+def test_artifact_matches_reference_prefill_and_decode(artifact, checkpoint) -> None:
     cfg, model = load.load_model(checkpoint)
     manifest = package.read_manifest(artifact)
     report = verify.compare(TorchDecoder(model), OrtDecoder(artifact, manifest), cfg, TOL, decode_steps=8)
@@ -31,7 +31,7 @@ def test_artifact_matches_reference_prefill_and_decode(artifact, checkpoint) -> 
     assert manifest["parity"]["passed"] and manifest["parity"]["prefill"] <= TOL and manifest["parity"]["decode"] <= TOL
 
 
-def test_artifact_greedy_tokens_match_transformers(artifact, checkpoint, hf_model) -> None:  # noqa: ANN001
+def test_artifact_greedy_tokens_match_transformers(artifact, checkpoint, hf_model) -> None:
     cfg, _ = load.load_model(checkpoint)
     prompts = long_and_padded(cfg)
     ids, mask = left_pad(prompts, cfg.pad_token_id)
@@ -49,7 +49,7 @@ def test_artifact_greedy_tokens_match_transformers(artifact, checkpoint, hf_mode
     assert ours == expected
 
 
-def test_onnxruntime_genai_reproduces_greedy_tokens(artifact, checkpoint) -> None:  # noqa: ANN001
+def test_onnxruntime_genai_reproduces_greedy_tokens(artifact, checkpoint) -> None:
     og = pytest.importorskip("onnxruntime_genai")
     cfg, model = load.load_model(checkpoint)
     prompt = long_and_padded(cfg)[0]
@@ -68,7 +68,7 @@ def test_onnxruntime_genai_reproduces_greedy_tokens(artifact, checkpoint) -> Non
     assert len(got) == 20 or got[-1] in cfg.eos_token_ids
 
 
-def test_graph_carries_one_attention_op_per_layer_with_the_layer_window(artifact, checkpoint) -> None:  # noqa: ANN001
+def test_graph_carries_one_attention_op_per_layer_with_the_layer_window(artifact, checkpoint) -> None:
     cfg, _ = load.load_model(checkpoint)
     proto = onnx.load(str(artifact / package.MODEL_FILE), load_external_data=False)
     nodes = [n for n in proto.graph.node if n.domain == "ai.gemma"]
@@ -88,7 +88,7 @@ def test_graph_carries_one_attention_op_per_layer_with_the_layer_window(artifact
         assert not node.metadata_props, "exporter annotations (absolute paths) must not reach the artifact"
 
 
-def test_manifest_describes_the_contract(artifact, checkpoint) -> None:  # noqa: ANN001
+def test_manifest_describes_the_contract(artifact, checkpoint) -> None:
     cfg, _ = load.load_model(checkpoint)
     manifest = json.loads((artifact / "manifest.json").read_text())
     inputs = {v["name"]: v for v in manifest["inputs"]}
@@ -115,13 +115,11 @@ def test_manifest_describes_the_contract(artifact, checkpoint) -> None:  # noqa:
     assert manifest["build"]["domains"] == {"ai.onnx": 23, "ai.gemma": 1}
     for entry in manifest["files"].values():
         assert package.sha256(artifact / entry["path"]) == entry["sha256"]
-    assert {"tokenizer.json", "tokenizer_config.json", "genai_config", "model", "weights"} <= set(
-        manifest["files"]
-    )
+    assert {"tokenizer.json", "tokenizer_config.json", "genai_config", "model", "weights"} <= set(manifest["files"])
     assert manifest["versions"]["torch"].startswith("2.")
 
 
-def test_same_inputs_give_byte_identical_artifacts(checkpoints, tmp_path) -> None:  # noqa: ANN001
+def test_same_inputs_give_byte_identical_artifacts(checkpoints, tmp_path) -> None:
     first, second = tmp_path / "a", tmp_path / "b"
     for out in (first, second):
         build(checkpoints["gemma3_text"], out, BuildOptions(), Stages(quiet=True))

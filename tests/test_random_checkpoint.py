@@ -128,12 +128,12 @@ def test_sharded_bfloat16_holds_the_same_weights(checkpoints: dict[str, Path], t
 
     single = checkpoints["gemma3_text"] / "model.safetensors"
     with safe_open(str(single), framework="pt") as f:
-        reference = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 - safe_open is not a dict
+        reference = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 - safe_open is not iterable
     sharded: dict[str, torch.Tensor] = {}
     for shard in shards:
         with safe_open(str(out / shard), framework="pt") as f:
             assert f.metadata() == {"format": "pt"}
-            for name in f.keys():  # noqa: SIM118
+            for name in f.keys():  # noqa: SIM118 - safe_open is not iterable
                 assert index["weight_map"][name] == shard
                 sharded[name] = f.get_tensor(name)
     assert sharded.keys() == reference.keys()

@@ -108,7 +108,10 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: GemmaConfig, layer: int) -> None:
         super().__init__()
-        norm = lambda: RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)  # noqa: E731
+
+        def norm() -> RMSNorm:
+            return RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
         post_norm = norm if cfg.family.post_norms else nn.Identity
         self.rope_kind = cfg.layer_types[layer]
         self.input_layernorm = norm()
