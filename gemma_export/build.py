@@ -73,14 +73,11 @@ def build(checkpoint_dir: Path, out_dir: Path, options: BuildOptions, stages: St
             package.write_model(proto, staging)
             del proto
             max_length = cfg.max_position_embeddings
-            package.write_json(staging / package.GENAI_CONFIG, package.genai_config(cfg, max_length))
-            tokenizer_files = package.copy_tokenizer(checkpoint_dir, staging)
-            roles = {
-                "model": package.MODEL_FILE,
-                "weights": package.WEIGHTS_FILE,
-                "genai_config": package.GENAI_CONFIG,
-                **{name: name for name in tokenizer_files},
-            }
+            roles = {"model": package.MODEL_FILE, "weights": package.WEIGHTS_FILE}
+            if package.genai_supports(cfg):
+                package.write_json(staging / package.GENAI_CONFIG, package.genai_config(cfg, max_length))
+                roles["genai_config"] = package.GENAI_CONFIG
+            roles.update({name: name for name in package.copy_tokenizer(checkpoint_dir, staging)})
             manifest: dict[str, Any] = {
                 "format": package.MANIFEST_FORMAT,
                 "model": {
@@ -96,7 +93,7 @@ def build(checkpoint_dir: Path, out_dir: Path, options: BuildOptions, stages: St
                     "max_length": max_length,
                 },
                 **io,
-                "state": package.kv_state(cfg),
+                "state": [spec.to_json() for spec in model.state_specs()],
                 "files": package.file_table(staging, roles),
                 "versions": package.versions(),
             }

@@ -99,7 +99,7 @@ FAMILIES: dict[str, Family] = {
         },
     ),
 }
-SUPPORTED_MODEL_TYPES = (*FAMILIES, "gemma3")
+SUPPORTED_MODEL_TYPES = (*FAMILIES, "gemma3", "recurrent_gemma")
 
 # Where the decoder's tensors live in each on-disk layout, tried in order.
 WEIGHT_PREFIXES = ("model.", "model.language_model.", "language_model.model.")
@@ -165,7 +165,117 @@ class GemmaConfig:
         return out
 
 
-def load_config(checkpoint_dir: Path) -> GemmaConfig:
+@dataclass(frozen=True)
+class GriffinConfig:
+    """RecurrentGemma: residual blocks whose temporal mixing cycles through `block_types`."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int  # as transformers stores it: the MLP is intermediate_size // 2 wide
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    lru_width: int
+    attention_window_size: int  # keys visible to a query, the current one included
+    conv1d_width: int
+    logits_soft_cap: float
+    rms_norm_eps: float
+    rope_theta: float
+    partial_rotary_factor: float  # RoPE on the first head_dim * factor channels
+    block_types: tuple[str, ...]  # per layer: "recurrent" or "attention"
+    max_position_embeddings: int
+    bos_token_id: int
+    eos_token_ids: tuple[int, ...]
+    pad_token_id: int
+    model_type: str = "recurrent_gemma"
+    source_model_type: str = "recurrent_gemma"
+
+    @property
+    def max_window(self) -> int:
+        return self.attention_window_size
+
+    @property
+    def attention_scale(self) -> float:
+        return self.head_dim**-0.5
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["block_types"] = list(self.block_types)
+        out["eos_token_ids"] = list(self.eos_token_ids)
+        return out
+
+
+GRIFFIN_DEFAULTS = {  # transformers' RecurrentGemmaConfig defaults (the 2B model)
+    "num_hidden_layers": 26,
+    "vocab_size": 256000,
+    "hidden_size": 2560,
+    "intermediate_size": 3 * 2560,
+    "num_attention_heads": 10,
+    "attention_window_size": 2048,
+    "conv1d_width": 4,
+    "logits_soft_cap": 30.0,
+    "rms_norm_eps": 1e-6,
+    "block_types": ["recurrent", "recurrent", "attention"],
+    "pad_token_id": 0,
+    "eos_token_id": 1,
+    "bos_token_id": 2,
+    "attention_bias": False,
+}
+# RecurrentGemma has no position limit of its own (its attention is local); this bounds a generation.
+GRIFFIN_MAX_LENGTH = 1 << 20
+
+
+def parse_griffin_config(raw: dict[str, Any], source: str = "config.json") -> GriffinConfig:
+    raw = {**GRIFFIN_DEFAULTS, **raw}
+    r = _Reader(raw, source)
+    if raw.get("attention_bias"):
+        raise BadInput(f"{source}: 'attention_bias': true is not a RecurrentGemma architecture")
+    hidden, heads, layers = r.int("hidden_size"), r.int("num_attention_heads"), r.int("num_hidden_layers")
+    pattern = raw["block_types"]
+    if not isinstance(pattern, list) or not pattern or any(b not in ("recurrent", "attention") for b in pattern):
+        raise BadInput(f"{source}: 'block_types' must list 'recurrent' / 'attention', got {pattern!r}")
+    rope = raw.get("rope_parameters") or {}
+    if not isinstance(rope, dict) or rope.get("rope_type", "default") != "default":
+        raise BadInput(f"{source}: RecurrentGemma supports only default RoPE, got {rope!r}")
+    theta = rope.get("rope_theta", raw.get("rope_theta", 10_000.0))
+    factor = rope.get("partial_rotary_factor", raw.get("partial_rotary_factor", 0.5))
+    if not isinstance(theta, int | float) or not isinstance(factor, int | float) or not 0 < factor <= 1:
+        raise BadInput(f"{source}: rope_theta must be a number and partial_rotary_factor in (0, 1]")
+    eos = raw["eos_token_id"]
+    cfg = GriffinConfig(
+        vocab_size=r.int("vocab_size"),
+        hidden_size=hidden,
+        intermediate_size=r.int("intermediate_size"),
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=r.int("num_key_value_heads", default=heads),
+        head_dim=hidden // heads if heads else 0,
+        lru_width=r.int("lru_width", default=hidden),
+        attention_window_size=r.int("attention_window_size"),
+        conv1d_width=r.int("conv1d_width"),
+        logits_soft_cap=r.opt_float("logits_soft_cap") or 0.0,
+        rms_norm_eps=r.float("rms_norm_eps"),
+        rope_theta=float(theta),
+        partial_rotary_factor=float(factor),
+        block_types=tuple((pattern * layers)[:layers]),
+        max_position_embeddings=r.int("max_position_embeddings", default=GRIFFIN_MAX_LENGTH),
+        bos_token_id=r.int("bos_token_id"),
+        eos_token_ids=tuple(eos) if isinstance(eos, list) else (eos,),
+        pad_token_id=r.int("pad_token_id"),
+    )
+    for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "lru_width",
+                 "attention_window_size", "conv1d_width", "num_key_value_heads"):  # fmt: skip
+        if getattr(cfg, name) <= 0:
+            raise BadInput(f"{source}: '{name}' must be a positive integer, got {getattr(cfg, name)}")
+    if hidden % heads or cfg.lru_width % heads or heads % cfg.num_key_value_heads:
+        raise BadInput(f"{source}: hidden_size and lru_width must split evenly into {heads} heads")
+    if cfg.intermediate_size < 2 or cfg.intermediate_size % 2:
+        raise BadInput(f"{source}: 'intermediate_size' must be a positive even integer")
+    return cfg
+
+
+def load_config(checkpoint_dir: Path) -> GemmaConfig | GriffinConfig:
     """Read and validate `checkpoint_dir/config.json`."""
     path = Path(checkpoint_dir) / "config.json"
     if not Path(checkpoint_dir).is_dir():
@@ -178,6 +288,8 @@ def load_config(checkpoint_dir: Path) -> GemmaConfig:
         raise BadInput(f"{path}: not valid JSON ({e})") from None
     if not isinstance(raw, dict):
         raise BadInput(f"{path}: expected a JSON object")
+    if raw.get("model_type") == "recurrent_gemma":
+        return parse_griffin_config(raw, source=str(path))
     return parse_config(raw, source=str(path))
 
 

@@ -7,20 +7,25 @@ from pathlib import Path
 import torch
 
 from gemma_export.checkpoint import read_tensors, select_weights
-from gemma_export.config import WEIGHT_PREFIXES, GemmaConfig, load_config
+from gemma_export.config import WEIGHT_PREFIXES, GemmaConfig, GriffinConfig, load_config
 from gemma_export.models.gemma import CHECKPOINT_RENAMES, GemmaModel
+from gemma_export.models.griffin import GriffinModel
+
+Decoder = GemmaModel | GriffinModel
 
 # Tensors a checkpoint may carry that the text decoder does not use: the (tied) LM head, and the vision
 # tower and projector of a multimodal Gemma 3.
 IGNORED_PREFIXES = ("lm_head.", "vision_tower.", "multi_modal_projector.")
 
 
-def load_model(checkpoint_dir: Path, dtype: torch.dtype = torch.float32) -> tuple[GemmaConfig, GemmaModel]:
+def load_model(
+    checkpoint_dir: Path, dtype: torch.dtype = torch.float32
+) -> tuple[GemmaConfig | GriffinConfig, Decoder]:
     cfg = load_config(checkpoint_dir)
     tensors = read_tensors(checkpoint_dir)
     with torch.device("meta"):
-        model = GemmaModel(cfg)
-    renames = CHECKPOINT_RENAMES[cfg.model_type]
+        model = GriffinModel(cfg) if isinstance(cfg, GriffinConfig) else GemmaModel(cfg)
+    renames = CHECKPOINT_RENAMES.get(cfg.model_type, {})
     to_checkpoint = {name: _rename(name, renames) for name, _ in model.named_parameters()}
     expected = {to_checkpoint[name]: (tuple(p.shape), None) for name, p in model.named_parameters()}
     found = select_weights(

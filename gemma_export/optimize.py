@@ -11,7 +11,9 @@ from __future__ import annotations
 import onnx
 import onnxscript.optimizer
 
-from gemma_export.ops import attention as attention_op
+from gemma_export.ops import attention, rglru
+
+DOMAIN, DOMAIN_VERSION = attention.DOMAIN, attention.DOMAIN_VERSION
 
 PRODUCER = "gemma-export"
 
@@ -42,12 +44,12 @@ def strip_metadata(proto: onnx.ModelProto) -> None:
 
 def attach_functions(proto: onnx.ModelProto, opset: int) -> onnx.ModelProto:
     """Append the model-local functions that define every `ai.gemma` op used in the graph."""
-    used = {n.op_type for n in proto.graph.node if n.domain == attention_op.DOMAIN}
+    used = {n.op_type for n in proto.graph.node if n.domain == DOMAIN}
     present = {(f.domain, f.name) for f in proto.functions}
-    for fn in attention_op.function_protos(opset):
+    for fn in [*attention.function_protos(opset), *rglru.function_protos(opset)]:
         if fn.name in used and (fn.domain, fn.name) not in present:
             proto.functions.append(fn)
-    if used and not any(i.domain == attention_op.DOMAIN for i in proto.opset_import):
-        proto.opset_import.append(onnx.helper.make_opsetid(attention_op.DOMAIN, attention_op.DOMAIN_VERSION))
+    if used and not any(i.domain == DOMAIN for i in proto.opset_import):
+        proto.opset_import.append(onnx.helper.make_opsetid(DOMAIN, DOMAIN_VERSION))
     proto.producer_name = PRODUCER
     return proto

@@ -22,7 +22,7 @@ from typing import Any
 import onnx
 
 from gemma_export import __version__
-from gemma_export.config import GemmaConfig
+from gemma_export.config import GemmaConfig, GriffinConfig
 from gemma_export.errors import BadInput
 
 MANIFEST = "manifest.json"
@@ -111,14 +111,9 @@ def io_spec(proto: onnx.ModelProto) -> dict[str, list[dict[str, Any]]]:
     return {"inputs": [describe(v) for v in proto.graph.input], "outputs": [describe(v) for v in proto.graph.output]}
 
 
-def kv_state(cfg: GemmaConfig) -> list[dict[str, Any]]:
-    """Each carried input, the output that feeds it next step, and its shape before the first step."""
-    shape = ["batch", cfg.num_key_value_heads, 0, cfg.head_dim]
-    return [
-        {"input": f"past_key_values.{i}.{kind}", "output": f"present.{i}.{kind}", "shape": shape, "dtype": "float32"}
-        for i in range(cfg.num_hidden_layers)
-        for kind in ("key", "value")
-    ]
+def genai_supports(cfg: GemmaConfig | GriffinConfig) -> bool:
+    """onnxruntime-genai 0.18 runs decoders with a growing KV cache; it has no RecurrentGemma model type."""
+    return isinstance(cfg, GemmaConfig)
 
 
 def genai_config(cfg: GemmaConfig, max_length: int) -> dict[str, Any]:

@@ -16,7 +16,7 @@ import numpy as np
 
 from gemma_export.errors import BadInput
 
-Cache = list[np.ndarray]  # flat: layer 0 key, layer 0 value, layer 1 key, ...
+Cache = list[np.ndarray]  # the carried state, in the order of the manifest's `state` list
 
 
 class Decoder(Protocol):
@@ -32,7 +32,11 @@ class Decoder(Protocol):
 
 
 class OrtDecoder:
-    """The artifact in an ONNX Runtime session; names and cache shapes come from its manifest."""
+    """The artifact in an ONNX Runtime session; names, state shapes and dtypes come from its manifest.
+
+    Decoders take the attention mask of past + new tokens; an artifact whose graph carries the past's mask in
+    its state (RecurrentGemma: constant memory) takes only the new tokens' columns.
+    """
 
     def __init__(self, artifact_dir: Path, manifest: dict, threads: int = 0) -> None:
         import onnxruntime as ort
@@ -46,11 +50,15 @@ class OrtDecoder:
         self.state = manifest["state"]
         self.vocab_size = int(manifest["model"]["config"]["vocab_size"])
         self._output_names = ["logits", *(s["output"] for s in self.state)]
+        mask = next(v for v in manifest["inputs"] if v["name"] == "attention_mask")
+        self.mask_covers_past = mask["shape"][1] != "sequence_length"
 
     def empty_cache(self, batch: int) -> Cache:
-        return [np.zeros([batch if d == "batch" else d for d in s["shape"]], np.float32) for s in self.state]
+        return [np.zeros([batch if d == "batch" else d for d in s["shape"]], s["dtype"]) for s in self.state]
 
     def step(self, input_ids, attention_mask, position_ids, cache):
+        if not self.mask_covers_past:
+            attention_mask = attention_mask[:, -input_ids.shape[1] :]
         feed = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
         feed.update({s["input"]: c for s, c in zip(self.state, cache, strict=True)})
         logits, *present = self.session.run(self._output_names, feed)
@@ -58,24 +66,24 @@ class OrtDecoder:
 
 
 class TorchDecoder:
-    """The PyTorch reference model."""
+    """The PyTorch reference model (any `gemma_export.models` decoder)."""
 
     def __init__(self, model) -> None:
         self.model = model.eval()
         self.vocab_size = model.cfg.vocab_size
 
     def empty_cache(self, batch: int) -> Cache:
-        return [t.numpy() for kv in self.model.empty_cache(batch) for t in kv]
+        return [spec.empty(batch).numpy() for spec in self.model.state_specs()]
 
     def step(self, input_ids, attention_mask, position_ids, cache):
         import torch
 
-        past = [(torch.from_numpy(k), torch.from_numpy(v)) for k, v in zip(cache[0::2], cache[1::2], strict=True)]
+        if not self.model.mask_covers_past:
+            attention_mask = attention_mask[:, -input_ids.shape[1] :]
+        args = (torch.from_numpy(input_ids), torch.from_numpy(attention_mask), torch.from_numpy(position_ids))
         with torch.inference_mode():
-            logits, presents = self.model(
-                torch.from_numpy(input_ids), torch.from_numpy(attention_mask), torch.from_numpy(position_ids), past
-            )
-        return logits.numpy(), [t.numpy() for kv in presents for t in kv]
+            logits, state = self.model(*args, [torch.from_numpy(c) for c in cache])
+        return logits.numpy(), [t.numpy() for t in state]
 
 
 @dataclass(frozen=True)

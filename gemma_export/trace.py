@@ -1,17 +1,17 @@
-"""Trace stage: the PyTorch reference model -> an ONNX graph with one `ai.gemma::Attention` node per layer.
+"""Trace stage: a PyTorch reference model -> an ONNX graph whose custom ops are single `ai.gemma` nodes.
 
 The graph's inputs and outputs are the artifact contract (README "Artifact contract"):
 
-    input_ids                    int64   [batch, sequence_length]
-    attention_mask               int64   [batch, total_sequence_length]      total = past + sequence
-    position_ids                 int64   [batch, sequence_length]
-    past_key_values.{i}.key      float32 [batch, kv_heads, past_sequence_length, head_dim]
-    past_key_values.{i}.value    (same)
- -> logits                       float32 [batch, sequence_length, vocab]
-    present.{i}.key / .value     float32 [batch, kv_heads, total_sequence_length, head_dim]
+    input_ids        int64   [batch, sequence_length]
+    attention_mask   int64   [batch, total_sequence_length]  (past + new tokens; Gemma)
+                             [batch, sequence_length]        (new tokens; RecurrentGemma carries the rest)
+    position_ids     int64   [batch, sequence_length]
+    <state inputs>           as the model's `state_specs()` say, e.g. past_key_values.{i}.key
+ -> logits           float32 [batch, sequence_length, vocab]
+    <state outputs>          e.g. present.{i}.key, fed back as the matching input on the next call
 
-Every size is symbolic: the exporter sees example sizes >= 2 (torch.export specialises 0 and 1), and the
-window is an attribute of the attention op, never a traced constant.
+Every size is symbolic: the exporter sees example sizes >= 2 (torch.export specialises 0 and 1), and
+windows are attributes of the ops, never traced constants.
 """
 
 from __future__ import annotations
@@ -23,50 +23,44 @@ import onnx
 import torch
 from torch import nn
 
-from gemma_export.models.gemma import GemmaModel
-from gemma_export.ops import attention as attention_op
+from gemma_export.models.state import StateSpec
+from gemma_export.ops import attention, rglru
 
 OPSET = 23
 BATCH, SEQ, PAST, TOTAL = "batch", "sequence_length", "past_sequence_length", "total_sequence_length"
-
-
-def input_names(num_layers: int) -> list[str]:
-    past = [f"past_key_values.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
-    return ["input_ids", "attention_mask", "position_ids", *past]
-
-
-def output_names(num_layers: int) -> list[str]:
-    return ["logits", *(f"present.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value"))]
+TRANSLATION_TABLE = {**attention.TRANSLATION_TABLE, **rglru.TRANSLATION_TABLE}
 
 
 class _FlatDecoder(nn.Module):
-    """The model with the flat signature of the ONNX graph (one tensor per past key/value)."""
+    """The model with the flat signature of the ONNX graph: one tensor per carried state."""
 
-    def __init__(self, model: GemmaModel) -> None:
+    def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, attention_mask, position_ids, *past_flat):
-        past = list(zip(past_flat[0::2], past_flat[1::2], strict=True))
-        logits, presents = self.model(input_ids, attention_mask, position_ids, past)
-        return (logits, *(t for kv in presents for t in kv))
+    def forward(self, input_ids, attention_mask, position_ids, *state):
+        logits, new_state = self.model(input_ids, attention_mask, position_ids, list(state))
+        return (logits, *new_state)
 
 
-def export_decoder(model: GemmaModel) -> onnx.ModelProto:
-    """Export `model` (float32, eval mode) to ONNX. Function bodies are attached later (optimize stage)."""
-    cfg = model.cfg
+def export_decoder(model: nn.Module) -> onnx.ModelProto:
+    """Export a `gemma_export.models` decoder (eval mode) to ONNX. Function bodies are attached later.
+
+    The model describes its carried state (`state_specs()`) and whether its attention mask covers the past
+    (`mask_covers_past`); everything else about the graph's signature is the same for every model.
+    """
+    specs = model.state_specs()
     batch, seq, past, total = 2, 3, 4, 7  # distinct and >= 2, so no size is specialised or confused
-    dtype = model.embed_tokens.weight.dtype
-    kv_shape = (batch, cfg.num_key_value_heads, past, cfg.head_dim)
+    mask_len = total if model.mask_covers_past else seq
     example = (
         torch.full((batch, seq), 2, dtype=torch.int64),
-        torch.ones((batch, total), dtype=torch.int64),
+        torch.ones((batch, mask_len), dtype=torch.int64),
         torch.arange(past, past + seq, dtype=torch.int64).expand(batch, seq),
-        *(torch.zeros(kv_shape, dtype=dtype) for _ in range(2 * cfg.num_hidden_layers)),
+        *(_example_state(spec, batch, past) for spec in specs),
     )
     b, s, p, t = (torch.export.Dim(n, min=1 if n != PAST else 0) for n in (BATCH, SEQ, PAST, TOTAL))
-    past_dims = tuple({0: b, 2: p} for _ in range(2 * cfg.num_hidden_layers))
-    dynamic = ({0: b, 1: s}, {0: b, 1: t}, {0: b, 1: s}, past_dims)  # *past_flat is one varargs entry
+    state_dims = tuple({0: b, spec.grows: p} if spec.grows is not None else {0: b} for spec in specs)
+    dynamic = ({0: b, 1: s}, {0: b, 1: t if model.mask_covers_past else s}, {0: b, 1: s}, state_dims)
 
     with warnings.catch_warnings(), _quiet_exporter():
         warnings.simplefilter("ignore")
@@ -75,27 +69,36 @@ def export_decoder(model: GemmaModel) -> onnx.ModelProto:
             example,
             dynamo=True,
             opset_version=OPSET,
-            input_names=input_names(cfg.num_hidden_layers),
-            output_names=output_names(cfg.num_hidden_layers),
+            input_names=["input_ids", "attention_mask", "position_ids", *(spec.input for spec in specs)],
+            output_names=["logits", *(spec.output for spec in specs)],
             dynamic_shapes=dynamic,
-            custom_translation_table=attention_op.TRANSLATION_TABLE,
+            custom_translation_table=TRANSLATION_TABLE,
             optimize=False,
             verbose=False,
         )
     proto = program.model_proto
-    _name_output_dims(proto)
+    _name_output_dims(proto, specs)
     return proto
 
 
-def _name_output_dims(proto: onnx.ModelProto) -> None:
+def _example_state(spec: StateSpec, batch: int, past: int) -> torch.Tensor:
+    shape = [batch if d == "batch" else d for d in spec.shape]
+    if spec.grows is not None:
+        shape[spec.grows] = past
+    return torch.zeros(shape, dtype=spec.dtype)
+
+
+def _name_output_dims(proto: onnx.ModelProto, specs: list[StateSpec]) -> None:
     """Give outputs the contract's dim names (the exporter writes expressions such as 's1 + s2')."""
+    grows = {spec.output: spec.grows for spec in specs}
     for out in proto.graph.output:
         dims = out.type.tensor_type.shape.dim
-        names = [BATCH, SEQ, None] if out.name == "logits" else [BATCH, None, TOTAL, None]
-        for dim, name in zip(dims, names, strict=True):
-            if name is not None:
-                dim.Clear()
-                dim.dim_param = name
+        names: dict[int, str] = {0: BATCH, 1: SEQ} if out.name == "logits" else {0: BATCH}
+        if grows.get(out.name) is not None:
+            names[grows[out.name]] = TOTAL
+        for axis, name in names.items():
+            dims[axis].Clear()
+            dims[axis].dim_param = name
 
 
 class _quiet_exporter:

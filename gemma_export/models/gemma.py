@@ -20,9 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from gemma_export.config import GemmaConfig, Rope
+from gemma_export.models.state import StateSpec
 from gemma_export.ops import attention as attention_op
-
-KVCache = list[tuple[torch.Tensor, torch.Tensor]]
 
 
 class RMSNorm(nn.Module):
@@ -137,6 +136,8 @@ class DecoderLayer(nn.Module):
 class GemmaModel(nn.Module):
     """The decoder with its tied LM head: token ids -> float32 logits and the new KV cache."""
 
+    mask_covers_past = True  # attention_mask spans past + new tokens
+
     def __init__(self, cfg: GemmaConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -156,26 +157,31 @@ class GemmaModel(nn.Module):
         input_ids: torch.Tensor,  # [batch, seq] int64
         attention_mask: torch.Tensor,  # [batch, past + seq] int64, 0 = padding
         position_ids: torch.Tensor,  # [batch, seq] int64
-        past: KVCache,  # per layer ([batch, kv_heads, past, head_dim],) * 2
-    ) -> tuple[torch.Tensor, KVCache]:
+        state: list[torch.Tensor],  # per layer: key, value [batch, kv_heads, past, head_dim]
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         dtype = self.embed_tokens.weight.dtype
         x = self.embed_tokens(input_ids) * torch.tensor(self.cfg.hidden_size**0.5, dtype=dtype)
         tables = {kind: rope_cos_sin(getattr(self, f"inv_freq_{kind}"), position_ids, dtype) for kind in self.cfg.rope}
-        presents: KVCache = []
-        for layer, layer_past in zip(self.layers, past, strict=True):
+        presents: list[torch.Tensor] = []
+        for layer, past_k, past_v in zip(self.layers, state[0::2], state[1::2], strict=True):
             cos, sin = tables[layer.rope_kind]
-            x, present = layer(x, cos, sin, attention_mask, layer_past)
-            presents.append(present)
+            x, present = layer(x, cos, sin, attention_mask, (past_k, past_v))
+            presents.extend(present)
         logits = torch.matmul(self.norm(x), self.embed_tokens.weight.t()).float()
         cap = self.cfg.final_logit_softcapping
         if cap > 0:
             logits = cap * torch.tanh(logits / cap)
         return logits, presents
 
-    def empty_cache(self, batch: int) -> KVCache:
-        shape = (batch, self.cfg.num_key_value_heads, 0, self.cfg.head_dim)
+    def state_specs(self) -> list[StateSpec]:
+        """Per layer a key and a value cache that grow along axis 2 (past_sequence_length)."""
+        shape = ("batch", self.cfg.num_key_value_heads, 0, self.cfg.head_dim)
         dtype = self.embed_tokens.weight.dtype
-        return [(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)) for _ in self.layers]
+        return [
+            StateSpec(f"past_key_values.{i}.{kind}", f"present.{i}.{kind}", shape, dtype, grows=2)
+            for i in range(self.cfg.num_hidden_layers)
+            for kind in ("key", "value")
+        ]
 
 
 # Our module name -> the checkpoint's, where they differ: Gemma 1 calls its pre-MLP norm "post attention".
