@@ -14,6 +14,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "torch==2.13.0"
 	$(BIN)/python -m pip install --quiet -e ".[test]"
+# google-deepmind's RecurrentGemma (oracle of tests/test_griffin_deepmind.py) pins numpy<2.4 for its JAX half;
+# its PyTorch half, the only one the tests import, needs just einops, jaxtyping and sentencepiece (installed
+# first, so that pip's check after the --no-deps install does not report the JAX half's pins).
+	$(BIN)/python -m pip install --quiet "einops<1" "jaxtyping<1" "sentencepiece>=0.2.0"
+	$(BIN)/python -m pip install --quiet --no-deps "recurrentgemma==1.0.1"
 	touch $(STAMP)
 
 demo: install

@@ -62,16 +62,17 @@ def build(checkpoint_dir: Path, out_dir: Path, options: BuildOptions, stages: St
     with stages.stage("load"):
         cfg, model = load.load_model(checkpoint_dir)
     with stages.stage("trace"):
-        proto = trace.export_decoder(model)
+        graph = trace.export_decoder(model)
     with stages.stage("optimize"):
-        proto = optimize.attach_functions(optimize.optimize(proto), trace.OPSET)
+        graph = optimize.attach_functions(optimize.optimize(graph), trace.OPSET)
 
     with package.staging_dir(out_dir, options.force) as staging:
         with stages.stage("package") as st:
+            package.write_model(graph, staging, progress=st.progress)
+            del graph
+            proto = package.graph_proto(staging)
             io = package.io_spec(proto)
             domains = {imp.domain or "ai.onnx": imp.version for imp in proto.opset_import}
-            package.write_model(proto, staging)
-            del proto
             max_length = cfg.max_position_embeddings
             roles = {"model": package.MODEL_FILE, "weights": package.WEIGHTS_FILE}
             if package.genai_supports(cfg):

@@ -147,6 +147,43 @@ def inspect(
 
 
 @app.command()
+def bench(
+    artifact: Annotated[Path | None, typer.Argument(help="Artifact folder (or use --random).")] = None,
+    checkpoint: Annotated[Path | None, typer.Option(help="The artifact's checkpoint, for --compare.")] = None,
+    random: Annotated[
+        str | None, typer.Option("--random", help="Benchmark a random-weight model of a published size.")
+    ] = None,
+    layers: Annotated[int | None, typer.Option(help="With --random: keep only the first N layers.")] = None,
+    new_tokens: Annotated[str, typer.Option(help="Comma-separated generation lengths.")] = "256,2048,8192",
+    prompt_tokens: Annotated[int, typer.Option(min=1)] = 16,
+    threads: Annotated[int, typer.Option(help="Threads per system (0 = all cores).")] = 0,
+    compare: Annotated[bool, typer.Option(help="Also run transformers eager in the same run.")] = True,
+    timeout: Annotated[float, typer.Option(help="Seconds allowed per measurement.")] = 3600.0,
+    workdir: Annotated[Path, typer.Option(help="Where --random checkpoints and artifacts are kept.")] = Path(
+        "build/bench"
+    ),
+    as_json: JsonFlag = False,
+) -> None:
+    """Decode speed and memory of an artifact, beside transformers eager in the same run."""
+    from gemma_export import bench as bench_mod
+    from gemma_export.generation import check_threads
+    from gemma_export.progress import Stages
+
+    counts = bench_mod.parse_counts(new_tokens)
+    check_threads(threads)
+    stages = Stages(quiet=as_json)
+    if random is not None:
+        checkpoint, artifact = bench_mod.prepare_random(random, workdir, layers, stages)
+    elif artifact is None:
+        raise BadInput("give an ARTIFACT folder or --random NAME")
+    result = bench_mod.run_bench(artifact, checkpoint, counts, prompt_tokens, threads, compare, timeout, stages)
+    if as_json:
+        print(json.dumps({"ok": True, **result}, indent=2))
+    else:
+        bench_mod.print_table(result)
+
+
+@app.command()
 def demo(
     out: Annotated[Path, typer.Option("-o", "--out", help="Working folder for the demo.")] = Path("build/demo"),
     prompt: Annotated[str, typer.Option()] = "The quick brown fox",

@@ -18,9 +18,7 @@ Decoder = GemmaModel | GriffinModel
 IGNORED_PREFIXES = ("lm_head.", "vision_tower.", "multi_modal_projector.")
 
 
-def load_model(
-    checkpoint_dir: Path, dtype: torch.dtype = torch.float32
-) -> tuple[GemmaConfig | GriffinConfig, Decoder]:
+def load_model(checkpoint_dir: Path, dtype: torch.dtype = torch.float32) -> tuple[GemmaConfig | GriffinConfig, Decoder]:
     cfg = load_config(checkpoint_dir)
     tensors = read_tensors(checkpoint_dir)
     with torch.device("meta"):

@@ -4,52 +4,56 @@ The onnxscript optimizer folds constants and removes dead code; it leaves our cu
 function bodies are attached only afterwards, because the optimizer (like the exporter) would inline them,
 and the portable artifact must keep one `ai.gemma` node per op so that runtimes with a native kernel can
 use it while the rest fall back to the standard-op definition.
+
+Everything works on the onnx-ir model, which references the weights instead of copying them.
 """
 
 from __future__ import annotations
 
-import onnx
+import onnx_ir as ir
 import onnxscript.optimizer
 
 from gemma_export.ops import attention, rglru
 
+PRODUCER = "gemma-export"
 DOMAIN, DOMAIN_VERSION = attention.DOMAIN, attention.DOMAIN_VERSION
 
-PRODUCER = "gemma-export"
+
+def optimize(model: ir.Model) -> ir.Model:
+    onnxscript.optimizer.optimize(model, num_iterations=2)
+    strip_metadata(model)
+    return model
 
 
-def optimize(proto: onnx.ModelProto) -> onnx.ModelProto:
-    optimized = onnxscript.optimizer.optimize(proto, num_iterations=2)
-    assert isinstance(optimized, onnx.ModelProto)
-    strip_metadata(optimized)
-    return optimized
-
-
-def strip_metadata(proto: onnx.ModelProto) -> None:
-    """Drop the exporter's per-node annotations: stack traces with absolute paths, FX node dumps.
+def strip_metadata(model: ir.Model) -> None:
+    """Drop the exporter's annotations: stack traces with absolute paths, FX node dumps.
 
     They would make the artifact depend on where the checkout lives (no byte-identical rebuilds elsewhere)
     and they are about a third of a small model's graph file.
     """
-    graph = proto.graph
-    for item in (*graph.node, *graph.input, *graph.output, *graph.value_info, *graph.initializer):
-        del item.metadata_props[:]
-        item.doc_string = ""
-    for fn in proto.functions:
-        for node in fn.node:
-            del node.metadata_props[:]
-    del proto.metadata_props[:]
-    graph.doc_string = proto.doc_string = ""
+    graph = model.graph
+    values = [*graph.inputs, *graph.outputs, *graph.initializers.values()]
+    for node in graph.all_nodes():
+        node.metadata_props.clear()
+        node.doc_string = None
+        values.extend(v for v in node.outputs)
+    for value in values:
+        value.metadata_props.clear()
+        value.doc_string = None
+    model.metadata_props.clear()
+    graph.metadata_props.clear()
+    graph.doc_string = model.doc_string = None
 
 
-def attach_functions(proto: onnx.ModelProto, opset: int) -> onnx.ModelProto:
-    """Append the model-local functions that define every `ai.gemma` op used in the graph."""
-    used = {n.op_type for n in proto.graph.node if n.domain == DOMAIN}
-    present = {(f.domain, f.name) for f in proto.functions}
-    for fn in [*attention.function_protos(opset), *rglru.function_protos(opset)]:
-        if fn.name in used and (fn.domain, fn.name) not in present:
-            proto.functions.append(fn)
-    if used and not any(i.domain == DOMAIN for i in proto.opset_import):
-        proto.opset_import.append(onnx.helper.make_opsetid(DOMAIN, DOMAIN_VERSION))
-    proto.producer_name = PRODUCER
-    return proto
+def attach_functions(model: ir.Model, opset: int) -> ir.Model:
+    """Add the model-local functions that define every `ai.gemma` op used in the graph."""
+    used = {n.op_type for n in model.graph.all_nodes() if n.domain == DOMAIN}
+    for proto in [*attention.function_protos(opset), *rglru.function_protos(opset)]:
+        if proto.name in used:
+            fn = ir.serde.deserialize_function(proto)
+            model.functions[fn.identifier()] = fn
+    if used:
+        model.opset_imports[DOMAIN] = DOMAIN_VERSION
+    model.producer_name = PRODUCER
+    model.producer_version = None
+    return model

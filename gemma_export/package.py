@@ -14,12 +14,13 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import onnx
+import onnx_ir as ir
 
 from gemma_export import __version__
 from gemma_export.config import GemmaConfig, GriffinConfig
@@ -80,16 +81,32 @@ def _publishable(folder: Path) -> None:
         f.chmod(0o666 & ~umask)
 
 
-def write_model(proto: onnx.ModelProto, folder: Path) -> None:
-    """model.onnx with every weight in one external file (protobuf caps a single file at 2 GB)."""
-    onnx.save_model(
-        proto,
+def write_model(model: ir.Model, folder: Path, progress: Callable[[int], None] | None = None) -> None:
+    """model.onnx with every weight in one external file (protobuf caps a single file at 2 GB).
+
+    The tensors stream from the IR model to disk one by one; `progress` gets the bytes written so far.
+    """
+    written = 0
+
+    def on_tensor(tensor: ir.TensorProtocol, info: object) -> None:
+        nonlocal written
+        written += tensor.nbytes
+        if progress is not None:
+            progress(written)
+
+    ir.save(
+        model,
         folder / MODEL_FILE,
-        save_as_external_data=True,
-        all_tensors_to_one_file=True,
-        location=WEIGHTS_FILE,
-        size_threshold=1024,  # small constants (shapes, axes) stay inline for shape inference
+        external_data=WEIGHTS_FILE,
+        size_threshold_bytes=1024,  # small constants (shapes, axes) stay inline for shape inference
+        callback=on_tensor,
+        max_workers=1,  # one writer: the same bytes in the same order, every time
     )
+
+
+def graph_proto(folder: Path) -> onnx.ModelProto:
+    """The saved graph without its weights (cheap to read back, for the manifest's input/output table)."""
+    return onnx.load(str(folder / MODEL_FILE), load_external_data=False)
 
 
 def copy_tokenizer(checkpoint_dir: Path, folder: Path) -> list[str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from rich.console import Console
@@ -15,6 +15,18 @@ class StageRecord:
     name: str
     seconds: float = 0.0
     bytes: int | None = None
+    report: Callable[[str], None] | None = field(default=None, repr=False)
+    _last_logged: int = field(default=0, repr=False)
+
+    def progress(self, written: int) -> None:
+        """Bytes written so far: the live line shows every update, a log gets a line per 512 MiB."""
+        self.bytes = written
+        if self.report is not None and (written - self._last_logged >= LOG_EVERY_BYTES or self._last_logged < 0):
+            self._last_logged = written
+            self.report(f"{self.name}: {human_bytes(written)} written")
+
+
+LOG_EVERY_BYTES = 512 << 20
 
 
 @dataclass
@@ -33,7 +45,12 @@ class Stages:
         status = self.console.status(f"{name}...") if live else contextlib.nullcontext()
         if not live and not self.quiet:
             self.console.print(f"[gemma-export] {name}: started", markup=False)
-        with status:
+        with status as shown:
+            if live:
+                record.report = lambda text: shown.update(text)
+                record._last_logged = -1  # a live line takes every update
+            elif not self.quiet:
+                record.report = lambda text: self.console.print(f"[gemma-export] {text}", markup=False)
             yield record
         record.seconds = time.perf_counter() - start
         self.records.append(record)

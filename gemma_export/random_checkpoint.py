@@ -5,7 +5,8 @@ No real Gemma weights can be downloaded where this tool is built and tested, yet
 has to be exercised on files that look exactly like the hub's. This module writes such files from a seed:
 `config.json`, `generation_config.json`, `model.safetensors` (or shards plus an index) and a small
 Gemma-style tokenizer. It is what the `make demo` default checkpoint is made of, and what benchmarks use
-at realistic sizes (a Gemma-3-270M config and up).
+at realistic sizes (`PUBLISHED_CONFIGS`: the published Gemma, Gemma 2, Gemma 3 and RecurrentGemma sizes,
+written with `write_published`).
 
 It deliberately does not import transformers: transformers is the test-suite's oracle, and a generator that
 used it to write its files could not catch a disagreement with it. Files are written with `safetensors`'
@@ -29,7 +30,7 @@ import torch
 from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE
 
-from gemma_export.config import SLIDING, GemmaConfig, parse_config
+from gemma_export.config import SLIDING, GemmaConfig, GriffinConfig, parse_config, parse_griffin_config
 from gemma_export.errors import BadInput
 
 # ---------------------------------------------------------------------------------------------------------
@@ -65,6 +66,9 @@ _COMMON: dict[str, Any] = {
 #    Gemma-2-27B, so that an exporter scaling by head_dim is caught.
 #  * gemma3_text: five sliding layers then a global one (layer 5), q/k norms, and a different rope per
 #    layer type, the global one with linear scaling (factor 8), as the 4B+ Gemma 3 models have.
+#  * recurrent_gemma: (recurrent, recurrent, attention) blocks, one key/value head, RoPE on half of each
+#    head, and an attention window (8) far shorter than a test's prompts; `intermediate_size` is twice the
+#    MLP's width, as transformers stores it. Written as `RecurrentGemmaConfig.save_pretrained` writes it.
 TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "gemma": {
         **_COMMON,
@@ -105,12 +109,182 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
             "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
         },
     },
+    "recurrent_gemma": {
+        "architectures": ["RecurrentGemmaForCausalLM"],
+        "model_type": "recurrent_gemma",
+        "vocab_size": 512,
+        "hidden_size": 64,
+        "intermediate_size": 192,
+        "num_hidden_layers": 6,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 1,
+        "head_dim": 16,
+        "lru_width": 64,
+        "attention_window_size": 8,
+        "conv1d_width": 4,
+        "logits_soft_cap": 30.0,
+        "block_types": ["recurrent", "recurrent", "attention"],
+        "hidden_activation": "gelu_pytorch_tanh",
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+        "rms_norm_eps": 1e-6,
+        "w_init_variance_scale": 0.01,
+        "final_w_init_variance_scale": 2.0 / 6,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "use_cache": True,
+        "tie_word_embeddings": True,
+        "pad_token_id": 0,
+        "eos_token_id": 1,
+        "bos_token_id": 2,
+        "dtype": "float32",
+    },
 }
 
 _ARCHITECTURES = {
     "gemma": "GemmaForCausalLM",
     "gemma2": "Gemma2ForCausalLM",
     "gemma3_text": "Gemma3ForCausalLM",
+    "recurrent_gemma": "RecurrentGemmaForCausalLM",
+}
+
+
+def _gemma3_layer_types(layers: int) -> list[str]:
+    return [SLIDING if (i + 1) % 6 else "full_attention" for i in range(layers)]
+
+
+# The published models' config.json, as the hub has them (transformers 4's spelling: `rope_theta`,
+# `rope_scaling`, `rope_local_base_freq`, `sliding_window_pattern`), with the architecture values of the
+# base (pre-trained) checkpoints; the instruction-tuned ones differ only in eos_token_id. Fields that only
+# record how the files were written (`torch_dtype`, `transformers_version`) are left out: the writer adds
+# `dtype`. gemma-3-4b is the text part of the multimodal checkpoint, as a gemma3_text model (its vocabulary
+# keeps the image tokens: 262208). The parameter counts these give are checked against transformers'.
+_GEMMA_HUB: dict[str, Any] = {
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "bos_token_id": 2,
+    "eos_token_id": 1,
+    "pad_token_id": 0,
+    "initializer_range": 0.02,
+    "rms_norm_eps": 1e-6,
+    "use_cache": True,
+}
+_GEMMA1_HUB = {
+    **_GEMMA_HUB,
+    "architectures": ["GemmaForCausalLM"],
+    "model_type": "gemma",
+    "head_dim": 256,
+    "hidden_act": "gelu",  # as published; transformers reads it as gelu_pytorch_tanh
+    "max_position_embeddings": 8192,
+    "rope_scaling": None,
+    "rope_theta": 10000.0,
+    "vocab_size": 256000,
+}
+_GEMMA2_HUB = {
+    **_GEMMA_HUB,
+    "architectures": ["Gemma2ForCausalLM"],
+    "model_type": "gemma2",
+    "attn_logit_softcapping": 50.0,
+    "final_logit_softcapping": 30.0,
+    "cache_implementation": "hybrid",
+    "head_dim": 256,
+    "hidden_act": "gelu_pytorch_tanh",
+    "hidden_activation": "gelu_pytorch_tanh",
+    "max_position_embeddings": 8192,
+    "query_pre_attn_scalar": 256,
+    "rope_theta": 10000.0,
+    "sliding_window": 4096,
+    "vocab_size": 256000,
+}
+_GEMMA3_HUB = {
+    **_GEMMA_HUB,
+    "architectures": ["Gemma3ForCausalLM"],
+    "model_type": "gemma3_text",
+    "attn_logit_softcapping": None,
+    "final_logit_softcapping": None,
+    "head_dim": 256,
+    "hidden_activation": "gelu_pytorch_tanh",
+    "query_pre_attn_scalar": 256,
+    "rope_local_base_freq": 10000.0,
+    "rope_scaling": None,
+    "rope_theta": 1000000.0,
+    "sliding_window_pattern": 6,
+}
+_RECURRENT_GEMMA_HUB: dict[str, Any] = {
+    "architectures": ["RecurrentGemmaForCausalLM"],
+    "model_type": "recurrent_gemma",
+    "attention_bias": False,
+    "attention_window_size": 2048,
+    "block_types": ["recurrent", "recurrent", "attention"],
+    "bos_token_id": 2,
+    "conv1d_width": 4,
+    "embeddings_scale_by_sqrt_dim": True,
+    "eos_token_id": 1,
+    "hidden_activation": "gelu_pytorch_tanh",
+    "logits_soft_cap": 30.0,
+    "num_key_value_heads": 1,
+    "pad_token_id": 0,
+    "partial_rotary_factor": 0.5,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0,
+    "vocab_size": 256000,
+    "w_init_variance_scale": 0.01,
+}
+
+
+def _sizes(hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int) -> dict[str, int]:
+    return {
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+    }
+
+
+PUBLISHED_CONFIGS: dict[str, dict[str, Any]] = {
+    "gemma-2b": {**_GEMMA1_HUB, **_sizes(2048, 16384, 18, 8, 1)},
+    "gemma-7b": {**_GEMMA1_HUB, **_sizes(3072, 24576, 28, 16, 16)},
+    "gemma-2-2b": {**_GEMMA2_HUB, **_sizes(2304, 9216, 26, 8, 4)},
+    "gemma-2-9b": {**_GEMMA2_HUB, **_sizes(3584, 14336, 42, 16, 8)},
+    # The 27B scales queries by (hidden / heads) ** -0.5 = 144 ** -0.5, not head_dim ** -0.5.
+    "gemma-2-27b": {**_GEMMA2_HUB, **_sizes(4608, 36864, 46, 32, 16), "head_dim": 128, "query_pre_attn_scalar": 144},
+    "gemma-3-270m": {
+        **_GEMMA3_HUB,
+        **_sizes(640, 2048, 18, 4, 1),
+        "_sliding_window_pattern": 6,
+        "layer_types": _gemma3_layer_types(18),  # written by transformers 4.55, which lists them
+        "max_position_embeddings": 32768,
+        "sliding_window": 512,
+        "use_bidirectional_attention": False,
+        "vocab_size": 262144,
+    },
+    "gemma-3-1b": {
+        **_GEMMA3_HUB,
+        **_sizes(1152, 6912, 26, 4, 1),
+        "max_position_embeddings": 32768,
+        "sliding_window": 512,
+        "vocab_size": 262144,
+    },
+    "gemma-3-4b": {
+        **_GEMMA3_HUB,
+        **_sizes(2560, 10240, 34, 8, 4),
+        "max_position_embeddings": 131072,
+        "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+        "sliding_window": 1024,
+        "vocab_size": 262208,
+    },
+    "recurrentgemma-2b": {
+        **_RECURRENT_GEMMA_HUB,
+        **_sizes(2560, 15360, 26, 10, 1),
+        "final_w_init_variance_scale": 2.0 / 26,
+        "lru_width": 2560,
+    },
+    "recurrentgemma-9b": {
+        **_RECURRENT_GEMMA_HUB,
+        **_sizes(4096, 24576, 38, 16, 1),
+        "final_w_init_variance_scale": 2.0 / 38,
+        "lru_width": 4096,
+    },
 }
 
 # ---------------------------------------------------------------------------------------------------------
@@ -282,15 +456,23 @@ def write_tokenizer(out_dir: Path, *, model_max_length: int = 1024) -> None:
 
 DTYPES = {"float32": (torch.float32, "F32"), "bfloat16": (torch.bfloat16, "BF16")}
 NORM_STD = 0.1  # Gemma's RMSNorm scales by (1 + w): small random w exercises the offset without dominating
+BIAS_STD = 0.02  # RecurrentGemma's biases: small, but not zero, so that an exporter dropping one is caught
+W_INIT_VARIANCE_SCALE = 0.01  # RecurrentGemma's conv1d and RG-LRU gate initialisation (transformers' default)
+# RG-LRU decay: a ** 2 uniform in [0.9 ** 2, 0.999 ** 2], stored as recurrent_param = log(1 / a - 1) so that
+# softplus(recurrent_param) = -log(a) (transformers' `_init_weights`). Random normal values would give
+# decays from ~0 to ~1 and a recurrence that forgets at once or never, unlike a trained model.
+RG_LRU_DECAY = "rg_lru_decay"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
 
-Spec = tuple[str, tuple[int, ...], float]  # tensor name, shape, standard deviation
+# Tensor name, shape, and how its values are drawn: a float is the standard deviation of a zero-mean normal,
+# RG_LRU_DECAY the RG-LRU's decay parameter.
+Spec = tuple[str, tuple[int, ...], float | str]
 
 
-def tensor_specs(cfg: GemmaConfig, *, tie_word_embeddings: bool = True) -> list[Spec]:
-    """(name, shape, std) of every stored tensor, in the order transformers' state_dict lists them.
+def tensor_specs(cfg: GemmaConfig | GriffinConfig, *, tie_word_embeddings: bool = True) -> list[Spec]:
+    """(name, shape, init) of every stored tensor, in the order transformers' state_dict lists them.
 
     The order is also the order of generation, so it fixes every value for a seed. The lm_head is not
     stored when tied (transformers drops tied weights on save). Standard deviations are 1/sqrt(fan_in) for
@@ -298,6 +480,8 @@ def tensor_specs(cfg: GemmaConfig, *, tie_word_embeddings: bool = True) -> list[
     activations stay of unit scale at any size: logits are then neither flat, which would make top-k
     comparisons between the exporter and transformers meaningless, nor saturated.
     """
+    if isinstance(cfg, GriffinConfig):
+        return _griffin_specs(cfg, tie_word_embeddings=tie_word_embeddings)
     h, inter, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
     q, kv = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
     specs: list[Spec] = [("model.embed_tokens.weight", (cfg.vocab_size, h), h**-0.5)]
@@ -332,6 +516,59 @@ def tensor_specs(cfg: GemmaConfig, *, tie_word_embeddings: bool = True) -> list[
     return specs
 
 
+def _griffin_specs(cfg: GriffinConfig, *, tie_word_embeddings: bool) -> list[Spec]:
+    """RecurrentGemma's tensors (`RecurrentGemmaForCausalLM.state_dict()`), initialised in the spirit of
+    transformers' `_init_weights`: conv1d std sqrt(0.01 / width), RG-LRU gates sqrt(0.01 / block width),
+    realistic decays (RG_LRU_DECAY). Projections are 1/sqrt(fan_in) as for Gemma; biases are small."""
+    h, lru, mlp = cfg.hidden_size, cfg.lru_width, cfg.intermediate_size // 2
+    heads, d = cfg.num_attention_heads, cfg.head_dim
+    block = lru // heads
+    q, kv = heads * d, cfg.num_key_value_heads * d
+    gate_std = (W_INIT_VARIANCE_SCALE / block) ** 0.5
+    specs: list[Spec] = [("model.embed_tokens.weight", (cfg.vocab_size, h), h**-0.5)]
+    for i, kind in enumerate(cfg.block_types):
+        p = f"model.layers.{i}."
+        t = p + "temporal_block."
+        specs.append((p + "temporal_pre_norm.weight", (h,), NORM_STD))
+        if kind == "recurrent":
+            specs += [
+                (t + "linear_y.weight", (lru, h), h**-0.5),
+                (t + "linear_y.bias", (lru,), BIAS_STD),
+                (t + "linear_x.weight", (lru, h), h**-0.5),
+                (t + "linear_x.bias", (lru,), BIAS_STD),
+                (t + "linear_out.weight", (h, lru), lru**-0.5),
+                (t + "linear_out.bias", (h,), BIAS_STD),
+                (t + "conv_1d.weight", (lru, 1, cfg.conv1d_width), (W_INIT_VARIANCE_SCALE / cfg.conv1d_width) ** 0.5),
+                (t + "conv_1d.bias", (lru,), BIAS_STD),
+                (t + "rg_lru.recurrent_param", (lru,), RG_LRU_DECAY),
+                (t + "rg_lru.input_gate_weight", (heads, block, block), gate_std),
+                (t + "rg_lru.input_gate_bias", (heads, block), BIAS_STD),
+                (t + "rg_lru.recurrent_gate_weight", (heads, block, block), gate_std),
+                (t + "rg_lru.recurrent_gate_bias", (heads, block), BIAS_STD),
+            ]
+        else:
+            specs += [
+                (t + "q_proj.weight", (q, h), h**-0.5),
+                (t + "k_proj.weight", (kv, h), h**-0.5),
+                (t + "v_proj.weight", (kv, h), h**-0.5),
+                (t + "o_proj.weight", (h, q), q**-0.5),
+                (t + "o_proj.bias", (h,), BIAS_STD),
+            ]
+        specs += [
+            (p + "channel_pre_norm.weight", (h,), NORM_STD),
+            (p + "mlp_block.gate_proj.weight", (mlp, h), h**-0.5),
+            (p + "mlp_block.gate_proj.bias", (mlp,), BIAS_STD),
+            (p + "mlp_block.up_proj.weight", (mlp, h), h**-0.5),
+            (p + "mlp_block.up_proj.bias", (mlp,), BIAS_STD),
+            (p + "mlp_block.down_proj.weight", (h, mlp), mlp**-0.5),
+            (p + "mlp_block.down_proj.bias", (h,), BIAS_STD),
+        ]
+    specs.append(("model.final_norm.weight", (h,), NORM_STD))
+    if not tie_word_embeddings:
+        specs.append(("lm_head.weight", (cfg.vocab_size, h), h**-0.5))
+    return specs
+
+
 def write_random_checkpoint(
     out_dir: Path,
     config: dict,
@@ -343,11 +580,12 @@ def write_random_checkpoint(
     """Write config.json, generation_config.json, model.safetensors (or shards + model.safetensors.index.json
     when max_shard_bytes is set), and the tokenizer, into out_dir. Returns out_dir.
 
-    `config` is an HF-style config.json dict of a text model (gemma, gemma2, gemma3_text; the hub's
-    transformers-4 spelling is accepted too), e.g. one of `TINY_CONFIGS`. Same config, seed and dtype give
-    byte-identical files, and the tensors' values do not depend on sharding. Tensors are generated one at a
-    time and streamed to disk, so memory stays at one tensor whatever the model size. Checkpoint files left
-    in out_dir by an earlier write are removed first, so that a loader never sees a mix of two.
+    `config` is an HF-style config.json dict of a text model (gemma, gemma2, gemma3_text, recurrent_gemma;
+    the hub's transformers-4 spelling is accepted too), e.g. one of `TINY_CONFIGS` or `PUBLISHED_CONFIGS`.
+    Same config, seed and dtype give byte-identical files, and the tensors' values do not depend on
+    sharding. Tensors are generated one at a time and streamed to disk, so memory stays at one tensor
+    whatever the model size. Checkpoint files left in out_dir by an earlier write are removed first, so that
+    a loader never sees a mix of two.
     """
     if not isinstance(config, dict):
         raise BadInput(f"config must be a dict (a config.json object), got {type(config).__name__}")
@@ -362,7 +600,11 @@ def write_random_checkpoint(
         )
     if config.get("attention_bias"):
         raise BadInput("random checkpoints do not support attention_bias: true (no Gemma uses it)")
-    cfg = parse_config(config, source="random checkpoint config")
+    source = "random checkpoint config"
+    if config.get("model_type") == "recurrent_gemma":
+        cfg: GemmaConfig | GriffinConfig = parse_griffin_config(config, source=source)
+    else:
+        cfg = parse_config(config, source=source)
     if cfg.vocab_size < TOKENIZER_VOCAB_SIZE:
         raise BadInput(
             f"vocab_size {cfg.vocab_size} is below the generated tokenizer's {TOKENIZER_VOCAB_SIZE} token ids"
@@ -402,7 +644,21 @@ def write_random_checkpoint(
     return out
 
 
-def _config_json(config: dict[str, Any], cfg: GemmaConfig, dtype: str) -> dict[str, Any]:
+def write_published(
+    out_dir: Path, name: str, *, seed: int = 0, dtype: str = "float32", max_shard_bytes: int = 2**31
+) -> Path:
+    """A random checkpoint of one of the published sizes (`PUBLISHED_CONFIGS`), sharded as the hub's are.
+
+    Sizes are the real ones: gemma-3-270m is ~1.1 GB in float32, recurrentgemma-9b ~34 GB.
+    """
+    if name not in PUBLISHED_CONFIGS:
+        raise BadInput(f"unknown published model {name!r}; known: {', '.join(PUBLISHED_CONFIGS)}")
+    return write_random_checkpoint(
+        out_dir, PUBLISHED_CONFIGS[name], seed=seed, dtype=dtype, max_shard_bytes=max_shard_bytes
+    )
+
+
+def _config_json(config: dict[str, Any], cfg: GemmaConfig | GriffinConfig, dtype: str) -> dict[str, Any]:
     """The caller's config with what a saved checkpoint's config.json always has: architectures and dtype."""
     out = dict(config)
     out.setdefault("architectures", [_ARCHITECTURES[cfg.model_type]])
@@ -411,7 +667,7 @@ def _config_json(config: dict[str, Any], cfg: GemmaConfig, dtype: str) -> dict[s
     return out
 
 
-def _generation_config(cfg: GemmaConfig) -> dict[str, Any]:
+def _generation_config(cfg: GemmaConfig | GriffinConfig) -> dict[str, Any]:
     eos: int | list[int] = cfg.eos_token_ids[0] if len(cfg.eos_token_ids) == 1 else list(cfg.eos_token_ids)
     return {"bos_token_id": cfg.bos_token_id, "eos_token_id": eos, "pad_token_id": cfg.pad_token_id}
 
@@ -460,9 +716,19 @@ def _write_safetensors(
     with path.open("wb") as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
-        for _, shape, std in specs:
-            t = torch.empty(shape, dtype=torch.float32).normal_(0.0, std, generator=generator).to(torch_dtype)
+        for _, shape, init in specs:
+            t = _draw(shape, init, generator).to(torch_dtype)
             f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+
+
+def _draw(shape: tuple[int, ...], init: float | str, generator: torch.Generator) -> torch.Tensor:
+    """One tensor's float32 values (see `Spec`), from the generator's next numbers."""
+    if init == RG_LRU_DECAY:
+        a2 = torch.empty(shape, dtype=torch.float32).uniform_(0.9**2 + 1e-8, 0.999**2 + 1e-8, generator=generator)
+        return a2.log().mul(-0.5).exp().sub(1.0).log()  # log(1 / a - 1): softplus of it is -log(a)
+    if not isinstance(init, float):
+        raise ValueError(f"unknown initialisation {init!r}")
+    return torch.empty(shape, dtype=torch.float32).normal_(0.0, init, generator=generator)
 
 
 def _write_json(path: Path, obj: Any) -> None:

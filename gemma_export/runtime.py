@@ -125,6 +125,15 @@ def pick(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> np
     return np.array([rng.choice(len(p), p=p) for p in probs])
 
 
+LOGITS_BUDGET_BYTES = 512 << 20  # a 4K-token prompt of a 256K vocabulary has 4 GiB of logits: chunk it
+
+
+def prefill_slices(length: int, batch: int, vocab_size: int) -> list[slice]:
+    """Prompt columns per forward pass, so that one pass's float32 logits stay within the budget."""
+    chunk = max(1, LOGITS_BUDGET_BYTES // (4 * batch * vocab_size))
+    return [slice(start, min(start + chunk, length)) for start in range(0, length, chunk)]
+
+
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
     """Left-padded ids and attention mask for a batch of prompts of unequal lengths."""
     width = max(len(p) for p in prompts)
@@ -172,8 +181,11 @@ def generate(
     cache = decoder.empty_cache(len(prompts))
     out: list[list[int]] = [[] for _ in prompts]
     done = np.zeros(len(prompts), bool)
-    for _ in range(max_new_tokens):
-        logits, cache = decoder.step(ids, mask, pos, cache)
+    for cols in prefill_slices(ids.shape[1], len(prompts), decoder.vocab_size):
+        logits, cache = decoder.step(ids[:, cols], mask[:, : cols.stop], pos[:, cols], cache)
+    for step in range(max_new_tokens):
+        if step:
+            logits, cache = decoder.step(ids, mask, pos, cache)
         nxt = pick(logits[:, -1], sampling, rng)
         for row, token in enumerate(nxt):
             if not done[row]:

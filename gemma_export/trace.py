@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import warnings
 
-import onnx
+import onnx_ir as ir
 import torch
 from torch import nn
 
@@ -43,7 +43,7 @@ class _FlatDecoder(nn.Module):
         return (logits, *new_state)
 
 
-def export_decoder(model: nn.Module) -> onnx.ModelProto:
+def export_decoder(model: nn.Module) -> ir.Model:
     """Export a `gemma_export.models` decoder (eval mode) to ONNX. Function bodies are attached later.
 
     The model describes its carried state (`state_specs()`) and whether its attention mask covers the past
@@ -76,9 +76,10 @@ def export_decoder(model: nn.Module) -> onnx.ModelProto:
             optimize=False,
             verbose=False,
         )
-    proto = program.model_proto
-    _name_output_dims(proto, specs)
-    return proto
+    # The IR model references the torch weights; a ModelProto would copy every one (a second 10 GB at 2B).
+    graph = program.model
+    _name_output_dims(graph, specs)
+    return graph
 
 
 def _example_state(spec: StateSpec, batch: int, past: int) -> torch.Tensor:
@@ -88,17 +89,17 @@ def _example_state(spec: StateSpec, batch: int, past: int) -> torch.Tensor:
     return torch.zeros(shape, dtype=spec.dtype)
 
 
-def _name_output_dims(proto: onnx.ModelProto, specs: list[StateSpec]) -> None:
+def _name_output_dims(model: ir.Model, specs: list[StateSpec]) -> None:
     """Give outputs the contract's dim names (the exporter writes expressions such as 's1 + s2')."""
     grows = {spec.output: spec.grows for spec in specs}
-    for out in proto.graph.output:
-        dims = out.type.tensor_type.shape.dim
+    for out in model.graph.outputs:
+        dims = list(out.shape)
         names: dict[int, str] = {0: BATCH, 1: SEQ} if out.name == "logits" else {0: BATCH}
         if grows.get(out.name) is not None:
             names[grows[out.name]] = TOTAL
         for axis, name in names.items():
-            dims[axis].Clear()
-            dims[axis].dim_param = name
+            dims[axis] = ir.SymbolicDim(name)
+        out.shape = ir.Shape(dims)
 
 
 class _quiet_exporter:

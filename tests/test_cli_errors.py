@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
@@ -327,14 +328,14 @@ def test_interrupted_build_leaves_nothing(
     force: bool, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Ctrl-C while the package stage writes: exit 130, the staging folder is gone, an old OUT_DIR intact."""
-    monkeypatch.setattr(trace, "export_decoder", lambda model: _tiny_proto())
+    monkeypatch.setattr(trace, "export_decoder", lambda model: ir.serde.deserialize_model(_tiny_proto()))
     monkeypatch.setattr(optimize, "optimize", lambda proto: proto)
     monkeypatch.setattr(optimize, "attach_functions", lambda proto, opset: proto)
     written: list[Path] = []
     real_write_model = package.write_model
 
-    def write_then_interrupt(proto: onnx.ModelProto, folder: Path) -> None:
-        real_write_model(proto, folder)
+    def write_then_interrupt(model: ir.Model, folder: Path, progress: object = None) -> None:
+        real_write_model(model, folder)
         written.extend(sorted(folder.iterdir()))
         raise KeyboardInterrupt
 

@@ -8,24 +8,31 @@ that is what makes these checkpoints stand in for real Gemma weights.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
 
-from gemma_export.config import GLOBAL, SLIDING, load_config
+from gemma_export import load, random_checkpoint
+from gemma_export.config import GLOBAL, SLIDING, GriffinConfig, load_config, parse_config, parse_griffin_config
 from gemma_export.errors import BadInput
 from gemma_export.random_checkpoint import (
+    PUBLISHED_CONFIGS,
     SPECIAL_TOKENS,
     TINY_CONFIGS,
     TOKENIZER_VOCAB_SIZE,
+    tensor_specs,
+    write_published,
     write_random_checkpoint,
 )
+from gemma_export.runtime import TorchDecoder, positions
 
 transformers = pytest.importorskip("transformers")
 
@@ -98,20 +105,53 @@ def test_configs_keep_each_generations_traits(checkpoints: dict[str, Path], mode
         assert ours.rope[GLOBAL].factor == theirs.rope_parameters[GLOBAL]["factor"] == 8.0
         assert ours.rope[SLIDING].theta == 10000.0 and ours.rope[GLOBAL].theta == 1e6
         assert ours.family.qk_norm
+    if model_type == "recurrent_gemma":
+        assert ours.block_types == ("recurrent", "recurrent", "attention") * 2
+        assert theirs.layers_block_type == ["linear_attention", "linear_attention", "sliding_attention"] * 2
+        assert ours.attention_window_size == theirs.attention_window_size == 8
+        assert (
+            (ours.num_key_value_heads, ours.lru_width, ours.head_dim)
+            == (1, 64, 16)
+            == (
+                theirs.num_key_value_heads,
+                theirs.lru_width,
+                theirs.head_dim,
+            )
+        )
+        assert ours.partial_rotary_factor == theirs.rope_parameters["partial_rotary_factor"] == 0.5
 
 
-def test_same_seed_same_bytes_in_another_process(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+def test_recurrent_gemma_matches_transformers(checkpoints: dict[str, Path]) -> None:
+    """Our loader reads the RecurrentGemma checkpoint as transformers does (same logits), and the RG-LRU
+    decays are in the trained range: a = exp(-softplus(recurrent_param)) in [0.9, 0.999]."""
+    path = checkpoints["recurrent_gemma"]
+    hf, _ = _load(path)
+    cfg, model = load.load_model(path)
+    assert isinstance(cfg, GriffinConfig)
+    mask = np.ones(PROMPT.shape, np.int64)
+    decoder = TorchDecoder(model)
+    ours, _ = decoder.step(PROMPT.numpy(), mask, positions(mask), decoder.empty_cache(1))
+    assert np.abs(ours - _logits(hf).numpy()).max() < 1e-4
+
+    a = torch.exp(-torch.nn.functional.softplus(hf.model.layers[0].temporal_block.rg_lru.recurrent_param))
+    assert a.min().item() >= 0.9 - 1e-6 and a.max().item() <= 0.999 + 1e-6 and a.std().item() > 0.01
+    biases = [p for name, p in hf.named_parameters() if name.endswith("bias")]
+    assert biases and all(0 < p.abs().max().item() < 0.2 for p in biases)  # small, but there to be exported
+
+
+@pytest.mark.parametrize("model_type", ["gemma3_text", "recurrent_gemma"])
+def test_same_seed_same_bytes_in_another_process(checkpoints: dict[str, Path], tmp_path: Path, model_type: str) -> None:
     """Byte-identical files from a fresh interpreter with another hash seed; another seed changes weights."""
     again = tmp_path / "again"
     code = (
         "import sys; from pathlib import Path; from gemma_export.random_checkpoint import *; "
-        "write_random_checkpoint(Path(sys.argv[1]), TINY_CONFIGS['gemma3_text'])"
+        "write_random_checkpoint(Path(sys.argv[1]), TINY_CONFIGS[sys.argv[2]])"
     )
     env = {**os.environ, "PYTHONHASHSEED": "12345", "PYTHONPATH": str(ROOT)}
-    subprocess.run([sys.executable, "-c", code, str(again)], check=True, env=env, timeout=120)
-    assert _files(again) == _files(checkpoints["gemma3_text"])
+    subprocess.run([sys.executable, "-c", code, str(again), model_type], check=True, env=env, timeout=120)
+    assert _files(again) == _files(checkpoints[model_type])
 
-    other = write_random_checkpoint(tmp_path / "other", TINY_CONFIGS["gemma3_text"], seed=1)
+    other = write_random_checkpoint(tmp_path / "other", TINY_CONFIGS[model_type], seed=1)
     a, b = _files(other), _files(again)
     assert a.pop("model.safetensors") != b.pop("model.safetensors")
     assert a == b  # config and tokenizer do not depend on the seed
@@ -172,6 +212,60 @@ def test_untied_embeddings_store_lm_head(tmp_path: Path) -> None:
 def test_rejects_what_it_cannot_write(tmp_path: Path, change: dict, kwargs: dict, match: str) -> None:
     with pytest.raises(BadInput, match=match):
         write_random_checkpoint(tmp_path, {**TINY_CONFIGS["gemma"], **change}, **kwargs)
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_CONFIGS))
+def test_published_configs_match_transformers(name: str) -> None:
+    """Each published config means the same architecture to us and to transformers, and the tensors written
+    for it are exactly those of transformers' model of that size (built on the meta device: no memory)."""
+    raw = PUBLISHED_CONFIGS[name]
+    theirs = transformers.AutoConfig.for_model(**{k: v for k, v in raw.items() if k != "architectures"})
+    assert theirs.model_type == raw["model_type"]
+    if raw["model_type"] == "recurrent_gemma":
+        ours = parse_griffin_config(raw)
+        assert list(ours.block_types) == [
+            "recurrent" if t == "linear_attention" else "attention" for t in theirs.layers_block_type
+        ]
+        fields = ["lru_width", "attention_window_size", "conv1d_width", "logits_soft_cap"]
+        assert ours.rope_theta == theirs.rope_parameters["rope_theta"]
+        assert ours.partial_rotary_factor == theirs.rope_parameters["partial_rotary_factor"]
+    else:
+        ours = parse_config(raw)
+        # Gemma 1's transformers config has no layer types, scalar or caps: every layer global, head_dim scaling.
+        layer_types = getattr(theirs, "layer_types", None) or [GLOBAL] * ours.num_hidden_layers
+        assert ours.layer_types == tuple(layer_types)
+        assert ours.attention_scale == getattr(theirs, "query_pre_attn_scalar", theirs.head_dim) ** -0.5
+        assert ours.sliding_window == (theirs.sliding_window if SLIDING in layer_types else 0)
+        caps = [getattr(theirs, f"{c}_logit_softcapping", None) or 0.0 for c in ("attn", "final")]
+        assert [ours.attn_logit_softcapping, ours.final_logit_softcapping] == caps
+        rope = theirs.rope_parameters
+        for kind in (SLIDING, GLOBAL):
+            params = rope.get(kind, rope)
+            assert (ours.rope[kind].theta, ours.rope[kind].factor) == (params["rope_theta"], params.get("factor", 1))
+        fields = ["max_position_embeddings"]
+    fields += ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"]
+    fields += ["num_key_value_heads", "head_dim"]
+    assert {f: getattr(ours, f) for f in fields} == {f: getattr(theirs, f) for f in fields}
+
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(theirs)
+    assert type(model).__name__ == raw["architectures"][0]
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    specs = tensor_specs(ours)
+    assert [(n, s) for n, s, _ in specs] == list(expected.items())  # same names, shapes and order
+    assert sum(math.prod(s) for _, s, _ in specs) == sum(math.prod(s) for s in expected.values())
+
+
+def test_write_published(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """write_published writes a hub-like sharded checkpoint (checked on a tiny stand-in: the real sizes
+    are gigabytes) and names the known models when asked for another."""
+    monkeypatch.setitem(random_checkpoint.PUBLISHED_CONFIGS, "tiny", TINY_CONFIGS["recurrent_gemma"])
+    out = write_published(tmp_path / "tiny", "tiny", seed=3)
+    assert (out / "model-00001-of-00001.safetensors").is_file() and (out / "model.safetensors.index.json").is_file()
+    same = write_random_checkpoint(tmp_path / "same", TINY_CONFIGS["recurrent_gemma"], seed=3, max_shard_bytes=2**31)
+    assert _files(out) == _files(same)
+    with pytest.raises(BadInput, match="known: gemma-2b, gemma-7b"):
+        write_published(tmp_path / "x", "gemma-4-1b")
 
 
 def test_tokenizer_parity_with_onnxruntime_genai(checkpoints: dict[str, Path], tmp_path: Path) -> None:

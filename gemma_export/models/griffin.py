@@ -56,7 +56,10 @@ def causal_conv1d(
     for k in range(kernel):  # tap k reads the input (kernel - 1 - k) steps back
         same_document = (full_doc[:, k : k + seq] == document)[:, :, None]
         out = out + full[:, k : k + seq] * weight[:, 0, k] * same_document
-    return out, full[:, -(kernel - 1) :]
+    # The tail carries only inputs of the current document: what came before a reset (padding, an earlier
+    # document) must stay invisible on the next call too, even when the document is shorter than the tail.
+    tail_doc = full_doc[:, -(kernel - 1) :] == document[:, -1:]
+    return out, full[:, -(kernel - 1) :] * tail_doc[:, :, None]
 
 
 class RGLRU(nn.Module):
