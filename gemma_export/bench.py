@@ -97,9 +97,18 @@ def _result(start: float, first: float, end: float, new_tokens: int, state_bytes
         "new_tokens": new_tokens,
         "prefill_s": round(first - start, 4),
         "decode_tok_s": round((new_tokens - 1) / decode_s, 2) if new_tokens > 1 and decode_s > 0 else None,
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_bytes": peak_rss_bytes(),
         "state_bytes": state_bytes,
     }
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory. VmHWM, not getrusage: ru_maxrss keeps the high-water mark of the
+    parent across fork + exec, so every worker would report the (large) parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def run_worker(system: str, path: Path, prompt: list[int], new_tokens: int, threads: int, timeout: float) -> dict:

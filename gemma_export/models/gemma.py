@@ -38,6 +38,12 @@ class RMSNorm(nn.Module):
         return (xf * (1.0 + self.weight.float())).to(x.dtype)
 
 
+def tied_lm_head(x: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+    """Float32 logits x @ embedding^T, written as a rank-2 linear so that the graph gets one Gemm(transB=1):
+    no transposed copy of the (vocab x hidden) embedding, at run time or on disk."""
+    return F.linear(x.reshape(-1, x.shape[-1]), embedding).reshape(*x.shape[:-1], -1).float()
+
+
 def rope_inv_freq(rope: Rope, head_dim: int) -> torch.Tensor:
     """Inverse frequencies of rotary embedding, with linear scaling by `rope.factor`."""
     exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
@@ -167,7 +173,7 @@ class GemmaModel(nn.Module):
             cos, sin = tables[layer.rope_kind]
             x, present = layer(x, cos, sin, attention_mask, (past_k, past_v))
             presents.extend(present)
-        logits = torch.matmul(self.norm(x), self.embed_tokens.weight.t()).float()
+        logits = tied_lm_head(self.norm(x), self.embed_tokens.weight)
         cap = self.cfg.final_logit_softcapping
         if cap > 0:
             logits = cap * torch.tanh(logits / cap)

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gemma_export.config import GriffinConfig
-from gemma_export.models.gemma import RMSNorm
+from gemma_export.models.gemma import RMSNorm, tied_lm_head
 from gemma_export.models.state import StateSpec
 from gemma_export.ops import attention as _attention_op  # noqa: F401 - registers torch.ops.gemma.attention
 from gemma_export.ops import rglru as _rglru_op  # noqa: F401 - registers torch.ops.gemma.rglru
@@ -222,7 +222,7 @@ class GriffinModel(nn.Module):
             x = h + layer.mlp_block(layer.channel_pre_norm(h))
         new_state.append(mask[:, -self.slots :])
 
-        logits = torch.matmul(self.final_norm(x), self.embed_tokens.weight.t()).float()
+        logits = tied_lm_head(self.final_norm(x), self.embed_tokens.weight)
         cap = self.cfg.logits_soft_cap
         if cap > 0:
             logits = cap * torch.tanh(logits / cap)
