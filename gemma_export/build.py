@@ -14,8 +14,9 @@ from typing import Any
 
 from gemma_export import load, optimize, package, trace, verify
 from gemma_export.errors import BadInput, ParityError
+from gemma_export.models.embedding import is_sentence_transformers_folder
 from gemma_export.progress import Stages
-from gemma_export.runtime import OrtDecoder, TorchDecoder
+from gemma_export.runtime import OrtDecoder, OrtEncoder, TorchDecoder, TorchEncoder
 
 TARGETS = ("ort-cpu", "onnx")
 PRECISIONS = ("fp32",)
@@ -25,18 +26,24 @@ PRECISIONS = ("fp32",)
 class BuildOptions:
     target: str = "ort-cpu"
     precision: str = "fp32"
-    tolerance: float = verify.DEFAULT_TOLERANCE
+    tolerance: float | None = None  # None: the model kind's default (logits 1e-4, embeddings 1e-5)
     force: bool = False
+    dim: int | None = None  # embedding models: Matryoshka truncation
 
     def check(self) -> None:
         if self.target not in TARGETS:
             raise BadInput(f"--target {self.target!r} is not supported; choose one of: {', '.join(TARGETS)}")
+        if self.precision == "fp16":
+            raise BadInput(
+                "--precision fp16 is refused: Gemma's residual activations exceed the fp16 range (65504); "
+                "use fp32 (bf16 has no ONNX Runtime CPU kernels for MatMul)"
+            )
         if self.precision not in PRECISIONS:
             raise BadInput(
                 f"--precision {self.precision!r} is not supported for {self.target}; choose one of: "
                 f"{', '.join(PRECISIONS)}"
             )
-        if not self.tolerance > 0:
+        if self.tolerance is not None and not self.tolerance > 0:
             raise BadInput(f"--tolerance must be positive, got {self.tolerance}")
 
 
@@ -59,6 +66,11 @@ def build(checkpoint_dir: Path, out_dir: Path, options: BuildOptions, stages: St
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
     check_output_location(checkpoint_dir, out_dir, options.force)
 
+    if is_sentence_transformers_folder(checkpoint_dir):
+        return build_embedding(checkpoint_dir, out_dir, options, stages)
+    if options.dim is not None:
+        raise BadInput("--dim applies to embedding models (a sentence-transformers folder)")
+    tolerance = options.tolerance or verify.DEFAULT_TOLERANCE
     with stages.stage("load"):
         cfg, model = load.load_model(checkpoint_dir)
     with stages.stage("trace"):
@@ -101,12 +113,63 @@ def build(checkpoint_dir: Path, out_dir: Path, options: BuildOptions, stages: St
             st.bytes = sum(f["bytes"] for f in manifest["files"].values())
 
         with stages.stage("verify"):
-            report = verify.compare(TorchDecoder(model), OrtDecoder(staging, manifest), cfg, options.tolerance)
+            report = verify.compare(TorchDecoder(model), OrtDecoder(staging, manifest), cfg, tolerance)
         manifest["parity"] = report.to_json()
         if not report.passed:
             raise ParityError(
                 f"parity gate failed: max abs logit error prefill {report.prefill_max_abs_error:.3g}, "
-                f"decode {report.decode_max_abs_error:.3g} > tolerance {options.tolerance:g}"
+                f"decode {report.decode_max_abs_error:.3g} > tolerance {tolerance:g}"
+            )
+        package.write_json(staging / package.MANIFEST, manifest)
+    return manifest
+
+
+def build_embedding(folder: Path, out_dir: Path, options: BuildOptions, stages: Stages) -> dict[str, Any]:
+    """The same stages for an EmbeddingGemma sentence-transformers folder: one encoder graph, no state."""
+    tolerance = options.tolerance or verify.EMBEDDING_TOLERANCE
+    with stages.stage("load"):
+        cfg, head, model = load.load_embedding(folder, options.dim)
+    with stages.stage("trace"):
+        graph = trace.export_encoder(model)
+    with stages.stage("optimize"):
+        graph = optimize.attach_functions(optimize.optimize(graph), trace.OPSET)
+    with package.staging_dir(out_dir, options.force) as staging:
+        with stages.stage("package") as st:
+            package.write_model(graph, staging, progress=st.progress)
+            del graph
+            proto = package.graph_proto(staging)
+            roles = {"model": package.MODEL_FILE, "weights": package.WEIGHTS_FILE}
+            roles.update({name: name for name in package.copy_tokenizer(folder, staging)})
+            manifest: dict[str, Any] = {
+                "format": package.MANIFEST_FORMAT,
+                "model": {
+                    "type": cfg.model_type,
+                    "task": "sentence-embedding",
+                    "source_model_type": "sentence-transformers",
+                    "config": cfg.to_json(),
+                    "head": head.to_json(),
+                    "dim": model.dim,
+                },
+                "build": {
+                    "target": options.target,
+                    "precision": options.precision,
+                    "opset": trace.OPSET,
+                    "domains": {imp.domain or "ai.onnx": imp.version for imp in proto.opset_import},
+                    "max_length": head.max_seq_length or cfg.max_position_embeddings,
+                },
+                **package.io_spec(proto),
+                "state": [],
+                "files": package.file_table(staging, roles),
+                "versions": package.versions(),
+            }
+            st.bytes = sum(f["bytes"] for f in manifest["files"].values())
+        with stages.stage("verify"):
+            report = verify.compare_embeddings(TorchEncoder(model), OrtEncoder(staging, manifest), cfg, tolerance)
+        manifest["parity"] = report.to_json()
+        if not report.passed:
+            raise ParityError(
+                f"parity gate failed: max abs embedding error {report.sentence_max_abs_error:.3g} "
+                f"> tolerance {tolerance:g}"
             )
         package.write_json(staging / package.MANIFEST, manifest)
     return manifest

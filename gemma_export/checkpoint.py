@@ -71,23 +71,24 @@ def select_weights(
     prefixes: tuple[str, ...],
     source: str,
     ignore_prefixes: tuple[str, ...] = (),
+    anchor: str = "embed_tokens.weight",
 ) -> dict[str, torch.Tensor]:
     """Map checkpoint names to the model's names and validate them.
 
     `expected` maps model names (`layers.0.self_attn.q_proj.weight`) to (shape, dtype or None for "any
-    floating dtype"). The checkpoint name is prefix + model name, for the first prefix under which
-    `embed_tokens.weight` exists. Every expected tensor must be there with the right shape and a floating
-    dtype, and every checkpoint tensor must be used: a tensor nobody reads is a sign that the checkpoint
+    floating dtype"). The checkpoint name is prefix + model name, for the first prefix under which the
+    `anchor` tensor (`embed_tokens.weight`) exists. Every expected tensor must be there with the right shape and
+    a floating dtype, and every checkpoint tensor must be used: a tensor nobody reads is a sign that the checkpoint
     is not the model the config describes, which would otherwise export silently wrong.
 
     An ignore prefix (`vision_tower.`, `lm_head.`) matches at the top level and also under the outermost
     component of the prefix in use, because multimodal checkpoints nest the vision tower either beside
     `language_model.model.` or inside `model.` (`model.vision_tower.` beside `model.language_model.`).
     """
-    prefix = next((p for p in prefixes if p + "embed_tokens.weight" in tensors), None)
+    prefix = next((p for p in prefixes if p + anchor in tensors), None)
     if prefix is None:
-        tried = ", ".join(repr(p + "embed_tokens.weight") for p in prefixes)
-        raise BadInput(f"{source}: no embedding tensor found (looked for {tried}); {_sample(tensors)}")
+        tried = ", ".join(repr(p + anchor) for p in prefixes)
+        raise BadInput(f"{source}: no {anchor!r} tensor found (looked for {tried}); {_sample(tensors)}")
 
     selected: dict[str, torch.Tensor] = {}
     for name, (shape, dtype) in expected.items():

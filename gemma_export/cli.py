@@ -26,6 +26,14 @@ app = typer.Typer(
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print a machine-readable result on stdout.")]
 
 
+def parity_line(parity: dict[str, Any]) -> str:
+    if parity["metric"] == "max_abs_embedding_error":
+        return (f"max |d embedding| {parity['sentence_max_abs_error']:.2e}, min cosine "
+                f"{parity['sentence_min_cosine']:.7f} (tolerance {parity['tolerance']:g})")  # fmt: skip
+    return (f"prefill max |dlogit| {parity['prefill']:.2e}, decode {parity['decode']:.2e} "
+            f"(tolerance {parity['tolerance']:g})")  # fmt: skip
+
+
 def _emit(result: dict[str, Any], as_json: bool, text: str) -> None:
     if as_json:
         print(json.dumps({"ok": True, **result}, indent=2))
@@ -39,7 +47,13 @@ def build(
     out: Annotated[Path, typer.Option("-o", "--out", help="Artifact folder to create.")],
     target: Annotated[str, typer.Option(help="ort-cpu (ONNX Runtime, CPU) or onnx (portable graph).")] = "ort-cpu",
     precision: Annotated[str, typer.Option(help="Weights and activations: fp32.")] = "fp32",
-    tolerance: Annotated[float, typer.Option(help="Parity gate: max abs logit error vs the reference.")] = 1e-4,
+    tolerance: Annotated[
+        float | None,
+        typer.Option(help="Parity gate vs the reference: max abs logit (default 1e-4) or embedding (1e-5) error."),
+    ] = None,
+    dim: Annotated[
+        int | None, typer.Option(help="Embedding models: output dimension (Matryoshka: 768, 512, 256, 128).")
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
     as_json: JsonFlag = False,
 ) -> None:
@@ -49,15 +63,10 @@ def build(
     from gemma_export.progress import Stages
 
     stages = Stages(quiet=as_json)
-    options = BuildOptions(target=target, precision=precision, tolerance=tolerance, force=force)
+    options = BuildOptions(target=target, precision=precision, tolerance=tolerance, force=force, dim=dim)
     manifest = run_build(checkpoint, out, options, stages)
-    parity = manifest["parity"]
-    _emit(
-        {"out": str(out), "stages": stages.to_json(), "parity": parity},
-        as_json,
-        f"built {out}: prefill max |dlogit| {parity['prefill']:.2e}, decode {parity['decode']:.2e} "
-        f"(tolerance {parity['tolerance']:g})",
-    )
+    _emit({"out": str(out), "stages": stages.to_json(), "parity": manifest["parity"]}, as_json,
+          f"built {out}: {parity_line(manifest['parity'])}")  # fmt: skip
 
 
 @app.command()
@@ -104,7 +113,7 @@ def verify(
     """Re-check an artifact: file hashes against its manifest, and parity against CHECKPOINT."""
     from gemma_export import load, package
     from gemma_export import verify as verify_stage
-    from gemma_export.runtime import OrtDecoder, TorchDecoder
+    from gemma_export.runtime import OrtDecoder, OrtEncoder, TorchDecoder, TorchEncoder
 
     manifest = package.read_manifest(artifact)
     changed = package.changed_files(artifact, manifest)
@@ -113,21 +122,44 @@ def verify(
     result: dict[str, Any] = {"artifact": str(artifact), "files": "unchanged"}
     text = f"{artifact}: {len(manifest['files'])} files match their manifest hashes"
     if checkpoint is not None:
-        cfg, model = load.load_model(checkpoint)
+        embedding = manifest["model"].get("task") == "sentence-embedding"
+        if embedding:
+            cfg, _, model = load.load_embedding(checkpoint, manifest["model"]["dim"])
+        else:
+            cfg, model = load.load_model(checkpoint)
         if cfg.to_json() != manifest["model"]["config"]:
             raise BadInput(f"{checkpoint}: config differs from the one the artifact was built from")
         tol = tolerance if tolerance is not None else manifest["parity"]["tolerance"]
-        report = verify_stage.compare(TorchDecoder(model), OrtDecoder(artifact, manifest), cfg, tol)
+        if embedding:
+            report = verify_stage.compare_embeddings(TorchEncoder(model), OrtEncoder(artifact, manifest), cfg, tol)
+        else:
+            report = verify_stage.compare(TorchDecoder(model), OrtDecoder(artifact, manifest), cfg, tol)
         result["parity"] = report.to_json()
-        text += (
-            f"\nparity: prefill max |dlogit| {report.prefill_max_abs_error:.2e}, decode "
-            f"{report.decode_max_abs_error:.2e} (tolerance {tol:g})"
-        )
+        text += f"\nparity: {parity_line(result['parity'])}"
         if not report.passed:
             if as_json:
                 print(json.dumps({"ok": False, **result}, indent=2))
             raise ParityError(text.replace("\n", "; "))
     _emit(result, as_json, text)
+
+
+@app.command()
+def embed(
+    artifact: Annotated[Path, typer.Argument(help="Embedding artifact folder made by `build`.")],
+    text: Annotated[list[str], typer.Option(help="Text to embed; repeat for a batch.")],
+    task: Annotated[
+        str | None, typer.Option(help="Prompt name from the model's prompts (query, document, ...).")
+    ] = None,
+    threads: Annotated[int, typer.Option(help="ONNX Runtime intra-op threads (0 = all cores).")] = 0,
+    as_json: JsonFlag = False,
+) -> None:
+    """Embed texts with an EmbeddingGemma artifact (the task prompt applied as sentence-transformers does)."""
+    from gemma_export import embedding
+
+    result = embedding.run(artifact, texts=text, task=task, threads=threads)
+    lines = [f"{len(r['embedding'])} dims, prompt {result['prompt']!r}: {r['text']!r} -> "
+             f"[{', '.join(f'{v:.4f}' for v in r['embedding'][:4])}, ...]" for r in result["outputs"]]  # fmt: skip
+    _emit(result, as_json, "\n".join(lines))
 
 
 @app.command()

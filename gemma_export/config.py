@@ -102,7 +102,7 @@ FAMILIES: dict[str, Family] = {
 SUPPORTED_MODEL_TYPES = (*FAMILIES, "gemma3", "recurrent_gemma")
 
 # Where the decoder's tensors live in each on-disk layout, tried in order.
-WEIGHT_PREFIXES = ("model.", "model.language_model.", "language_model.model.")
+WEIGHT_PREFIXES = ("model.", "model.language_model.", "language_model.model.", "")  # "": a bare AutoModel
 
 
 @dataclass(frozen=True)

@@ -86,6 +86,38 @@ class TorchDecoder:
         return logits.numpy(), [t.numpy() for t in state]
 
 
+class OrtEncoder:
+    """An embedding artifact in an ONNX Runtime session."""
+
+    def __init__(self, artifact_dir: Path, manifest: dict, threads: int = 0) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.log_severity_level = 3
+        path = str(Path(artifact_dir) / manifest["files"]["model"]["path"])
+        self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+    def embed(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(sentence_embedding [batch, dim], token_embeddings [batch, seq, hidden])."""
+        out = self.session.run(None, {"input_ids": input_ids, "attention_mask": attention_mask})
+        return out[0], out[1]
+
+
+class TorchEncoder:
+    """The PyTorch reference EmbeddingGemma."""
+
+    def __init__(self, model) -> None:
+        self.model = model.eval()
+
+    def embed(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        import torch
+
+        with torch.inference_mode():
+            e, tokens = self.model(torch.from_numpy(input_ids), torch.from_numpy(attention_mask))
+        return e.numpy(), tokens.numpy()
+
+
 @dataclass(frozen=True)
 class Sampling:
     """temperature 0 = greedy; otherwise softmax(logits / T) restricted to top-k and top-p."""

@@ -82,6 +82,35 @@ def export_decoder(model: nn.Module) -> ir.Model:
     return graph
 
 
+def export_encoder(model: nn.Module) -> ir.Model:
+    """Export an EmbeddingGemma (eval mode): (input_ids, attention_mask) [batch, sequence_length] ->
+    sentence_embedding [batch, dim], token_embeddings [batch, sequence_length, hidden]."""
+    batch, seq = 2, 5
+    example = (torch.full((batch, seq), 2, dtype=torch.int64), torch.ones((batch, seq), dtype=torch.int64))
+    b, s = torch.export.Dim(BATCH, min=1), torch.export.Dim(SEQ, min=1)
+    with warnings.catch_warnings(), _quiet_exporter():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            model.eval(),
+            example,
+            dynamo=True,
+            opset_version=OPSET,
+            input_names=["input_ids", "attention_mask"],
+            output_names=["sentence_embedding", "token_embeddings"],
+            dynamic_shapes=({0: b, 1: s}, {0: b, 1: s}),
+            custom_translation_table=TRANSLATION_TABLE,
+            optimize=False,
+            verbose=False,
+        )
+    graph = program.model
+    for out, names in zip(graph.graph.outputs, ({0: BATCH}, {0: BATCH, 1: SEQ}), strict=True):
+        dims = list(out.shape)
+        for axis, name in names.items():
+            dims[axis] = ir.SymbolicDim(name)
+        out.shape = ir.Shape(dims)
+    return graph
+
+
 def _example_state(spec: StateSpec, batch: int, past: int) -> torch.Tensor:
     shape = [batch if d == "batch" else d for d in spec.shape]
     if spec.grows is not None:

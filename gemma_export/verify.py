@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from gemma_export.config import GemmaConfig
-from gemma_export.runtime import Decoder, left_pad, positions, prefill_slices
+from gemma_export.runtime import Decoder, OrtEncoder, TorchEncoder, left_pad, positions, prefill_slices
 
 DEFAULT_TOLERANCE = 1e-4  # max abs logit error, float32
 DECODE_STEPS = 6
@@ -104,3 +104,45 @@ def compare(
             case.decode_max_abs_error = max(case.decode_max_abs_error, err) if step else err
         report.cases.append(case)
     return report
+
+
+EMBEDDING_TOLERANCE = 1e-5  # max abs difference per sentence-embedding component, float32
+
+
+@dataclass
+class EmbeddingReport:
+    tolerance: float
+    prompt_lengths: list[int]
+    sentence_max_abs_error: float
+    sentence_min_cosine: float
+    token_max_abs_error: float
+
+    @property
+    def passed(self) -> bool:
+        return self.sentence_max_abs_error <= self.tolerance
+
+    def to_json(self) -> dict:
+        return {"metric": "max_abs_embedding_error", **asdict(self), "passed": self.passed}
+
+
+def compare_embeddings(
+    reference: TorchEncoder, artifact: OrtEncoder, cfg: GemmaConfig, tolerance: float = EMBEDDING_TOLERANCE
+) -> EmbeddingReport:
+    """A padded batch whose longest row spans more than twice the bidirectional window, and a short row."""
+    span = 2 * cfg.max_window if cfg.max_window else 16  # a bidirectional window reaches W - 1 each way
+    rng = np.random.default_rng(0)
+    low = min(4, cfg.vocab_size - 1)
+    lengths = [2 * span + 3, 5, span]
+    prompts = [[cfg.bos_token_id, *rng.integers(low, cfg.vocab_size, n - 1).tolist()] for n in lengths]
+    ids, mask = left_pad(prompts, cfg.pad_token_id)
+    ref_e, ref_t = reference.embed(ids, mask)
+    art_e, art_t = artifact.embed(ids, mask)
+    cosine = (ref_e * art_e).sum(-1) / (np.linalg.norm(ref_e, axis=-1) * np.linalg.norm(art_e, axis=-1))
+    real = mask.astype(bool)
+    return EmbeddingReport(
+        tolerance=tolerance,
+        prompt_lengths=lengths,
+        sentence_max_abs_error=float(np.abs(ref_e - art_e).max()),
+        sentence_min_cosine=float(cosine.min()),
+        token_max_abs_error=float(np.abs(ref_t[real] - art_t[real]).max()),
+    )

@@ -165,6 +165,21 @@ class GemmaModel(nn.Module):
         position_ids: torch.Tensor,  # [batch, seq] int64
         state: list[torch.Tensor],  # per layer: key, value [batch, kv_heads, past, head_dim]
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        x, presents = self.hidden_states(input_ids, attention_mask, position_ids, state)
+        logits = tied_lm_head(x, self.embed_tokens.weight)
+        cap = self.cfg.final_logit_softcapping
+        if cap > 0:
+            logits = cap * torch.tanh(logits / cap)
+        return logits, presents
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        state: list[torch.Tensor],
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The final-normed hidden states [batch, seq, hidden] (what an encoder pools) and the new cache."""
         dtype = self.embed_tokens.weight.dtype
         x = self.embed_tokens(input_ids) * torch.tensor(self.cfg.hidden_size**0.5, dtype=dtype)
         tables = {kind: rope_cos_sin(getattr(self, f"inv_freq_{kind}"), position_ids, dtype) for kind in self.cfg.rope}
@@ -173,11 +188,7 @@ class GemmaModel(nn.Module):
             cos, sin = tables[layer.rope_kind]
             x, present = layer(x, cos, sin, attention_mask, (past_k, past_v))
             presents.extend(present)
-        logits = tied_lm_head(self.norm(x), self.embed_tokens.weight)
-        cap = self.cfg.final_logit_softcapping
-        if cap > 0:
-            logits = cap * torch.tanh(logits / cap)
-        return logits, presents
+        return self.norm(x), presents
 
     def state_specs(self) -> list[StateSpec]:
         """Per layer a key and a value cache that grow along axis 2 (past_sequence_length)."""

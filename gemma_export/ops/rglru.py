@@ -111,7 +111,8 @@ def RGLRU(
         return h_next, y_t
 
     h_last, y = op.Scan(h0, a_kept, x_hat, body=step, num_scan_inputs=2, scan_input_axes=[1, 1], scan_output_axes=[1])
-    return op.CastLike(y, x), h_last
+    y_out = op.CastLike(y, x)  # named like the schema's output
+    return y_out, h_last
 
 
 def _translate_rglru(x: FLOAT, log_a: FLOAT, reset: BOOL, h0: FLOAT) -> tuple[FLOAT, FLOAT]:
