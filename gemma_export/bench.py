@@ -1,13 +1,29 @@
-"""`gemma-export bench`: decode speed and memory of an artifact beside the alternative, in the same run.
+"""`gemma-export bench`: speed and memory of an artifact beside the alternative, in the same run.
 
 Each measurement runs in a fresh worker process (`python -m gemma_export.bench --worker ...`), so that
-peak RSS is that system's alone, and systems never share warm caches. A worker prefills a prompt, then
-greedily generates N tokens, and reports:
+peak RSS is that system's alone, and systems never share warm caches.
+
+Decoders (beside transformers eager): a worker prefills a prompt, then greedily generates N tokens, and
+reports:
 
     prefill_s        time of the first forward pass (the prompt)
     decode_tok_s     (N - 1) / time of the remaining N - 1 steps
-    peak_rss_bytes   the worker's peak resident memory (getrusage), weights included
+    peak_rss_bytes   the worker's peak resident memory (VmHWM), weights included
     state_bytes      the carried decode state after N tokens (KV caches, recurrent state)
+
+Embedding artifacts (beside sentence-transformers on PyTorch): a worker embeds a batch of B sentences of
+exactly L synthetic token ids (no padding; both systems draw the same ids from the same seed), once to warm
+up, then repeatedly until at least MIN_CELL_SECONDS have passed (at most MAX_REPETITIONS calls), and
+reports:
+
+    sentences_s      B * calls / time of the timed calls
+    batch_ms         time of one call
+    peak_rss_bytes   as above
+    max_abs_diff     (sentence-transformers' row) max |difference| from our embeddings of the same ids
+
+Both systems are timed from token ids to sentence embeddings: ours is the artifact's ONNX Runtime session
+(`OrtEncoder.embed`), theirs the SentenceTransformer module stack called on the tokenized features
+(`model({"input_ids": ..., "attention_mask": ...})`), i.e. `encode` without its tokenizer.
 """
 
 from __future__ import annotations
@@ -27,6 +43,10 @@ import numpy as np
 from gemma_export.errors import BadInput
 
 SYSTEMS = ("gemma-export", "transformers")
+EMBEDDING_SYSTEMS = ("gemma-export", "sentence-transformers")
+MIN_CELL_SECONDS = 2.0  # embedding cells: timed calls run at least this long (after one warm-up call) ...
+MAX_REPETITIONS = 50  # ... but stop after this many calls
+EMBEDDING_TASK = "sentence-embedding"
 
 
 def measure_ours(artifact: Path, prompt: list[int], new_tokens: int, threads: int) -> dict[str, Any]:
@@ -114,15 +134,20 @@ def peak_rss_bytes() -> int:
 def run_worker(system: str, path: Path, prompt: list[int], new_tokens: int, threads: int, timeout: float) -> dict:
     """Measure one system in a fresh process; returns its result (or an error entry)."""
     tokens = ",".join(map(str, prompt))
-    cmd = [sys.executable, "-m", "gemma_export.bench", "--worker", system, str(path),
-           "--prompt", tokens, "--new-tokens", str(new_tokens), "--threads", str(threads)]  # fmt: skip
+    args = ["--prompt", tokens, "--new-tokens", str(new_tokens), "--threads", str(threads)]
+    return _spawn(system, path, args, {"new_tokens": new_tokens}, timeout)
+
+
+def _spawn(system: str, path: Path, args: list[str], cell: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """Run one worker; its last stdout line is its JSON result. `cell` names the measurement in an error."""
+    cmd = [sys.executable, "-m", "gemma_export.bench", "--worker", system, str(path), *args]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
-        return {"system": system, "new_tokens": new_tokens, "error": f"timed out after {timeout:.0f} s"}
+        return {"system": system, **cell, "error": f"timed out after {timeout:.0f} s"}
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"system": system, "new_tokens": new_tokens, "error": last}
+        return {"system": system, **cell, "error": last}
     return {"system": system, **json.loads(done.stdout.strip().splitlines()[-1])}
 
 

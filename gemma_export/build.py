@@ -8,6 +8,7 @@ checkpoint dir --load--> (config, reference model) --trace--> ONNX with ai.gemma
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ class BuildOptions:
             raise BadInput(f"--target {self.target!r} is not supported; choose one of: {', '.join(TARGETS)}")
         if self.precision == "fp16":
             raise BadInput(
-                "--precision fp16 is refused: Gemma's residual activations exceed the fp16 range (65504); "
+                "--precision 'fp16' is refused: Gemma's residual activations exceed the fp16 range (65504); "
                 "use fp32 (bf16 has no ONNX Runtime CPU kernels for MatMul)"
             )
         if self.precision not in PRECISIONS:
@@ -60,21 +61,72 @@ def check_output_location(checkpoint_dir: Path, out_dir: Path, force: bool) -> N
         raise BadInput(f"{out_dir}: cannot create the output directory here ({parent} is not a writable folder)")
 
 
+@dataclass
+class Loaded:
+    """What the load stage hands on: the reference model and how the later stages treat its kind."""
+
+    cfg: Any
+    model: Any
+    model_info: dict[str, Any]  # the manifest's "model" entry
+    export: Callable[[Any], Any]  # trace stage for this kind
+    compare: Callable[[Path, dict[str, Any], float], Any]  # verify stage: (staging, manifest, tolerance) -> report
+    tolerance: float
+    max_length: int
+    state: list[dict[str, Any]]
+
+
+def load_decoder(checkpoint_dir: Path, options: BuildOptions) -> Loaded:
+    if options.dim is not None:
+        raise BadInput("--dim applies to embedding models (a sentence-transformers folder)")
+    cfg, model = load.load_model(checkpoint_dir)
+    return Loaded(
+        cfg=cfg,
+        model=model,
+        model_info={"type": cfg.model_type, "source_model_type": cfg.source_model_type, "config": cfg.to_json()},
+        export=trace.export_decoder,
+        compare=lambda staging, manifest, tol: verify.compare(
+            TorchDecoder(model), OrtDecoder(staging, manifest), cfg, tol
+        ),
+        tolerance=options.tolerance or verify.DEFAULT_TOLERANCE,
+        max_length=cfg.max_position_embeddings,
+        state=[spec.to_json() for spec in model.state_specs()],
+    )
+
+
+def load_encoder(folder: Path, options: BuildOptions) -> Loaded:
+    cfg, head, model = load.load_embedding(folder, options.dim)
+    return Loaded(
+        cfg=cfg,
+        model=model,
+        model_info={
+            "type": cfg.model_type,
+            "task": "sentence-embedding",
+            "source_model_type": "sentence-transformers",
+            "config": cfg.to_json(),
+            "head": head.to_json(),
+            "dim": model.dim,
+        },
+        export=trace.export_encoder,
+        compare=lambda staging, manifest, tol: verify.compare_embeddings(
+            TorchEncoder(model), OrtEncoder(staging, manifest), cfg, tol
+        ),
+        tolerance=options.tolerance or verify.EMBEDDING_TOLERANCE,
+        max_length=head.max_seq_length or cfg.max_position_embeddings,
+        state=[],
+    )
+
+
 def build(checkpoint_dir: Path, out_dir: Path, options: BuildOptions, stages: Stages) -> dict[str, Any]:
     """Build the artifact; returns its manifest. Raises BadInput / ParityError; leaves no partial OUT_DIR."""
     options.check()
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
     check_output_location(checkpoint_dir, out_dir, options.force)
 
-    if is_sentence_transformers_folder(checkpoint_dir):
-        return build_embedding(checkpoint_dir, out_dir, options, stages)
-    if options.dim is not None:
-        raise BadInput("--dim applies to embedding models (a sentence-transformers folder)")
-    tolerance = options.tolerance or verify.DEFAULT_TOLERANCE
     with stages.stage("load"):
-        cfg, model = load.load_model(checkpoint_dir)
+        encoder = is_sentence_transformers_folder(checkpoint_dir)
+        loaded = (load_encoder if encoder else load_decoder)(checkpoint_dir, options)
     with stages.stage("trace"):
-        graph = trace.export_decoder(model)
+        graph = loaded.export(loaded.model)
     with stages.stage("optimize"):
         graph = optimize.attach_functions(optimize.optimize(graph), trace.OPSET)
 
@@ -83,93 +135,33 @@ def build(checkpoint_dir: Path, out_dir: Path, options: BuildOptions, stages: St
             package.write_model(graph, staging, progress=st.progress)
             del graph
             proto = package.graph_proto(staging)
-            io = package.io_spec(proto)
-            domains = {imp.domain or "ai.onnx": imp.version for imp in proto.opset_import}
-            max_length = cfg.max_position_embeddings
             roles = {"model": package.MODEL_FILE, "weights": package.WEIGHTS_FILE}
-            if package.genai_supports(cfg):
-                package.write_json(staging / package.GENAI_CONFIG, package.genai_config(cfg, max_length))
+            if package.genai_supports(loaded.cfg) and not encoder:
+                genai = package.genai_config(loaded.cfg, loaded.max_length)
+                package.write_json(staging / package.GENAI_CONFIG, genai)
                 roles["genai_config"] = package.GENAI_CONFIG
             roles.update({name: name for name in package.copy_tokenizer(checkpoint_dir, staging)})
             manifest: dict[str, Any] = {
                 "format": package.MANIFEST_FORMAT,
-                "model": {
-                    "type": cfg.model_type,
-                    "source_model_type": cfg.source_model_type,
-                    "config": cfg.to_json(),
-                },
-                "build": {
-                    "target": options.target,
-                    "precision": options.precision,
-                    "opset": trace.OPSET,
-                    "domains": domains,
-                    "max_length": max_length,
-                },
-                **io,
-                "state": [spec.to_json() for spec in model.state_specs()],
-                "files": package.file_table(staging, roles),
-                "versions": package.versions(),
-            }
-            st.bytes = sum(f["bytes"] for f in manifest["files"].values())
-
-        with stages.stage("verify"):
-            report = verify.compare(TorchDecoder(model), OrtDecoder(staging, manifest), cfg, tolerance)
-        manifest["parity"] = report.to_json()
-        if not report.passed:
-            raise ParityError(
-                f"parity gate failed: max abs logit error prefill {report.prefill_max_abs_error:.3g}, "
-                f"decode {report.decode_max_abs_error:.3g} > tolerance {tolerance:g}"
-            )
-        package.write_json(staging / package.MANIFEST, manifest)
-    return manifest
-
-
-def build_embedding(folder: Path, out_dir: Path, options: BuildOptions, stages: Stages) -> dict[str, Any]:
-    """The same stages for an EmbeddingGemma sentence-transformers folder: one encoder graph, no state."""
-    tolerance = options.tolerance or verify.EMBEDDING_TOLERANCE
-    with stages.stage("load"):
-        cfg, head, model = load.load_embedding(folder, options.dim)
-    with stages.stage("trace"):
-        graph = trace.export_encoder(model)
-    with stages.stage("optimize"):
-        graph = optimize.attach_functions(optimize.optimize(graph), trace.OPSET)
-    with package.staging_dir(out_dir, options.force) as staging:
-        with stages.stage("package") as st:
-            package.write_model(graph, staging, progress=st.progress)
-            del graph
-            proto = package.graph_proto(staging)
-            roles = {"model": package.MODEL_FILE, "weights": package.WEIGHTS_FILE}
-            roles.update({name: name for name in package.copy_tokenizer(folder, staging)})
-            manifest: dict[str, Any] = {
-                "format": package.MANIFEST_FORMAT,
-                "model": {
-                    "type": cfg.model_type,
-                    "task": "sentence-embedding",
-                    "source_model_type": "sentence-transformers",
-                    "config": cfg.to_json(),
-                    "head": head.to_json(),
-                    "dim": model.dim,
-                },
+                "model": loaded.model_info,
                 "build": {
                     "target": options.target,
                     "precision": options.precision,
                     "opset": trace.OPSET,
                     "domains": {imp.domain or "ai.onnx": imp.version for imp in proto.opset_import},
-                    "max_length": head.max_seq_length or cfg.max_position_embeddings,
+                    "max_length": loaded.max_length,
                 },
                 **package.io_spec(proto),
-                "state": [],
+                "state": loaded.state,
                 "files": package.file_table(staging, roles),
                 "versions": package.versions(),
             }
             st.bytes = sum(f["bytes"] for f in manifest["files"].values())
+
         with stages.stage("verify"):
-            report = verify.compare_embeddings(TorchEncoder(model), OrtEncoder(staging, manifest), cfg, tolerance)
+            report = loaded.compare(staging, manifest, loaded.tolerance)
         manifest["parity"] = report.to_json()
         if not report.passed:
-            raise ParityError(
-                f"parity gate failed: max abs embedding error {report.sentence_max_abs_error:.3g} "
-                f"> tolerance {tolerance:g}"
-            )
+            raise ParityError(f"parity gate failed: {report.summary()}")
         package.write_json(staging / package.MANIFEST, manifest)
     return manifest

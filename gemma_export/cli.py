@@ -135,7 +135,7 @@ def verify(
         else:
             report = verify_stage.compare(TorchDecoder(model), OrtDecoder(artifact, manifest), cfg, tol)
         result["parity"] = report.to_json()
-        text += f"\nparity: {parity_line(result['parity'])}"
+        text += f"\nparity: {report.summary()}"
         if not report.passed:
             if as_json:
                 print(json.dumps({"ok": False, **result}, indent=2))

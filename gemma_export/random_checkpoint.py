@@ -273,6 +273,20 @@ PUBLISHED_CONFIGS: dict[str, dict[str, Any]] = {
         "sliding_window": 1024,
         "vocab_size": 262208,
     },
+    # google/embeddinggemma-300m's backbone (written by transformers 4.57 for a Gemma3TextModel: no LM head,
+    # bidirectional attention); its sentence-transformers head is `EMBEDDINGGEMMA_HEAD`. Written as a whole
+    # sentence-transformers folder by `write_random_embedding_folder` (and by `write_published`).
+    "embeddinggemma-300m": {
+        **_GEMMA3_HUB,
+        **_sizes(768, 1152, 24, 3, 1),
+        "architectures": ["Gemma3TextModel"],
+        "_sliding_window_pattern": 6,
+        "layer_types": _gemma3_layer_types(24),
+        "max_position_embeddings": 2048,
+        "sliding_window": 512,
+        "use_bidirectional_attention": True,
+        "vocab_size": 262144,
+    },
     "recurrentgemma-2b": {
         **_RECURRENT_GEMMA_HUB,
         **_sizes(2560, 15360, 26, 10, 1),
@@ -286,6 +300,33 @@ PUBLISHED_CONFIGS: dict[str, dict[str, Any]] = {
         "lru_width": 4096,
     },
 }
+
+# EmbeddingGemma-300M's sentence-transformers head, as its folder describes it: mean pooling over every
+# token (the prompt included), Dense 768 -> 3072 and 3072 -> 768 (no bias, Identity activation), Normalize;
+# inputs cut at 2048 tokens; the task prompts of config_sentence_transformers.json (no default prompt).
+EMBEDDINGGEMMA_PROMPTS: dict[str, str] = {
+    "query": "task: search result | query: ",
+    "document": "title: none | text: ",
+    "BitextMining": "task: search result | query: ",
+    "Clustering": "task: clustering | query: ",
+    "Classification": "task: classification | query: ",
+    "InstructionRetrieval": "task: code retrieval | query: ",
+    "MultilabelClassification": "task: classification | query: ",
+    "PairClassification": "task: sentence similarity | query: ",
+    "Reranking": "task: search result | query: ",
+    "Retrieval": "task: search result | query: ",
+    "Retrieval-query": "task: search result | query: ",
+    "Retrieval-document": "title: none | text: ",
+    "STS": "task: sentence similarity | query: ",
+    "Summarization": "task: summarization | query: ",
+}
+EMBEDDINGGEMMA_HEAD: dict[str, Any] = {"dense": (3072,), "prompts": EMBEDDINGGEMMA_PROMPTS, "max_seq_length": 2048}
+
+
+def is_embedding_config(config: dict[str, Any]) -> bool:
+    """An EmbeddingGemma backbone (written as a sentence-transformers folder), not a decoder."""
+    return config.get("model_type") == "gemma3_text" and bool(config.get("use_bidirectional_attention"))
+
 
 # ---------------------------------------------------------------------------------------------------------
 # Tokenizer
@@ -414,13 +455,15 @@ def _learn_merges(words: Counter[str], vocab: dict[str, int], size: int) -> list
     return merges
 
 
-def write_tokenizer(out_dir: Path, *, model_max_length: int = 1024) -> None:
+def write_tokenizer(out_dir: Path, *, model_max_length: int = 1024, chat_template: bool = True) -> None:
     """Deterministic small Gemma-style tokenizer: tokenizer.json, tokenizer_config.json and
     special_tokens_map.json.
 
     `tokenizer_config.json` matters as much as `tokenizer.json`: transformers 5 takes the special tokens
     from its `added_tokens_decoder`, and onnxruntime-extensions picks its tokenizer implementation from
-    `tokenizer_class` and reads `add_bos_token` from it.
+    `tokenizer_class` and reads `add_bos_token` from it. `chat_template=False` leaves the chat template out,
+    as embedding folders must (sentence-transformers 6 wraps prompt + text in a tokenizer's chat template
+    when it has one).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -436,7 +479,7 @@ def write_tokenizer(out_dir: Path, *, model_max_length: int = 1024) -> None:
         "additional_special_tokens": turn_tokens,
         **named,
         "mask_token": "<mask>",
-        "chat_template": CHAT_TEMPLATE,
+        **({"chat_template": CHAT_TEMPLATE} if chat_template else {}),
         "clean_up_tokenization_spaces": False,
         "model_max_length": model_max_length,
         "padding_side": "left",
@@ -649,13 +692,136 @@ def write_published(
 ) -> Path:
     """A random checkpoint of one of the published sizes (`PUBLISHED_CONFIGS`), sharded as the hub's are.
 
-    Sizes are the real ones: gemma-3-270m is ~1.1 GB in float32, recurrentgemma-9b ~34 GB.
+    Sizes are the real ones: gemma-3-270m is ~1.1 GB in float32, recurrentgemma-9b ~34 GB. An embedding
+    model (embeddinggemma-300m) is written as its sentence-transformers folder (`write_random_embedding_folder`).
     """
     if name not in PUBLISHED_CONFIGS:
         raise BadInput(f"unknown published model {name!r}; known: {', '.join(PUBLISHED_CONFIGS)}")
+    if is_embedding_config(PUBLISHED_CONFIGS[name]):  # one model.safetensors, as the hub's (1.2 GB)
+        return write_random_embedding_folder(out_dir, PUBLISHED_CONFIGS[name], seed=seed, dtype=dtype)
     return write_random_checkpoint(
         out_dir, PUBLISHED_CONFIGS[name], seed=seed, dtype=dtype, max_shard_bytes=max_shard_bytes
     )
+
+
+# sentence-transformers' module classes, by the names sentence-transformers 6.2 records in modules.json.
+ST_MODULE_TYPES = {
+    "Transformer": "sentence_transformers.base.modules.transformer.Transformer",
+    "Pooling": "sentence_transformers.sentence_transformer.modules.pooling.Pooling",
+    "Dense": "sentence_transformers.base.modules.dense.Dense",
+    "Normalize": "sentence_transformers.base.modules.normalize.Normalize",
+}
+_SENTENCE_EMBEDDING = {"module_input_name": "sentence_embedding", "module_output_name": "sentence_embedding"}
+
+
+def write_random_embedding_folder(
+    out_dir: Path,
+    config: dict,
+    *,
+    dense: tuple[int, ...] = EMBEDDINGGEMMA_HEAD["dense"],
+    seed: int = 0,
+    dtype: str = "float32",
+    prompts: dict[str, str] | None = None,
+    max_seq_length: int | None = None,
+) -> Path:
+    """A random-weight EmbeddingGemma in the sentence-transformers folder layout; returns out_dir.
+
+    `config` is the backbone's config.json (gemma3_text with use_bidirectional_attention: true), e.g.
+    `PUBLISHED_CONFIGS["embeddinggemma-300m"]`. The folder holds what `SentenceTransformer.save` writes
+    (sentence-transformers 6.2's format, checked by the tests against the library itself):
+
+        config.json, model.safetensors   the backbone as transformers' AutoModel saves a Gemma3TextModel:
+                                         bare tensor names (embed_tokens.weight, layers.0...., norm.weight)
+        tokenizer files                  `write_tokenizer`, without a chat template
+        modules.json                     Transformer, Pooling, Dense per width in `dense` and one back to
+                                         hidden_size, Normalize
+        1_Pooling/config.json            mean pooling, prompt included
+        k_Dense/config.json + model.safetensors   `linear.weight` [out, in], no bias, Identity activation
+        n_Normalize/config.json
+        sentence_bert_config.json        max_seq_length (also the tokenizer's model_max_length)
+        config_sentence_transformers.json   the task prompts (default: EmbeddingGemma's), no default prompt
+
+    `dense` lists the hidden widths of the Dense stack: EmbeddingGemma's (3072,) gives 768 -> 3072 -> 768.
+    The same arguments give byte-identical files; every tensor is drawn from one generator seeded with
+    `seed`, backbone first, then the Dense layers in order. No sentence-transformers import: it is the
+    tests' oracle for this layout.
+    """
+    if not isinstance(config, dict):
+        raise BadInput(f"config must be a dict (a config.json object), got {type(config).__name__}")
+    if not is_embedding_config(config):
+        raise BadInput(
+            "an embedding folder needs a gemma3_text backbone with use_bidirectional_attention: true, got "
+            f"model_type {config.get('model_type')!r}, use_bidirectional_attention "
+            f"{config.get('use_bidirectional_attention')!r}"
+        )
+    if dtype not in DTYPES:
+        raise BadInput(f"dtype {dtype!r} is not supported for random checkpoints; use {' or '.join(DTYPES)}")
+    if not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in dense):
+        raise BadInput(f"dense must list positive integer widths, got {dense!r}")
+    cfg = parse_config(config, source="random embedding config")
+    if cfg.vocab_size < TOKENIZER_VOCAB_SIZE:
+        raise BadInput(
+            f"vocab_size {cfg.vocab_size} is below the generated tokenizer's {TOKENIZER_VOCAB_SIZE} token ids"
+        )
+    if max_seq_length is None:
+        max_seq_length = min(EMBEDDINGGEMMA_HEAD["max_seq_length"], cfg.max_position_embeddings)
+    if not 0 < max_seq_length <= cfg.max_position_embeddings:
+        raise BadInput(f"max_seq_length must be between 1 and {cfg.max_position_embeddings}, got {max_seq_length}")
+    prompts = EMBEDDINGGEMMA_PROMPTS if prompts is None else prompts
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in [out / "modules.json", out / SINGLE_FILE, out / INDEX_FILE, *out.glob("model-*-of-*.safetensors")]:
+        stale.unlink(missing_ok=True)
+    backbone = _config_json({**config, "architectures": ["Gemma3TextModel"]}, cfg, dtype)
+    _write_json(out / "config.json", backbone)
+    write_tokenizer(out, model_max_length=max_seq_length, chat_template=False)
+
+    torch_dtype, st_dtype = DTYPES[dtype]
+    generator = torch.Generator().manual_seed(seed)
+    specs = [(name.removeprefix("model."), shape, init) for name, shape, init in tensor_specs(cfg)]
+    _write_safetensors(out / SINGLE_FILE, specs, generator, torch_dtype, st_dtype)
+
+    modules = [{"idx": 0, "name": "0", "path": "", "type": ST_MODULE_TYPES["Transformer"]}]
+
+    def module(kind: str) -> Path:
+        idx = len(modules)
+        modules.append({"idx": idx, "name": str(idx), "path": f"{idx}_{kind}", "type": ST_MODULE_TYPES[kind]})
+        path = out / f"{idx}_{kind}"
+        path.mkdir(exist_ok=True)
+        return path
+
+    pooling = {"embedding_dimension": cfg.hidden_size, "include_prompt": True, "pooling_mode": "mean"}
+    _write_json(module("Pooling") / "config.json", pooling)
+    widths = [cfg.hidden_size, *dense, cfg.hidden_size]
+    for n_in, n_out in itertools.pairwise(widths):
+        path = module("Dense")
+        _write_json(path / "config.json", {
+            "activation_function": "torch.nn.modules.linear.Identity",
+            "bias": False,
+            "in_features": n_in,
+            "out_features": n_out,
+            **_SENTENCE_EMBEDDING,
+        })  # fmt: skip
+        _write_safetensors(path / SINGLE_FILE, [("linear.weight", (n_out, n_in), n_in**-0.5)], generator,
+                           torch_dtype, st_dtype)  # fmt: skip
+    _write_json(module("Normalize") / "config.json", _SENTENCE_EMBEDDING)
+
+    _write_json(out / "sentence_bert_config.json", {
+        "do_lower_case": False,
+        "max_seq_length": max_seq_length,
+        "modality_config": {"text": {"method": "forward", "method_output_name": "last_hidden_state"}},
+        "module_output_name": "token_embeddings",
+        "transformer_task": "feature-extraction",
+    })  # fmt: skip
+    _write_json(out / "config_sentence_transformers.json", {
+        "default_prompt_name": None,
+        "model_type": "SentenceTransformer",
+        "prompts": dict(prompts),
+        "similarity_fn_name": "cosine",
+    })  # fmt: skip
+    _write_json(out / "modules.json", modules)  # last: a folder with modules.json is complete
+    return out
 
 
 def _config_json(config: dict[str, Any], cfg: GemmaConfig | GriffinConfig, dtype: str) -> dict[str, Any]:

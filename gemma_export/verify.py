@@ -44,6 +44,10 @@ class ParityReport:
     def passed(self) -> bool:
         return max(self.prefill_max_abs_error, self.decode_max_abs_error) <= self.tolerance
 
+    def summary(self) -> str:
+        return (f"max abs logit error prefill {self.prefill_max_abs_error:.3g}, decode "
+                f"{self.decode_max_abs_error:.3g} (tolerance {self.tolerance:g})")  # fmt: skip
+
     def to_json(self) -> dict:
         return {
             "metric": "max_abs_logit_error",
@@ -120,6 +124,10 @@ class EmbeddingReport:
     @property
     def passed(self) -> bool:
         return self.sentence_max_abs_error <= self.tolerance
+
+    def summary(self) -> str:
+        return (f"max abs embedding error {self.sentence_max_abs_error:.3g}, min cosine "
+                f"{self.sentence_min_cosine:.7f} (tolerance {self.tolerance:g})")  # fmt: skip
 
     def to_json(self) -> dict:
         return {"metric": "max_abs_embedding_error", **asdict(self), "passed": self.passed}

@@ -127,7 +127,7 @@ def test_build_records_parity_and_prompts(artifacts, st_folder) -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--precision", "fp16"], "fp16 is refused"),
+        (["--precision", "fp16"], "'fp16' is refused"),
         (["--dim", "65"], "--dim 65 must be between 1 and 64"),
     ],
 )
