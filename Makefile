@@ -31,8 +31,13 @@ lint: install
 	$(BIN)/ruff check gemma_export tests
 	$(BIN)/ruff format --check gemma_export tests
 
+# Benchmarks are not tests: they take long and print tables (README, "Command line"). Full-depth 2B models
+# need ~2x their fp32 weights in memory and hours of decode on 2 cores; BENCH_LAYERS keeps the first N layers
+# at full width (RecurrentGemma: 3 = one recurrent, recurrent, attention cycle). Set it empty for full depth.
+BENCH_LAYERS ?= 3
 bench: install
-	@echo "benchmarks arrive with the bench command (issue: CPU speed)"; exit 2
+	$(BIN)/gemma-export bench --random recurrentgemma-2b $(if $(BENCH_LAYERS),--layers $(BENCH_LAYERS)) --new-tokens 256,2048,8192
+	$(BIN)/gemma-export bench --random embeddinggemma-300m
 
 clean:
 	rm -rf build $(VENV) .pytest_cache .ruff_cache

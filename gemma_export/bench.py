@@ -100,6 +100,71 @@ def measure_transformers(checkpoint: Path, prompt: list[int], new_tokens: int, t
     return _result(start, stamps[1], stamps[-1], new_tokens, _hf_state_bytes(out.past_key_values, model))
 
 
+def synthetic_batch(vocab_size: int, batch: int, length: int, bos: int, seed: int = 0) -> np.ndarray:
+    """[batch, length] int64 ids: <bos>, then random ids past the special tokens; the same for every process."""
+    rng = np.random.default_rng([seed, batch, length])
+    ids = rng.integers(min(4, vocab_size - 1), vocab_size, (batch, length), dtype=np.int64)
+    ids[:, 0] = bos
+    return ids
+
+
+def time_calls(call, batch: int, min_seconds: float, max_repetitions: int) -> dict[str, Any]:
+    """One warm-up call, then calls until min_seconds have passed or max_repetitions were made."""
+    start = time.perf_counter()
+    call()
+    warmup = time.perf_counter() - start
+    calls, start = 0, time.perf_counter()
+    while True:
+        call()
+        calls += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= min_seconds or calls >= max_repetitions:
+            break
+    return {
+        "warmup_s": round(warmup, 4),
+        "repetitions": calls,
+        "batch_ms": round(1000 * elapsed / calls, 3),
+        "sentences_s": round(batch * calls / elapsed, 2),
+    }
+
+
+def measure_ours_embedding(artifact: Path, ids: np.ndarray, dim: int, threads: int, timing: dict) -> dict[str, Any]:
+    from gemma_export import package
+    from gemma_export.runtime import OrtEncoder
+
+    encoder = OrtEncoder(artifact, package.read_manifest(artifact), threads=threads)
+    mask = np.ones_like(ids)
+    out: list[np.ndarray] = []
+
+    def call() -> None:
+        out[:] = [encoder.embed(ids, mask)[0]]
+
+    result = time_calls(call, ids.shape[0], **timing)
+    return {**result, "embedding": out[0][0, :dim].tolist()}
+
+
+def measure_sentence_transformers(folder: Path, ids: np.ndarray, dim: int, threads: int, timing: dict) -> dict:
+    import torch
+    import torch.nn.functional as F
+    from sentence_transformers import SentenceTransformer
+
+    torch.set_num_threads(threads or os.cpu_count() or 1)
+    model = SentenceTransformer(str(folder), device="cpu").eval()
+    features = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.ones_like(torch.from_numpy(ids))}
+    out: list[torch.Tensor] = []
+
+    def call() -> None:
+        with torch.inference_mode():  # the module stack mutates the features dict: a fresh one per call
+            out[:] = [model(dict(features))["sentence_embedding"]]
+
+    result = time_calls(call, ids.shape[0], **timing)
+    e = out[0].float()
+    if dim < e.shape[-1]:  # Matryoshka truncation, as encode(truncate_dim=dim, normalize_embeddings=True)
+        e = F.normalize(e[:, :dim], p=2, dim=-1)
+    attn = getattr(model[0].auto_model.config, "_attn_implementation", None)
+    return {**result, "attn_implementation": attn, "embedding": e[0].tolist()}
+
+
 def _hf_state_bytes(cache: Any, model: Any) -> int:
     """transformers keeps KV caches in the Cache object, RecurrentGemma's recurrent state on its modules."""
     import torch
@@ -151,6 +216,18 @@ def _spawn(system: str, path: Path, args: list[str], cell: dict[str, Any], timeo
     return {"system": system, **json.loads(done.stdout.strip().splitlines()[-1])}
 
 
+def run_embedding_worker(
+    system: str, path: Path, cell: dict[str, int], model: dict[str, int], threads: int, timeout: float
+) -> dict[str, Any]:
+    """Embed one (batch, seq_length) cell with one system in a fresh process."""
+    args = [
+        "--batch", str(cell["batch"]), "--seq-length", str(cell["seq_length"]),
+        "--vocab-size", str(model["vocab_size"]), "--bos", str(model["bos_token_id"]), "--dim", str(model["dim"]),
+        "--threads", str(threads), "--min-seconds", str(MIN_CELL_SECONDS), "--max-repetitions", str(MAX_REPETITIONS),
+    ]  # fmt: skip
+    return _spawn(system, path, args, cell, timeout)
+
+
 def bench_prompt(vocab_size: int, length: int, bos: int) -> list[int]:
     rng = np.random.default_rng(0)
     return [bos, *rng.integers(min(4, vocab_size - 1), vocab_size, length - 1).tolist()]
@@ -166,8 +243,32 @@ def parse_counts(text: str) -> list[int]:
     return counts
 
 
+def parse_sizes(text: str, option: str) -> list[int]:
+    """A comma-separated list of positive integers (--batch-sizes, --seq-lengths)."""
+    try:
+        sizes = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise BadInput(f"{option} must be comma-separated integers, got {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise BadInput(f"{option} must list integers >= 1, got {text!r}")
+    return sizes
+
+
+def is_embedding_artifact(artifact: Path) -> bool:
+    from gemma_export import package
+
+    return package.read_manifest(artifact)["model"].get("task") == EMBEDDING_TASK
+
+
 def prepare_random(name: str, workdir: Path, layers: int | None, stages) -> tuple[Path, Path]:
-    """A random-weight checkpoint of a published size (optionally fewer layers) and its artifact, made once."""
+    """A random-weight checkpoint of a published size (optionally fewer layers) and its artifact, made once.
+
+    An embedding model (embeddinggemma-300m) is written as its sentence-transformers folder, Dense stack
+    768 -> 3072 -> 768 (4 x hidden) as EmbeddingGemma's. The checkpoint is written to a scratch folder and
+    renamed when complete, so an interrupted run is redone, not reused.
+    """
+    import shutil
+
     from gemma_export import random_checkpoint
     from gemma_export.build import BuildOptions, build
 
@@ -184,8 +285,16 @@ def prepare_random(name: str, workdir: Path, layers: int | None, stages) -> tupl
         tag = f"{name}-{layers}l"
     checkpoint, artifact = workdir / tag / "checkpoint", workdir / tag / "artifact"
     if not (checkpoint / "config.json").is_file():
+        partial = checkpoint.with_name("checkpoint.partial")
+        shutil.rmtree(partial, ignore_errors=True)
         with stages.stage(f"random checkpoint {tag}"):
-            random_checkpoint.write_random_checkpoint(checkpoint, config, seed=0, max_shard_bytes=2**31)
+            if random_checkpoint.is_embedding_config(config):
+                dense = (4 * config["hidden_size"],)
+                random_checkpoint.write_random_embedding_folder(partial, config, dense=dense, seed=0)
+            else:
+                random_checkpoint.write_random_checkpoint(partial, config, seed=0, max_shard_bytes=2**31)
+        shutil.rmtree(checkpoint, ignore_errors=True)
+        partial.rename(checkpoint)
     if not (artifact / "manifest.json").is_file():
         build(checkpoint, artifact, BuildOptions(force=True), stages)
     return checkpoint, artifact
@@ -218,10 +327,61 @@ def run_bench(
         if row.get("decode_tok_s") and ours.get("decode_tok_s"):
             row["speedup_vs_this"] = round(ours["decode_tok_s"] / row["decode_tok_s"], 2)
     return {
+        "task": "generation",
         "model": manifest["model"]["type"],
         "config": {k: cfg[k] for k in ("hidden_size", "num_hidden_layers", "vocab_size") if k in cfg},
         "prompt_tokens": prompt_tokens,
         "threads": threads or os.cpu_count(),
+        "rows": rows,
+    }
+
+
+def run_embedding_bench(
+    artifact: Path,
+    folder: Path | None,
+    batch_sizes: list[int],
+    seq_lengths: list[int],
+    threads: int,
+    compare: bool,
+    timeout: float,
+    stages,
+) -> dict[str, Any]:
+    """Sentences/s of an embedding artifact, per (batch, length) cell, beside sentence-transformers on `folder`."""
+    from gemma_export import package
+
+    manifest = package.read_manifest(artifact)
+    cfg = manifest["model"]["config"]
+    max_length = manifest["build"]["max_length"]
+    if max(seq_lengths) > max_length:
+        raise BadInput(f"--seq-lengths {max(seq_lengths)} exceeds the model's maximum length of {max_length}")
+    model = {"vocab_size": cfg["vocab_size"], "bos_token_id": cfg["bos_token_id"], "dim": manifest["model"]["dim"]}
+    rows = []
+    for length in seq_lengths:
+        for batch in batch_sizes:
+            cell = {"batch": batch, "seq_length": length}
+            with stages.stage(f"gemma-export, {batch} x {length} tokens"):
+                ours = run_embedding_worker("gemma-export", artifact, cell, model, threads, timeout)
+            rows.append(ours)
+            if compare and folder is not None:
+                with stages.stage(f"sentence-transformers, {batch} x {length} tokens"):
+                    theirs = run_embedding_worker("sentence-transformers", folder, cell, model, threads, timeout)
+                if "embedding" in ours and "embedding" in theirs:
+                    diff = np.abs(np.array(ours["embedding"]) - np.array(theirs["embedding"])).max()
+                    theirs["max_abs_diff"] = float(f"{diff:.3g}")
+                if ours.get("sentences_s") and theirs.get("sentences_s"):
+                    theirs["speedup_vs_this"] = round(ours["sentences_s"] / theirs["sentences_s"], 2)
+                rows.append(theirs)
+            if ours.get("sentences_s"):
+                ours["speedup_vs_this"] = 1.0
+    for row in rows:
+        row.pop("embedding", None)
+    return {
+        "task": EMBEDDING_TASK,
+        "model": manifest["model"]["type"],
+        "config": {k: cfg[k] for k in ("hidden_size", "num_hidden_layers", "vocab_size") if k in cfg},
+        "dim": model["dim"],
+        "threads": threads or os.cpu_count(),
+        "min_cell_seconds": MIN_CELL_SECONDS,
         "rows": rows,
     }
 
@@ -231,6 +391,10 @@ def print_table(result: dict[str, Any]) -> None:
     from rich.table import Table
 
     from gemma_export.progress import human_bytes
+
+    if result.get("task") == EMBEDDING_TASK:
+        print_embedding_table(result)
+        return
 
     title = (f"{result['model']} {result['config']}, prompt {result['prompt_tokens']} tokens, "
              f"{result['threads']} threads")  # fmt: skip
@@ -245,17 +409,56 @@ def print_table(result: dict[str, Any]) -> None:
     Console().print(table)
 
 
+def print_embedding_table(result: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from gemma_export.progress import human_bytes
+
+    title = (f"{result['model']} {result['config']}, dim {result['dim']}, {result['threads']} threads, "
+             f"synthetic ids, no padding")  # fmt: skip
+    columns = ("batch", "tokens", "system", "sentences/s", "ms / batch", "calls", "ours / this", "peak RSS",
+               "max |diff|")  # fmt: skip
+    table = Table(*columns, title=title)
+    for r in result["rows"]:
+        cell = (str(r["batch"]), str(r["seq_length"]), r["system"])
+        if "error" in r:
+            table.add_row(*cell, "-", r["error"], "-", "-", "-", "-")
+            continue
+        diff = f"{r['max_abs_diff']:.1e}" if "max_abs_diff" in r else "-"
+        table.add_row(*cell, f"{r['sentences_s']:.2f}", f"{r['batch_ms']:.1f}", str(r["repetitions"]),
+                      str(r.get("speedup_vs_this", "-")), human_bytes(r["peak_rss_bytes"]), diff)  # fmt: skip
+    Console().print(table)
+
+
 def _main() -> None:
     parser = argparse.ArgumentParser(description="gemma-export bench worker (internal)")
-    parser.add_argument("--worker", choices=SYSTEMS, required=True)
+    parser.add_argument("--worker", choices=sorted({*SYSTEMS, *EMBEDDING_SYSTEMS}), required=True)
     parser.add_argument("path", type=Path)
-    parser.add_argument("--prompt", required=True)
-    parser.add_argument("--new-tokens", type=int, required=True)
     parser.add_argument("--threads", type=int, default=0)
+    decode = parser.add_argument_group("decoders")
+    decode.add_argument("--prompt")
+    decode.add_argument("--new-tokens", type=int)
+    embed = parser.add_argument_group("embedding models (given --batch)")
+    embed.add_argument("--batch", type=int)
+    embed.add_argument("--seq-length", type=int)
+    embed.add_argument("--vocab-size", type=int)
+    embed.add_argument("--bos", type=int)
+    embed.add_argument("--dim", type=int)
+    embed.add_argument("--min-seconds", type=float, default=MIN_CELL_SECONDS)
+    embed.add_argument("--max-repetitions", type=int, default=MAX_REPETITIONS)
     args = parser.parse_args()
-    prompt = [int(t) for t in args.prompt.split(",")]
-    measure = measure_ours if args.worker == "gemma-export" else measure_transformers
-    print(json.dumps(measure(args.path, prompt, args.new_tokens, args.threads)))
+    if args.batch is not None:
+        ids = synthetic_batch(args.vocab_size, args.batch, args.seq_length, args.bos)
+        timing = {"min_seconds": args.min_seconds, "max_repetitions": args.max_repetitions}
+        embedders = {"gemma-export": measure_ours_embedding, "sentence-transformers": measure_sentence_transformers}
+        result = embedders[args.worker](args.path, ids, args.dim, args.threads, timing)
+        result = {"batch": args.batch, "seq_length": args.seq_length, **result, "peak_rss_bytes": peak_rss_bytes()}
+    else:
+        prompt = [int(t) for t in args.prompt.split(",")]
+        measure = measure_ours if args.worker == "gemma-export" else measure_transformers
+        result = measure(args.path, prompt, args.new_tokens, args.threads)
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -188,27 +188,39 @@ def bench(
     layers: Annotated[int | None, typer.Option(help="With --random: keep only the first N layers.")] = None,
     new_tokens: Annotated[str, typer.Option(help="Comma-separated generation lengths.")] = "256,2048,8192",
     prompt_tokens: Annotated[int, typer.Option(min=1)] = 16,
+    batch_sizes: Annotated[
+        str, typer.Option(help="Embedding models: comma-separated batch sizes (sentences per call).")
+    ] = "1,8,32",
+    seq_lengths: Annotated[str, typer.Option(help="Embedding models: comma-separated sentence lengths.")] = "64,512",
     threads: Annotated[int, typer.Option(help="Threads per system (0 = all cores).")] = 0,
-    compare: Annotated[bool, typer.Option(help="Also run transformers eager in the same run.")] = True,
+    compare: Annotated[
+        bool, typer.Option(help="Also run transformers eager (sentence-transformers for embeddings) in the same run.")
+    ] = True,
     timeout: Annotated[float, typer.Option(help="Seconds allowed per measurement.")] = 3600.0,
     workdir: Annotated[Path, typer.Option(help="Where --random checkpoints and artifacts are kept.")] = Path(
         "build/bench"
     ),
     as_json: JsonFlag = False,
 ) -> None:
-    """Decode speed and memory of an artifact, beside transformers eager in the same run."""
+    """Speed and memory of an artifact beside the PyTorch original in the same run: decode tokens/s against
+    transformers eager, or (embedding artifacts) sentences/s against sentence-transformers."""
     from gemma_export import bench as bench_mod
     from gemma_export.generation import check_threads
     from gemma_export.progress import Stages
 
     counts = bench_mod.parse_counts(new_tokens)
+    sizes = bench_mod.parse_sizes(batch_sizes, "--batch-sizes")
+    lengths = bench_mod.parse_sizes(seq_lengths, "--seq-lengths")
     check_threads(threads)
     stages = Stages(quiet=as_json)
     if random is not None:
         checkpoint, artifact = bench_mod.prepare_random(random, workdir, layers, stages)
     elif artifact is None:
         raise BadInput("give an ARTIFACT folder or --random NAME")
-    result = bench_mod.run_bench(artifact, checkpoint, counts, prompt_tokens, threads, compare, timeout, stages)
+    if bench_mod.is_embedding_artifact(artifact):
+        result = bench_mod.run_embedding_bench(artifact, checkpoint, sizes, lengths, threads, compare, timeout, stages)
+    else:
+        result = bench_mod.run_bench(artifact, checkpoint, counts, prompt_tokens, threads, compare, timeout, stages)
     if as_json:
         print(json.dumps({"ok": True, **result}, indent=2))
     else:

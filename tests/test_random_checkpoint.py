@@ -20,19 +20,23 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from gemma_export import load, random_checkpoint
+from gemma_export import embedding, load, random_checkpoint
 from gemma_export.config import GLOBAL, SLIDING, GriffinConfig, load_config, parse_config, parse_griffin_config
 from gemma_export.errors import BadInput
+from gemma_export.generation import load_tokenizer
 from gemma_export.random_checkpoint import (
+    EMBEDDINGGEMMA_PROMPTS,
     PUBLISHED_CONFIGS,
     SPECIAL_TOKENS,
     TINY_CONFIGS,
     TOKENIZER_VOCAB_SIZE,
+    is_embedding_config,
     tensor_specs,
     write_published,
     write_random_checkpoint,
+    write_random_embedding_folder,
 )
-from gemma_export.runtime import TorchDecoder, positions
+from gemma_export.runtime import TorchDecoder, TorchEncoder, left_pad, positions
 
 transformers = pytest.importorskip("transformers")
 
@@ -69,7 +73,8 @@ def _logits(model: torch.nn.Module) -> torch.Tensor:
 
 
 def _files(path: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
+    """Every file under path (recursively), by its relative path."""
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
@@ -247,11 +252,13 @@ def test_published_configs_match_transformers(name: str) -> None:
     fields += ["num_key_value_heads", "head_dim"]
     assert {f: getattr(ours, f) for f in fields} == {f: getattr(theirs, f) for f in fields}
 
+    embedder = is_embedding_config(raw)  # a bare Gemma3TextModel: AutoModel, tensors without "model."
     with torch.device("meta"):
-        model = transformers.AutoModelForCausalLM.from_config(theirs)
+        auto = transformers.AutoModel if embedder else transformers.AutoModelForCausalLM
+        model = auto.from_config(theirs)
     assert type(model).__name__ == raw["architectures"][0]
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    specs = tensor_specs(ours)
+    specs = [(n.removeprefix("model.") if embedder else n, s, i) for n, s, i in tensor_specs(ours)]
     assert [(n, s) for n, s, _ in specs] == list(expected.items())  # same names, shapes and order
     assert sum(math.prod(s) for _, s, _ in specs) == sum(math.prod(s) for s in expected.values())
 
@@ -325,3 +332,139 @@ def _genai_config(config: dict) -> dict:
         },
         "search": {"do_sample": False, "max_length": config["max_position_embeddings"], "num_beams": 1},
     }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# EmbeddingGemma folders
+# ---------------------------------------------------------------------------------------------------------
+
+TINY_EMBEDDING = {**TINY_CONFIGS["gemma3_text"], "use_bidirectional_attention": True}
+EMBEDDING_TEXTS = [
+    "hello world",
+    " ".join(["the quick brown fox jumps over the lazy dog"] * 6),  # > 2x the bidirectional window (9)
+    "a short one",
+]
+ST_MODULES = ["Transformer", "Pooling", "Dense", "Dense", "Normalize"]
+
+
+@pytest.fixture(scope="module")
+def embedding_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_random_embedding_folder(tmp_path_factory.mktemp("embedding") / "st", TINY_EMBEDDING, dense=(256,))
+
+
+@pytest.fixture(scope="module")
+def st_model(embedding_folder: Path):
+    st = pytest.importorskip("sentence_transformers")
+    return st.SentenceTransformer(str(embedding_folder), device="cpu")
+
+
+def _ours(folder: Path, texts: list[str], prompt: str) -> np.ndarray:
+    _, head, model = load.load_embedding(folder)
+    ids = embedding.tokenize(load_tokenizer(folder), texts, prompt, head.max_seq_length)
+    return TorchEncoder(model).embed(*left_pad(ids, 0))[0]
+
+
+@pytest.mark.parametrize("task", ["query", "document", None])
+def test_embedding_folder_agrees_with_sentence_transformers(embedding_folder: Path, st_model, task) -> None:
+    """sentence-transformers loads the folder as the EmbeddingGemma pipeline it describes, and our loader
+    reads the same model from it: same embeddings, task prompts applied alike."""
+    assert [type(m).__name__ for m in st_model] == ST_MODULES
+    assert st_model.prompts == EMBEDDINGGEMMA_PROMPTS and st_model.default_prompt_name is None
+    assert st_model.max_seq_length == 1024 and st_model.similarity_fn_name == "cosine"
+    assert [(m.in_features, m.out_features) for m in (st_model[2], st_model[3])] == [(64, 256), (256, 64)]
+    assert st_model[0].auto_model.config.use_bidirectional_attention
+    expected = st_model.encode(EMBEDDING_TEXTS, prompt_name=task, normalize_embeddings=True)
+    got = _ours(embedding_folder, EMBEDDING_TEXTS, EMBEDDINGGEMMA_PROMPTS[task] if task else "")
+    assert got.shape == (len(EMBEDDING_TEXTS), 64)
+    assert np.abs(got - expected).max() <= 1e-5
+    assert np.abs(expected[0] - expected[2]).max() > 1e-2  # not a degenerate model: inputs matter
+
+
+def test_embedding_folder_is_what_sentence_transformers_writes(embedding_folder: Path, st_model, tmp_path) -> None:
+    """Saving the loaded model again with sentence-transformers 6.2 gives the same module files, and the
+    backbone loads in transformers' AutoModel with every tensor used."""
+    st_model.save(str(tmp_path))
+
+    def read(folder: Path, name: str) -> object:
+        return json.loads((folder / name).read_text())
+
+    for name in ["modules.json", "1_Pooling/config.json", "2_Dense/config.json", "3_Dense/config.json",
+                 "4_Normalize/config.json"]:  # fmt: skip
+        assert read(embedding_folder, name) == read(tmp_path, name), name
+    theirs = read(tmp_path, "config_sentence_transformers.json")
+    theirs.pop("__version__")  # which versions wrote the file: not written (see the config.json convention)
+    assert read(embedding_folder, "config_sentence_transformers.json") == theirs
+    ours = read(embedding_folder, "sentence_bert_config.json")
+    # sentence-transformers 6 keeps max_seq_length in the tokenizer; the hub's files (and our reader) have it here
+    assert {k: v for k, v in ours.items() if k not in ("max_seq_length", "do_lower_case")} == read(
+        tmp_path, "sentence_bert_config.json"
+    )
+    assert ours["max_seq_length"] == read(tmp_path, "tokenizer_config.json")["model_max_length"] == 1024
+    tokenizer_config = read(embedding_folder, "tokenizer_config.json")
+    assert "chat_template" not in tokenizer_config and not (embedding_folder / "chat_template.jinja").exists()
+    for dense in ("2_Dense", "3_Dense"):
+        with safe_open(str(embedding_folder / dense / "model.safetensors"), framework="pt") as f:
+            assert list(f.keys()) == ["linear.weight"]
+
+    model, info = transformers.AutoModel.from_pretrained(embedding_folder, output_loading_info=True)
+    assert type(model).__name__ == "Gemma3TextModel"
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    assert json.loads((embedding_folder / "config.json").read_text())["architectures"] == ["Gemma3TextModel"]
+
+
+def test_embedding_folder_same_seed_same_bytes(embedding_folder: Path, tmp_path: Path) -> None:
+    again = tmp_path / "again"
+    code = (
+        "import sys; from pathlib import Path; from gemma_export.random_checkpoint import *; "
+        "write_random_embedding_folder(Path(sys.argv[1]), {**TINY_CONFIGS['gemma3_text'], "
+        "'use_bidirectional_attention': True}, dense=(256,))"
+    )
+    env = {**os.environ, "PYTHONHASHSEED": "12345", "PYTHONPATH": str(ROOT)}
+    subprocess.run([sys.executable, "-c", code, str(again)], check=True, env=env, timeout=120)
+    assert _files(again) == _files(embedding_folder)
+
+    other = _files(write_random_embedding_folder(tmp_path / "other", TINY_EMBEDDING, dense=(256,), seed=1))
+    same = _files(again)
+    for weights in ("model.safetensors", "2_Dense/model.safetensors", "3_Dense/model.safetensors"):
+        assert other.pop(weights) != same.pop(weights), weights
+    assert other == same  # configs and tokenizer do not depend on the seed
+
+
+def test_embeddinggemma_300m_config() -> None:
+    """The published backbone and head: sizes as the hub's folder, ~300M parameters, written as an embedding
+    folder by write_published."""
+    raw = PUBLISHED_CONFIGS["embeddinggemma-300m"]
+    assert is_embedding_config(raw) and raw["architectures"] == ["Gemma3TextModel"]
+    cfg = parse_config(raw)
+    assert (cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers) == (768, 1152, 24)
+    assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.vocab_size) == (3, 1, 256, 262144)
+    assert cfg.sliding_window == 512 // 2 + 1 and cfg.max_position_embeddings == 2048
+    assert cfg.layer_types == ((SLIDING,) * 5 + (GLOBAL,)) * 4
+    assert cfg.rope[SLIDING].theta == 10000.0 and cfg.rope[GLOBAL].theta == 1e6
+    backbone = sum(math.prod(s) for _, s, _ in tensor_specs(cfg))
+    head = 2 * 768 * 3072
+    assert 300e6 < backbone + head < 310e6
+    assert random_checkpoint.EMBEDDINGGEMMA_HEAD["dense"] == (3072,)
+    assert EMBEDDINGGEMMA_PROMPTS["query"] == "task: search result | query: " and len(EMBEDDINGGEMMA_PROMPTS) == 14
+
+
+def test_write_published_embedding(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(random_checkpoint.PUBLISHED_CONFIGS, "tiny-embedding", TINY_EMBEDDING)
+    out = write_published(tmp_path / "published", "tiny-embedding", seed=2)
+    assert _files(out) == _files(write_random_embedding_folder(tmp_path / "direct", TINY_EMBEDDING, seed=2))
+    assert json.loads((out / "3_Dense" / "config.json").read_text())["in_features"] == 3072
+
+
+@pytest.mark.parametrize(
+    ("config", "kwargs", "match"),
+    [
+        (TINY_CONFIGS["gemma3_text"], {}, "use_bidirectional_attention: true"),
+        ({**TINY_CONFIGS["gemma2"], "use_bidirectional_attention": True}, {}, "gemma3_text backbone"),
+        (TINY_EMBEDDING, {"dense": (0,)}, "positive integer widths"),
+        (TINY_EMBEDDING, {"max_seq_length": 4096}, "max_seq_length must be between 1 and 1024"),
+        (TINY_EMBEDDING, {"dtype": "float16"}, "dtype 'float16'"),
+    ],
+)
+def test_embedding_folder_rejects(tmp_path: Path, config: dict, kwargs: dict, match: str) -> None:
+    with pytest.raises(BadInput, match=match):
+        write_random_embedding_folder(tmp_path, config, **kwargs)
