@@ -275,6 +275,16 @@ def parse_griffin_config(raw: dict[str, Any], source: str = "config.json") -> Gr
     return cfg
 
 
+def read_json(path: Path) -> Any:
+    """A JSON file the user handed us; missing or malformed is a one-line BadInput naming it."""
+    if not Path(path).is_file():
+        raise BadInput(f"{path}: missing")
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadInput(f"{path}: not valid JSON ({e})") from None
+
+
 def load_config(checkpoint_dir: Path) -> GemmaConfig | GriffinConfig:
     """Read and validate `checkpoint_dir/config.json`."""
     path = Path(checkpoint_dir) / "config.json"
@@ -282,10 +292,7 @@ def load_config(checkpoint_dir: Path) -> GemmaConfig | GriffinConfig:
         raise BadInput(f"{checkpoint_dir}: checkpoint directory does not exist")
     if not path.is_file():
         raise BadInput(f"{path}: no config.json in the checkpoint directory")
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BadInput(f"{path}: not valid JSON ({e})") from None
+    raw = read_json(path)
     if not isinstance(raw, dict):
         raise BadInput(f"{path}: expected a JSON object")
     if raw.get("model_type") == "recurrent_gemma":

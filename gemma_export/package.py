@@ -23,7 +23,7 @@ import onnx
 import onnx_ir as ir
 
 from gemma_export import __version__
-from gemma_export.config import GemmaConfig, GriffinConfig
+from gemma_export.config import GemmaConfig, GriffinConfig, read_json
 from gemma_export.errors import BadInput
 
 MANIFEST = "manifest.json"
@@ -221,10 +221,7 @@ def read_manifest(artifact_dir: Path) -> dict[str, Any]:
         raise BadInput(f"{artifact_dir}: artifact directory does not exist")
     if not path.is_file():
         raise BadInput(f"{artifact_dir}: no {MANIFEST}; not a gemma-export artifact")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BadInput(f"{path}: not valid JSON ({e})") from None
+    manifest = read_json(path)
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
         raise BadInput(f"{path}: unknown manifest format (expected {MANIFEST_FORMAT!r})")
     missing = [key for key in MANIFEST_KEYS if not isinstance(manifest.get(key), dict | list)]

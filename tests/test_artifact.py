@@ -7,13 +7,12 @@ import json
 import numpy as np
 import onnx
 import pytest
-import torch
 
 from gemma_export import load, package, verify
 from gemma_export.build import BuildOptions, build
 from gemma_export.progress import Stages
-from gemma_export.runtime import OrtDecoder, TorchDecoder, generate, left_pad
-from tests.test_reference import long_and_padded
+from gemma_export.runtime import OrtDecoder, TorchDecoder, generate
+from tests.test_reference import hf_greedy, long_and_padded
 
 TOL = 1e-4
 
@@ -34,17 +33,7 @@ def test_artifact_matches_reference_prefill_and_decode(artifact, checkpoint) -> 
 def test_artifact_greedy_tokens_match_transformers(artifact, checkpoint, hf_model) -> None:
     cfg, _ = load.load_model(checkpoint)
     prompts = long_and_padded(cfg)
-    ids, mask = left_pad(prompts, cfg.pad_token_id)
-    with torch.no_grad():
-        hf_out = hf_model.generate(
-            input_ids=torch.from_numpy(ids),
-            attention_mask=torch.from_numpy(mask),
-            max_new_tokens=20,
-            min_new_tokens=20,
-            do_sample=False,
-            pad_token_id=cfg.pad_token_id,
-        )
-    expected = hf_out[:, ids.shape[1] :].tolist()
+    expected = hf_greedy(hf_model, prompts, 20, cfg.pad_token_id)
     ours = generate(OrtDecoder(artifact, package.read_manifest(artifact)), prompts, 20, pad_id=cfg.pad_token_id)
     assert ours == expected
 

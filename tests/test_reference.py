@@ -46,22 +46,26 @@ def test_reference_matches_transformers(checkpoint, hf_model) -> None:
     assert np.abs(ref[real] - ours[real]).max() <= TOL
 
 
+def hf_greedy(hf_model, prompts: list[list[int]], new_tokens: int, pad_id: int) -> list[list[int]]:
+    """transformers' generate on a left-padded batch: exactly `new_tokens` greedy tokens per row."""
+    ids, mask = left_pad(prompts, pad_id)
+    with torch.no_grad():
+        out = hf_model.generate(
+            input_ids=torch.from_numpy(ids),
+            attention_mask=torch.from_numpy(mask),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=pad_id,
+        )
+    return out[:, ids.shape[1] :].tolist()
+
+
 def test_greedy_tokens_match_transformers_generate(checkpoint, hf_model) -> None:
     cfg, model = load.load_model(checkpoint)
     prompts = long_and_padded(cfg)
-    ids, mask = left_pad(prompts, cfg.pad_token_id)
-    with torch.no_grad():
-        hf_out = hf_model.generate(
-            input_ids=torch.from_numpy(ids),
-            attention_mask=torch.from_numpy(mask),
-            max_new_tokens=20,
-            min_new_tokens=20,
-            do_sample=False,
-            pad_token_id=cfg.pad_token_id,
-        )
-    expected = hf_out[:, ids.shape[1] :].tolist()
-    ours = generate(TorchDecoder(model), prompts, 20, eos_ids=(), pad_id=cfg.pad_token_id)
-    assert ours == expected
+    expected = hf_greedy(hf_model, prompts, 20, cfg.pad_token_id)
+    assert generate(TorchDecoder(model), prompts, 20, eos_ids=(), pad_id=cfg.pad_token_id) == expected
 
 
 def test_embedding_scale_is_rounded_to_compute_dtype() -> None:

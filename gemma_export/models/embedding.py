@@ -12,7 +12,6 @@ The head is read from the folder (`modules.json` and each module's config), neve
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gemma_export.config import GemmaConfig
+from gemma_export.config import GemmaConfig, read_json
 from gemma_export.errors import BadInput
 from gemma_export.models.gemma import GemmaModel
 
@@ -51,7 +50,7 @@ class HeadConfig:
     def full_dim(self) -> int:
         return self.dense[-1].out_features if self.dense else 0
 
-    def to_json(self) -> dict[str, Any]:
+    def toread_json(self) -> dict[str, Any]:
         return {
             "pooling": "mean",
             "dense": [vars(d) for d in self.dense],
@@ -69,7 +68,7 @@ def is_sentence_transformers_folder(folder: Path) -> bool:
 def read_head(folder: Path, hidden_size: int) -> HeadConfig:
     """Parse modules.json and the module configs; anything we do not reproduce exactly is refused."""
     folder = Path(folder)
-    modules = _json(folder / "modules.json")
+    modules = read_json(folder / "modules.json")
     if not isinstance(modules, list) or not modules:
         raise BadInput(f"{folder / 'modules.json'}: expected a non-empty list of modules")
     kinds = [str(m.get("type", "")).rsplit(".", 1)[-1] for m in modules]
@@ -94,12 +93,12 @@ def read_head(folder: Path, hidden_size: int) -> HeadConfig:
             normalize = True
         else:
             raise BadInput(f"{folder / 'modules.json'}: unsupported sentence-transformers module {kind!r}")
-    st_config = _json(folder / "config_sentence_transformers.json") if (
+    st_config = read_json(folder / "config_sentence_transformers.json") if (
         folder / "config_sentence_transformers.json").is_file() else {}  # fmt: skip
     prompts = st_config.get("prompts") or {}
     if not isinstance(prompts, dict) or not all(isinstance(v, str) for v in prompts.values()):
         raise BadInput(f"{folder / 'config_sentence_transformers.json'}: 'prompts' must map names to strings")
-    bert = _json(folder / "sentence_bert_config.json") if (folder / "sentence_bert_config.json").is_file() else {}
+    bert = read_json(folder / "sentence_bert_config.json") if (folder / "sentence_bert_config.json").is_file() else {}
     return HeadConfig(
         dense=tuple(dense),
         normalize=normalize,
@@ -110,7 +109,7 @@ def read_head(folder: Path, hidden_size: int) -> HeadConfig:
 
 
 def _check_pooling(path: Path) -> None:
-    cfg = _json(path)
+    cfg = read_json(path)
     # sentence-transformers 6 writes {"pooling_mode": "mean"}; 5 and the published folders write flags.
     mode = cfg.get("pooling_mode")
     if mode is None:
@@ -123,7 +122,7 @@ def _check_pooling(path: Path) -> None:
 
 
 def _read_dense(path: Path, name: str) -> DenseSpec:
-    cfg = _json(path / "config.json")
+    cfg = read_json(path / "config.json")
     activation = cfg.get("activation_function", "torch.nn.modules.linear.Identity")
     if activation not in IDENTITY_ACTIVATIONS:
         raise BadInput(f"{path / 'config.json'}: activation {activation!r} is not supported (only Identity)")
@@ -131,15 +130,6 @@ def _read_dense(path: Path, name: str) -> DenseSpec:
         return DenseSpec(name, int(cfg["in_features"]), int(cfg["out_features"]), bool(cfg.get("bias", True)))
     except (KeyError, TypeError, ValueError) as e:
         raise BadInput(f"{path / 'config.json'}: bad Dense config ({e})") from None
-
-
-def _json(path: Path) -> Any:
-    if not path.is_file():
-        raise BadInput(f"{path}: missing")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BadInput(f"{path}: not valid JSON ({e})") from None
 
 
 class EmbeddingGemma(nn.Module):
