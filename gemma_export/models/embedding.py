@@ -50,7 +50,7 @@ class HeadConfig:
     def full_dim(self) -> int:
         return self.dense[-1].out_features if self.dense else 0
 
-    def toread_json(self) -> dict[str, Any]:
+    def to_json(self) -> dict[str, Any]:
         return {
             "pooling": "mean",
             "dense": [vars(d) for d in self.dense],
