@@ -31,13 +31,13 @@ from onnx import TensorProto, helper
 from gemma_export.ops import attention as attention_op
 from gemma_export.optimize import attach_functions
 from gemma_export.trace import OPSET
+from tests import op_harness as harness
 
 ROOT = Path(__file__).resolve().parents[1]
 VECTOR_DIR = ROOT / "graphs" / "attention" / "vectors"
 VECTORS = sorted(VECTOR_DIR.glob("*.json"))
 REFERENCE_TOL = 1e-6
 ONNX_TOL = 1e-5
-IR_VERSION = 10  # onnx.helper writes IR 14 by default; onnxruntime 1.31 reads up to 10 (ONNX 1.16 era)
 INPUTS = ("query", "key", "value", "attention_mask")
 ATTRIBUTES = ("scale", "softcap", "window", "causal", "kv_num_heads")
 DTYPES = {"float32": np.float32, "int64": np.int64}
@@ -92,29 +92,12 @@ def one_node_model(attrs: dict, elem: int = TensorProto.FLOAT, mask_elem: int = 
     inputs = [helper.make_tensor_value_info(n, elem, dims[n]) for n in INPUTS[:3]]
     inputs.append(helper.make_tensor_value_info("attention_mask", mask_elem, ["B", "T"]))
     output = helper.make_tensor_value_info("output", elem, ["B", "H", "S", "D"])
-    model = helper.make_model(
-        helper.make_graph([node], "attention", inputs, [output]),
-        opset_imports=[
-            helper.make_opsetid("", OPSET),
-            helper.make_opsetid(attention_op.DOMAIN, attention_op.DOMAIN_VERSION),
-        ],
-        functions=attention_op.function_protos(OPSET),
-        ir_version=IR_VERSION,
-    )
-    onnx.checker.check_model(model, full_check=True)
-    return model
-
-
-def session(model: onnx.ModelProto) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.intra_op_num_threads = 1
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return harness.one_node_model(node, inputs, [output], attention_op.function_protos(OPSET))
 
 
 @functools.lru_cache(maxsize=64)
 def function_session(attr_items: tuple, mask_elem: int = TensorProto.INT64) -> ort.InferenceSession:
-    return session(one_node_model(dict(attr_items), mask_elem=mask_elem))
+    return harness.session(one_node_model(dict(attr_items), mask_elem=mask_elem))
 
 
 def run_function(arrays: dict[str, np.ndarray], attrs: dict, mask_elem: int = TensorProto.INT64) -> np.ndarray:
@@ -180,7 +163,7 @@ def test_onnx_function_runs_float16() -> None:
     """float16 activations: scores and softmax still in float32 (graphs/attention.md, numerical notes)."""
     case = load_vector(VECTOR_DIR / "causal_past_window_softcap.json")
     arrays = {n: a.astype(np.float16) if a.dtype == np.float32 else a for n, a in case["arrays"].items()}
-    sess = session(one_node_model(case["attributes"], elem=TensorProto.FLOAT16))
+    sess = harness.session(one_node_model(case["attributes"], elem=TensorProto.FLOAT16))
     out = sess.run(None, {n: arrays[n] for n in INPUTS})[0]
     assert out.dtype == np.float16
     assert row_error(out, case["arrays"]["output"], case["excluded"]) <= 5e-3
@@ -253,7 +236,7 @@ def test_exported_graph_runs_at_any_length(exported: onnx.ModelProto, batch, seq
         "value": rng.standard_normal((batch, 2, total, 8), dtype=np.float32),
         "attention_mask": (np.arange(total)[None] >= np.array(left_pad)[:, None]).astype(np.int64),
     }
-    out = session(model).run(None, {n: arrays[n] for n in INPUTS})[0]
+    out = harness.session(model).run(None, {n: arrays[n] for n in INPUTS})[0]
     attrs = {**EXPORT_ATTRS, "kv_num_heads": 2}
     visible = visibility(arrays["attention_mask"], seq, attrs["window"], attrs["causal"])
     assert row_error(out, run_reference(arrays, attrs), ~visible.any(axis=-1)) <= ONNX_TOL
@@ -371,9 +354,9 @@ def test_group_query_attention_lowering(path: Path) -> None:
     model = helper.make_model(
         graph,
         opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)],
-        ir_version=IR_VERSION,
+        ir_version=harness.IR_VERSION,
     )
-    sess = session(model)
+    sess = harness.session(model)
     rows = []
     for b in range(batch):  # GQA takes a batch of one when S > 1 and there is a past (graphs/attention.md)
         row = {n: x[n][b : b + 1] for n in ("query", "key", "value")}
@@ -415,8 +398,8 @@ def test_opset23_attention_lowering(path: Path) -> None:
         ],
         [helper.make_tensor_value_info("output", f, list(x["query"].shape))],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=harness.IR_VERSION)
     onnx.checker.check_model(model)
     visible = visibility(x["attention_mask"], seq, a["window"], a["causal"])[:, None]
-    out = session(model).run(None, {**{n: x[n] for n in INPUTS[:3]}, "visible": visible})[0]
+    out = harness.session(model).run(None, {**{n: x[n] for n in INPUTS[:3]}, "visible": visible})[0]
     assert row_error(out, x["output"], case["excluded"]) <= ONNX_TOL

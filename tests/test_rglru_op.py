@@ -35,13 +35,13 @@ from gemma_export.models.griffin import causal_conv1d
 from gemma_export.ops import rglru as rglru_op
 from gemma_export.optimize import attach_functions
 from gemma_export.trace import OPSET
+from tests import op_harness as harness
 
 ROOT = Path(__file__).resolve().parents[1]
 VECTOR_DIR = ROOT / "graphs" / "rglru" / "vectors"
 VECTORS = sorted(VECTOR_DIR.glob("*.json"))
 REFERENCE_TOL = 1e-6
 ONNX_TOL = 1e-5
-IR_VERSION = 10  # onnx.helper writes IR 14 by default; onnxruntime 1.31 reads up to 10 (ONNX 1.16 era)
 INPUTS = ("x", "log_a", "reset", "h0")
 OUTPUTS = ("y", "h_last")
 DTYPES = {"float32": np.float32, "bool": np.bool_}
@@ -83,26 +83,12 @@ def one_node_model(elem: int = TensorProto.FLOAT) -> onnx.ModelProto:
         helper.make_tensor_value_info("y", elem, ["B", "S", "W"]),
         helper.make_tensor_value_info("h_last", TensorProto.FLOAT, ["B", "W"]),
     ]
-    model = helper.make_model(
-        helper.make_graph([node], "rglru", inputs, outputs),
-        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(rglru_op.DOMAIN, rglru_op.DOMAIN_VERSION)],
-        functions=rglru_op.function_protos(OPSET),
-        ir_version=IR_VERSION,
-    )
-    onnx.checker.check_model(model, full_check=True)
-    return model
-
-
-def session(model: onnx.ModelProto) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.intra_op_num_threads = 1
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return harness.one_node_model(node, inputs, outputs, rglru_op.function_protos(OPSET))
 
 
 @functools.lru_cache(maxsize=4)
 def function_session(elem: int = TensorProto.FLOAT) -> ort.InferenceSession:
-    return session(one_node_model(elem))
+    return harness.session(one_node_model(elem))
 
 
 def run_function(arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -281,7 +267,7 @@ def test_attached_graph_is_small(attached: onnx.ModelProto) -> None:
 
 @pytest.fixture(scope="module")
 def attached_session(attached: onnx.ModelProto) -> ort.InferenceSession:
-    return session(attached)  # one session, hence one graph, for every length
+    return harness.session(attached)  # one session, hence one graph, for every length
 
 
 @pytest.mark.parametrize("seq", [1, 7, 300])
