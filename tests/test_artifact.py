@@ -129,3 +129,15 @@ def test_chunked_prefill_through_the_cache_matches_one_pass(artifact, checkpoint
     assert generate(OrtDecoder(artifact, manifest), prompts, 8, pad_id=cfg.pad_token_id) == whole
     report = verify.compare(TorchDecoder(model), OrtDecoder(artifact, manifest), cfg, TOL)
     assert report.prefill_max_abs_error <= TOL and report.decode_max_abs_error <= TOL
+
+
+def test_inspect_shows_the_contract(artifact, capsys) -> None:
+    from gemma_export.cli import main
+
+    assert main(["inspect", str(artifact), "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["ok"] and shown["manifest"] == package.read_manifest(artifact)
+    assert main(["inspect", str(artifact)]) == 0
+    text = capsys.readouterr().out
+    for expected in ("input_ids", "past_key_values.{i}.key", "present.{i}.value", "model.onnx.data", "parity"):
+        assert expected in text
