@@ -15,6 +15,7 @@ import typer
 from typer.exceptions import TyperException
 
 from gemma_export.errors import BadInput, GemmaExportError, ParityError
+from gemma_export.verify import describe_parity
 
 app = typer.Typer(
     add_completion=False,
@@ -24,14 +25,6 @@ app = typer.Typer(
 )
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print a machine-readable result on stdout.")]
-
-
-def parity_line(parity: dict[str, Any]) -> str:
-    if parity["metric"] == "max_abs_embedding_error":
-        return (f"max |d embedding| {parity['sentence_max_abs_error']:.2e}, min cosine "
-                f"{parity['sentence_min_cosine']:.7f} (tolerance {parity['tolerance']:g})")  # fmt: skip
-    return (f"prefill max |dlogit| {parity['prefill']:.2e}, decode {parity['decode']:.2e} "
-            f"(tolerance {parity['tolerance']:g})")  # fmt: skip
 
 
 def _emit(result: dict[str, Any], as_json: bool, text: str) -> None:
@@ -66,7 +59,7 @@ def build(
     options = BuildOptions(target=target, precision=precision, tolerance=tolerance, force=force, dim=dim)
     manifest = run_build(checkpoint, out, options, stages)
     _emit({"out": str(out), "stages": stages.to_json(), "parity": manifest["parity"]}, as_json,
-          f"built {out}: {parity_line(manifest['parity'])}")  # fmt: skip
+          f"built {out}: {describe_parity(manifest['parity'])}")  # fmt: skip
 
 
 @app.command()

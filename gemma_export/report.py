@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from gemma_export.progress import Stages, human_bytes
+from gemma_export.verify import describe_parity
 
 console = Console(highlight=False)
 
@@ -19,8 +20,13 @@ def describe_manifest(manifest: dict[str, Any]) -> None:
     console.print(
         f"[bold]{manifest['model']['type']}[/bold]: {cfg['num_hidden_layers']} layers, hidden {cfg['hidden_size']}, "
         f"{cfg['num_attention_heads']} heads / {cfg['num_key_value_heads']} kv heads of {cfg['head_dim']}, "
-        f"vocab {cfg['vocab_size']}, window {cfg['sliding_window'] or '-'}"
+        f"vocab {cfg['vocab_size']}, window {cfg.get('sliding_window') or cfg.get('attention_window_size') or '-'}"
     )
+    if "head" in manifest["model"]:  # an embedding model: pooling head and output size
+        head = manifest["model"]["head"]
+        dense = " -> ".join(str(d["out_features"]) for d in head["dense"]) or "none"
+        console.print(f"sentence embedding: mean pooling, dense {dense}, normalize {head['normalize']}, "
+                      f"dim {manifest['model']['dim']}, prompts {', '.join(head['prompts']) or 'none'}")  # fmt: skip
     console.print(
         f"target {build['target']}, precision {build['precision']}, opset {build['opset']}, "
         f"domains {build['domains']}, max length {build['max_length']}"
@@ -36,10 +42,7 @@ def describe_manifest(manifest: dict[str, Any]) -> None:
     console.print(files)
     if "parity" in manifest:
         p = manifest["parity"]
-        console.print(
-            f"parity ({p['metric']}): prefill {p['prefill']:.2e}, decode {p['decode']:.2e}, "
-            f"tolerance {p['tolerance']:g}: {'passed' if p['passed'] else 'FAILED'}"
-        )
+        console.print(f"parity: {describe_parity(p)}: {'passed' if p['passed'] else 'FAILED'}")
 
 
 def _collapse(values: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -154,3 +154,12 @@ def compare_embeddings(
         sentence_min_cosine=float(cosine.min()),
         token_max_abs_error=float(np.abs(ref_t[real] - art_t[real]).max()),
     )
+
+
+def describe_parity(parity: dict) -> str:
+    """One line for a manifest's recorded parity, whichever kind of report wrote it."""
+    if parity["metric"] == "max_abs_embedding_error":
+        return (f"max |d embedding| {parity['sentence_max_abs_error']:.2e}, min cosine "
+                f"{parity['sentence_min_cosine']:.7f} (tolerance {parity['tolerance']:g})")  # fmt: skip
+    return (f"prefill max |dlogit| {parity['prefill']:.2e}, decode {parity['decode']:.2e} "
+            f"(tolerance {parity['tolerance']:g})")  # fmt: skip

@@ -142,3 +142,9 @@ def test_unknown_task_is_refused(artifacts, capsys) -> None:
     assert main(["embed", str(artifacts[HIDDEN]), "--text", "hi", "--task", "poem"]) == 2
     err = capsys.readouterr().err
     assert "not one of this model's prompts: document, query" in err and len(err.strip().splitlines()) == 1
+
+
+def test_inspect_an_embedding_artifact(artifacts, capsys) -> None:
+    assert main(["inspect", str(artifacts[32])]) == 0
+    text = capsys.readouterr().out
+    assert "sentence_embedding" in text and "dim 32" in text and "prompts document, query" in text

@@ -185,3 +185,12 @@ def test_rglru_normalisation_and_reset_matter(griffin_checkpoint, hf_griffin, mo
     _rglru_without(monkeypatch, normalisation=broken != "no-normalisation", reset=broken != "no-reset")
     # without the reset, the first step is also scaled by sqrt(1 - a^2) instead of passing through
     assert np.abs(our_logits(model, batch)[0] - ref).max() > 10 * TOL
+
+
+def test_inspect_and_verify_a_griffin_artifact(griffin_artifact, griffin_checkpoint, capsys) -> None:
+    from gemma_export.cli import main
+
+    assert main(["inspect", str(griffin_artifact)]) == 0
+    text = capsys.readouterr().out
+    assert "past_state.{i}.recurrent" in text and f"window {WINDOW}" in text
+    assert main(["verify", str(griffin_artifact), "--checkpoint", str(griffin_checkpoint)]) == 0
