@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -308,7 +308,7 @@ def parse_config(raw: dict[str, Any], source: str = "config.json") -> GemmaConfi
             raise BadInput(f"{source}: model_type 'gemma3' needs a 'text_config' object")
         text = {"model_type": "gemma3_text", **text}
         cfg = parse_config(text, source=f"{source} (text_config)")
-        return _replace(cfg, source_model_type="gemma3")
+        return replace(cfg, source_model_type="gemma3")
     if model_type not in FAMILIES:
         raise BadInput(
             f"{source}: unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
@@ -439,12 +439,6 @@ def _check_consistency(cfg: GemmaConfig, source: str) -> None:
         raise BadInput(f"{source}: 'head_dim' must be even for rotary embeddings, got {cfg.head_dim}")
     if not math.isfinite(cfg.rms_norm_eps) or cfg.rms_norm_eps <= 0:
         raise BadInput(f"{source}: 'rms_norm_eps' must be a positive number, got {cfg.rms_norm_eps}")
-
-
-def _replace(cfg: GemmaConfig, **changes: Any) -> GemmaConfig:
-    from dataclasses import replace
-
-    return replace(cfg, **changes)
 
 
 class _Reader:

@@ -21,7 +21,7 @@ from torch import nn
 
 from gemma_export.config import GemmaConfig, Rope
 from gemma_export.models.state import StateSpec
-from gemma_export.ops import attention as attention_op
+from gemma_export.ops import attention as _attention_op  # noqa: F401 - registers torch.ops.gemma.attention
 
 
 class RMSNorm(nn.Module):
@@ -207,5 +207,3 @@ CHECKPOINT_RENAMES: dict[str, dict[str, str]] = {
     "gemma2": {},
     "gemma3_text": {},
 }
-
-_ = attention_op  # the import registers torch.ops.gemma.attention
