@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench bench-gemma3 bench-recurrentgemma bench-embeddinggemma clean
 
 install: $(STAMP)
 
@@ -31,13 +31,38 @@ lint: install
 	$(BIN)/ruff check gemma_export tests
 	$(BIN)/ruff format --check gemma_export tests
 
-# Benchmarks are not tests: they take long and print tables (README, "Command line"). Full-depth 2B models
-# need ~2x their fp32 weights in memory and hours of decode on 2 cores; BENCH_LAYERS keeps the first N layers
-# at full width (RecurrentGemma: 3 = one recurrent, recurrent, attention cycle). Set it empty for full depth.
+# Benchmarks are not tests: they take long and print tables (README, "Command line"); each also writes its JSON
+# under build/bench/. `make bench` runs all three; `make bench-gemma3` only the CPU-speed comparison.
+# bench-gemma3: a Gemma-3-270M-shaped random checkpoint, ours vs onnxruntime-genai's builder vs transformers
+# eager, same run, prompts 128 and 1024, 128 new tokens, 2 threads, median of 3; fp32, then int4 when
+# `gemma-export build` offers --quant (onnxruntime-genai's model is then built at int4 with our block size).
+BENCH_THREADS ?= 2
+BENCH_REPEAT  ?= 3
+BENCH_GEMMA3  ?= gemma-3-270m
+# The artifact is rebuilt every time (the build's peak RSS is one of the figures, and the artifact must be the
+# current code's); BENCH_REBUILD= reuses the one under build/bench/.
+BENCH_REBUILD ?= --rebuild
+BENCH_GEMMA3_ARGS = --random $(BENCH_GEMMA3) --prompt-tokens 128,1024 --new-tokens 128 --threads $(BENCH_THREADS) \
+	--repeat $(BENCH_REPEAT) $(BENCH_REBUILD)
+# Full-depth 2B models need ~2x their fp32 weights in memory and hours of decode on 2 cores; BENCH_LAYERS keeps
+# the first N layers at full width (RecurrentGemma: 3 = one recurrent, recurrent, attention cycle). Set it
+# empty for full depth.
 BENCH_LAYERS ?= 3
-bench: install
-	$(BIN)/gemma-export bench --random recurrentgemma-2b $(if $(BENCH_LAYERS),--layers $(BENCH_LAYERS)) --new-tokens 256,2048,8192
-	$(BIN)/gemma-export bench --random embeddinggemma-300m
+bench: bench-gemma3 bench-recurrentgemma bench-embeddinggemma
+
+bench-gemma3: install
+	$(BIN)/gemma-export bench $(BENCH_GEMMA3_ARGS) --json-out build/bench/$(BENCH_GEMMA3)-fp32.json
+	@if $(BIN)/gemma-export build --help | grep -q -- '--quant'; then \
+		echo "$(BIN)/gemma-export bench $(BENCH_GEMMA3_ARGS) --quant int4"; \
+		$(BIN)/gemma-export bench $(BENCH_GEMMA3_ARGS) --quant int4 --json-out build/bench/$(BENCH_GEMMA3)-int4.json; \
+	else echo "int4: skipped: gemma-export build has no --quant option"; fi
+
+bench-recurrentgemma: install
+	$(BIN)/gemma-export bench --random recurrentgemma-2b $(if $(BENCH_LAYERS),--layers $(BENCH_LAYERS)) \
+		--new-tokens 256,2048,8192 --json-out build/bench/recurrentgemma-2b.json
+
+bench-embeddinggemma: install
+	$(BIN)/gemma-export bench --random embeddinggemma-300m --json-out build/bench/embeddinggemma-300m.json
 
 clean:
 	rm -rf build $(VENV) .pytest_cache .ruff_cache

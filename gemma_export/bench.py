@@ -1,211 +1,224 @@
-"""`gemma-export bench`: speed and memory of an artifact beside the alternative, in the same run.
+"""`gemma-export bench`: speed and memory of an artifact beside the alternatives, in the same run.
 
-Each measurement runs in a fresh worker process (`python -m gemma_export.bench --worker ...`), so that
-peak RSS is that system's alone, and systems never share warm caches.
+Every measurement runs in a fresh worker process (`gemma_export.bench_workers`, a child of this one), so
+that peak RSS is that system's alone and systems never share warm caches.
 
-Decoders (beside transformers eager): a worker prefills a prompt, then greedily generates N tokens, and
-reports:
+Decoders, per (batch, prompt tokens, new tokens) cell, each system `repeat` times (interleaved, so that a
+busy moment of the machine does not fall on one system only), the median reported:
 
-    prefill_s        time of the first forward pass (the prompt)
-    decode_tok_s     (N - 1) / time of the remaining N - 1 steps
-    peak_rss_bytes   the worker's peak resident memory (VmHWM), weights included
-    state_bytes      the carried decode state after N tokens (KV caches, recurrent state)
+    gemma-export        the artifact on ONNX Runtime
+    transformers        eager PyTorch on the checkpoint, fp32
+    onnxruntime-genai   its model builder's model of the same checkpoint (`genai_builder`), at our precision
+                        (fp32; int4/int8 with our block size when the artifact is quantized), run by its
+                        Generator API
+
+Row keys (JSON):
+
+    system, precision, batch, prompt_tokens, new_tokens, runs (measurements taken)
+    first_token_s     prompt in -> first token out (median)
+    prefill_tok_s     batch * prompt_tokens / first_token_s
+    decode_tok_s      batch * (new_tokens - 1) / median time of the remaining new_tokens - 1 steps
+    peak_rss_bytes    the worker's peak resident memory (VmHWM; the largest of its runs)
+    state_bytes       the carried decode state after the last token (None: not observable, genai)
+    same_tokens       how many leading generated tokens (first row) equal ours: a check, not a speed
+    prefill_ratio, decode_ratio   ours / this system (1.0 on our row)
+    samples           each run's first_token_s and decode_tok_s
+    error             instead of the numbers, when that system failed
+
+Result keys: task ("generation"), model, config, precision, threads, repeat, systems, rows, notes (one line
+per system that was skipped, and why), build (with --random: `gemma-export build`'s peak RSS against the fp32
+weight bytes, measured in its own process).
 
 Embedding artifacts (beside sentence-transformers on PyTorch): a worker embeds a batch of B sentences of
 exactly L synthetic token ids (no padding; both systems draw the same ids from the same seed), once to warm
-up, then repeatedly until at least MIN_CELL_SECONDS have passed (at most MAX_REPETITIONS calls), and
-reports:
-
-    sentences_s      B * calls / time of the timed calls
-    batch_ms         time of one call
-    peak_rss_bytes   as above
-    max_abs_diff     (sentence-transformers' row) max |difference| from our embeddings of the same ids
-
-Both systems are timed from token ids to sentence embeddings: ours is the artifact's ONNX Runtime session
-(`OrtEncoder.embed`), theirs the SentenceTransformer module stack called on the tokenized features
-(`model({"input_ids": ..., "attention_mask": ...})`), i.e. `encode` without its tokenizer.
+up, then repeatedly until at least MIN_CELL_SECONDS have passed (at most MAX_REPETITIONS calls); rows have
+sentences_s, batch_ms, repetitions, peak_rss_bytes, speedup_vs_this and (sentence-transformers' row)
+max_abs_diff from our embeddings of the same ids.
 """
 
 from __future__ import annotations
 
-import argparse
+import importlib.metadata
+import importlib.util
 import json
 import os
-import resource
+import statistics
+import struct
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from gemma_export.errors import BadInput
+from gemma_export.bench_workers import BUILD, GENAI
+from gemma_export.errors import BadInput, GemmaExportError
 
-SYSTEMS = ("gemma-export", "transformers")
-EMBEDDING_SYSTEMS = ("gemma-export", "sentence-transformers")
 MIN_CELL_SECONDS = 2.0  # embedding cells: timed calls run at least this long (after one warm-up call) ...
 MAX_REPETITIONS = 50  # ... but stop after this many calls
 EMBEDDING_TASK = "sentence-embedding"
+OURS = "gemma-export"
+# --systems names -> systems. "transformers" is the PyTorch original of either kind (sentence-transformers
+# for an embedding model).
+SYSTEM_NAMES = {"transformers": "transformers", "genai": GENAI, GENAI: GENAI,
+                "sentence-transformers": "transformers"}  # fmt: skip
+OTHER_SYSTEMS = ("transformers", GENAI)
 
 
-def measure_ours(artifact: Path, prompt: list[int], new_tokens: int, threads: int) -> dict[str, Any]:
+# ---------------------------------------------------------------------------------------------------------
+# Options
+# ---------------------------------------------------------------------------------------------------------
+
+
+def parse_counts(text: str) -> list[int]:
+    try:
+        counts = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise BadInput(f"--new-tokens must be comma-separated integers, got {text!r}") from None
+    if not counts or min(counts) < 2:
+        raise BadInput(f"--new-tokens must list counts >= 2, got {text!r}")
+    return counts
+
+
+def parse_sizes(text: str, option: str) -> list[int]:
+    """A comma-separated list of positive integers (--batch-sizes, --seq-lengths, --prompt-tokens)."""
+    try:
+        sizes = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise BadInput(f"{option} must be comma-separated integers, got {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise BadInput(f"{option} must list integers >= 1, got {text!r}")
+    return sizes
+
+
+def parse_systems(text: str | None, compare: bool) -> list[str] | None:
+    """The other systems asked for: a list, or None for every one available. --no-compare: none."""
+    if text is None:
+        return None if compare else []
+    if not compare:
+        raise BadInput("--systems and --no-compare contradict each other: give one of them")
+    systems: list[str] = []
+    for name in (t.strip() for t in text.split(",") if t.strip()):
+        if name not in SYSTEM_NAMES:
+            raise BadInput(f"--systems: unknown system {name!r}; choose from: transformers, genai")
+        if SYSTEM_NAMES[name] not in systems:
+            systems.append(SYSTEM_NAMES[name])
+    if not systems:
+        raise BadInput("--systems must name at least one system (or use --no-compare)")
+    return systems
+
+
+def is_embedding_artifact(artifact: Path) -> bool:
     from gemma_export import package
-    from gemma_export.runtime import OrtDecoder
 
-    decoder = OrtDecoder(artifact, package.read_manifest(artifact), threads=threads)
-    ids = np.array([prompt], np.int64)
-    mask = np.ones_like(ids)
-    pos = np.arange(len(prompt), dtype=np.int64)[None]
-    cache = decoder.empty_cache(1)
-    start = time.perf_counter()
-    logits, cache = decoder.step(ids, mask, pos, cache)
-    first = time.perf_counter()
-    for _ in range(new_tokens - 1):
-        ids = logits[:, -1].argmax(-1).astype(np.int64)[:, None]
-        mask = np.concatenate([mask, np.ones((1, 1), np.int64)], axis=1)
-        pos = pos[:, -1:] + 1
-        logits, cache = decoder.step(ids, mask, pos, cache)
-    end = time.perf_counter()
-    return _result(start, first, end, new_tokens, sum(c.nbytes for c in cache))
+    return package.read_manifest(artifact)["model"].get("task") == EMBEDDING_TASK
 
 
-def measure_transformers(checkpoint: Path, prompt: list[int], new_tokens: int, threads: int) -> dict[str, Any]:
-    import torch
-    import transformers
-
-    torch.set_num_threads(threads or os.cpu_count() or 1)
-    model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
-    stamps: list[float] = []
-
-    class Clock(transformers.generation.BaseStreamer):
-        def put(self, value: torch.Tensor) -> None:  # the prompt first, then one call per new token
-            stamps.append(time.perf_counter())
-
-        def end(self) -> None:
-            pass
-
-    ids = torch.tensor([prompt])
-    start = time.perf_counter()
-    with torch.inference_mode():
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
-            do_sample=False,
-            streamer=Clock(),
-            return_dict_in_generate=True,
-        )
-    return _result(start, stamps[1], stamps[-1], new_tokens, _hf_state_bytes(out.past_key_values, model))
+# ---------------------------------------------------------------------------------------------------------
+# --random: a random-weight checkpoint of a published size, and our build of it (peak RSS measured)
+# ---------------------------------------------------------------------------------------------------------
 
 
-def synthetic_batch(vocab_size: int, batch: int, length: int, bos: int, seed: int = 0) -> np.ndarray:
-    """[batch, length] int64 ids: <bos>, then random ids past the special tokens; the same for every process."""
-    rng = np.random.default_rng([seed, batch, length])
-    ids = rng.integers(min(4, vocab_size - 1), vocab_size, (batch, length), dtype=np.int64)
-    ids[:, 0] = bos
-    return ids
+def prepare_random(
+    name: str,
+    workdir: Path,
+    layers: int | None,
+    stages,
+    quant: str | None = None,
+    timeout: float = 3600.0,
+    rebuild: bool = False,
+) -> tuple[Path, Path, dict[str, Any]]:
+    """A random-weight checkpoint of a published size (optionally fewer layers) and its artifact, made once.
+
+    Kept under workdir/NAME[-Nl]/: checkpoint/, artifact[-QUANT]/ and artifact[-QUANT].build.json (the build's
+    figures, reported again when the artifact is reused; `rebuild` builds it again, e.g. after a code change).
+    An embedding model (embeddinggemma-300m) is written as its sentence-transformers folder, Dense stack
+    768 -> 3072 -> 768 (4 x hidden) as EmbeddingGemma's. The checkpoint is written to a scratch folder and
+    renamed when complete, so an interrupted run is redone. The artifact is built by `gemma-export build` in a
+    fresh process, whose peak RSS is the build's.
+    """
+    import shutil
+
+    from gemma_export import random_checkpoint
+
+    if name not in random_checkpoint.PUBLISHED_CONFIGS:
+        known = ", ".join(random_checkpoint.PUBLISHED_CONFIGS)
+        raise BadInput(f"--random {name!r} is not a published size; choose one of: {known}")
+    config = dict(random_checkpoint.PUBLISHED_CONFIGS[name])
+    tag = name
+    if layers is not None:
+        if not 1 <= layers <= config["num_hidden_layers"]:
+            raise BadInput(f"--layers must be between 1 and {config['num_hidden_layers']} for {name}")
+        config["num_hidden_layers"] = layers
+        config.pop("layer_types", None)  # re-derived for the cut depth
+        tag = f"{name}-{layers}l"
+    checkpoint = workdir / tag / "checkpoint"
+    quant = None if quant == "none" else quant
+    artifact = workdir / tag / ("artifact" if quant is None else f"artifact-{quant}")
+    if not (checkpoint / "config.json").is_file():
+        partial = checkpoint.with_name("checkpoint.partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        with stages.stage(f"random checkpoint {tag}"):
+            if random_checkpoint.is_embedding_config(config):
+                dense = (4 * config["hidden_size"],)
+                random_checkpoint.write_random_embedding_folder(partial, config, dense=dense, seed=0)
+            else:
+                random_checkpoint.write_random_checkpoint(partial, config, seed=0, max_shard_bytes=2**31)
+        shutil.rmtree(checkpoint, ignore_errors=True)
+        partial.rename(checkpoint)
+    record = artifact.with_name(artifact.name + ".build.json")
+    if (artifact / "manifest.json").is_file() and record.is_file() and not rebuild:
+        return checkpoint, artifact, {**json.loads(record.read_text()), "cached": True}
+    with stages.stage(f"gemma-export build {tag}" + (f" --quant {quant}" if quant else "")):
+        info = measure_build(checkpoint, artifact, ["--quant", quant] if quant else [], timeout)
+    record.write_text(json.dumps(info, indent=2) + "\n")
+    return checkpoint, artifact, {**info, "cached": False}
 
 
-def time_calls(call, batch: int, min_seconds: float, max_repetitions: int) -> dict[str, Any]:
-    """One warm-up call, then calls until min_seconds have passed or max_repetitions were made."""
-    start = time.perf_counter()
-    call()
-    warmup = time.perf_counter() - start
-    calls, start = 0, time.perf_counter()
-    while True:
-        call()
-        calls += 1
-        elapsed = time.perf_counter() - start
-        if elapsed >= min_seconds or calls >= max_repetitions:
-            break
+def measure_build(checkpoint: Path, artifact: Path, extra: list[str], timeout: float) -> dict[str, Any]:
+    """`gemma-export build` in a fresh process: its time and peak RSS beside the fp32 bytes of the weights."""
+    cmd = [sys.executable, "-m", "gemma_export.bench_workers", "--worker", BUILD, str(checkpoint),
+           "--out", str(artifact), *extra]  # fmt: skip
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        raise GemmaExportError(f"gemma-export build {checkpoint} timed out after {timeout:.0f} s") from None
+    if done.returncode != 0:
+        lines = [line for line in done.stderr.splitlines() if line.strip()] or ["no output"]
+        message = lines[-1].removeprefix("gemma-export: ").removeprefix("error: ")
+        error = GemmaExportError(f"building {checkpoint}: {message}")
+        error.exit_code = done.returncode if done.returncode in (1, 2) else 3
+        raise error
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    weights = fp32_weight_bytes(checkpoint)
     return {
-        "warmup_s": round(warmup, 4),
-        "repetitions": calls,
-        "batch_ms": round(1000 * elapsed / calls, 3),
-        "sentences_s": round(batch * calls / elapsed, 2),
+        "command": f"gemma-export build {checkpoint} -o {artifact} --force" + "".join(f" {a}" for a in extra),
+        "seconds": round(result["seconds"], 1),
+        "peak_rss_bytes": result["peak_rss_bytes"],
+        "fp32_weight_bytes": weights,
+        "rss_over_fp32_weights": round(result["peak_rss_bytes"] / weights, 3),
     }
 
 
-def measure_ours_embedding(artifact: Path, ids: np.ndarray, dim: int, threads: int, timing: dict) -> dict[str, Any]:
-    from gemma_export import package
-    from gemma_export.runtime import OrtEncoder
-
-    encoder = OrtEncoder(artifact, package.read_manifest(artifact), threads=threads)
-    mask = np.ones_like(ids)
-    out: list[np.ndarray] = []
-
-    def call() -> None:
-        out[:] = [encoder.embed(ids, mask)[0]]
-
-    result = time_calls(call, ids.shape[0], **timing)
-    return {**result, "embedding": out[0][0, :dim].tolist()}
+def fp32_weight_bytes(checkpoint: Path) -> int:
+    """4 bytes per stored weight (tied weights once), counted from the safetensors headers alone."""
+    total = 0
+    for path in sorted(checkpoint.rglob("*.safetensors")):
+        with open(path, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(size))
+        total += sum(4 * int(np.prod(t["shape"])) for k, t in header.items() if k != "__metadata__")
+    return total
 
 
-def measure_sentence_transformers(folder: Path, ids: np.ndarray, dim: int, threads: int, timing: dict) -> dict:
-    import torch
-    import torch.nn.functional as F
-    from sentence_transformers import SentenceTransformer
-
-    torch.set_num_threads(threads or os.cpu_count() or 1)
-    model = SentenceTransformer(str(folder), device="cpu").eval()
-    features = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.ones_like(torch.from_numpy(ids))}
-    out: list[torch.Tensor] = []
-
-    def call() -> None:
-        with torch.inference_mode():  # the module stack mutates the features dict: a fresh one per call
-            out[:] = [model(dict(features))["sentence_embedding"]]
-
-    result = time_calls(call, ids.shape[0], **timing)
-    e = out[0].float()
-    if dim < e.shape[-1]:  # Matryoshka truncation, as encode(truncate_dim=dim, normalize_embeddings=True)
-        e = F.normalize(e[:, :dim], p=2, dim=-1)
-    attn = getattr(model[0].auto_model.config, "_attn_implementation", None)
-    return {**result, "attn_implementation": attn, "embedding": e[0].tolist()}
-
-
-def _hf_state_bytes(cache: Any, model: Any) -> int:
-    """transformers keeps KV caches in the Cache object, RecurrentGemma's recurrent state on its modules."""
-    import torch
-
-    tensors = [t for layer in getattr(cache, "layers", []) for t in (getattr(layer, "keys", None),
-               getattr(layer, "values", None))]  # fmt: skip
-    for module in model.modules():
-        tensors += [getattr(module, "conv1d_state", None), getattr(module, "recurrent_states", None)]
-    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
-
-
-def _result(start: float, first: float, end: float, new_tokens: int, state_bytes: int) -> dict[str, Any]:
-    decode_s = end - first
-    return {
-        "new_tokens": new_tokens,
-        "prefill_s": round(first - start, 4),
-        "decode_tok_s": round((new_tokens - 1) / decode_s, 2) if new_tokens > 1 and decode_s > 0 else None,
-        "peak_rss_bytes": peak_rss_bytes(),
-        "state_bytes": state_bytes,
-    }
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident memory. VmHWM, not getrusage: ru_maxrss keeps the high-water mark of the
-    parent across fork + exec, so every worker would report the (large) parent's peak."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def run_worker(system: str, path: Path, prompt: list[int], new_tokens: int, threads: int, timeout: float) -> dict:
-    """Measure one system in a fresh process; returns its result (or an error entry)."""
-    tokens = ",".join(map(str, prompt))
-    args = ["--prompt", tokens, "--new-tokens", str(new_tokens), "--threads", str(threads)]
-    return _spawn(system, path, args, {"new_tokens": new_tokens}, timeout)
+# ---------------------------------------------------------------------------------------------------------
+# Decoders
+# ---------------------------------------------------------------------------------------------------------
 
 
 def _spawn(system: str, path: Path, args: list[str], cell: dict[str, Any], timeout: float) -> dict[str, Any]:
     """Run one worker; its last stdout line is its JSON result. `cell` names the measurement in an error."""
-    cmd = [sys.executable, "-m", "gemma_export.bench", "--worker", system, str(path), *args]
+    cmd = [sys.executable, "-m", "gemma_export.bench_workers", "--worker", system, str(path), *args]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
@@ -213,7 +226,187 @@ def _spawn(system: str, path: Path, args: list[str], cell: dict[str, Any], timeo
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
         return {"system": system, **cell, "error": last}
-    return {"system": system, **json.loads(done.stdout.strip().splitlines()[-1])}
+    return {"system": system, **cell, **json.loads(done.stdout.strip().splitlines()[-1])}
+
+
+def quantization(manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """The artifact's weight quantization ({"bits": 4|8, "block_size": N, ...}), if any."""
+    q = manifest.get("quantization") or manifest.get("build", {}).get("quantization")
+    return q if isinstance(q, dict) and q.get("bits") else None
+
+
+def precision_label(manifest: dict[str, Any]) -> str:
+    q = quantization(manifest)
+    if q is None:
+        return manifest["build"].get("precision", "fp32")
+    return f"int{q['bits']}" + (f" b{q['block_size']}" if q.get("block_size") else "")
+
+
+def genai_installed() -> bool:
+    return importlib.util.find_spec("onnxruntime_genai") is not None
+
+
+def other_systems(
+    manifest: dict[str, Any], checkpoint: Path | None, requested: list[str] | None, workdir: Path, timeout: float,
+    stages,
+) -> tuple[dict[str, tuple[Path, str]], list[str]]:  # fmt: skip
+    """{system: (what its worker loads, precision)} for the systems that can run, and a note per skipped one."""
+    ready: dict[str, tuple[Path, str]] = {}
+    notes: list[str] = []
+    for system in list(OTHER_SYSTEMS) if requested is None else requested:
+        if checkpoint is None:
+            notes.append(f"{system}: skipped: no checkpoint (give --checkpoint CHECKPOINT_DIR, or use --random)")
+        elif system == "transformers":
+            ready[system] = (checkpoint, "fp32")
+        else:
+            try:
+                ready[system], note = genai_target(manifest, checkpoint, workdir, timeout, stages)
+                notes += [f"{system}: {note}"] if note else []
+            except Skipped as e:
+                notes.append(f"{system}: skipped: {e}")
+    return ready, notes
+
+
+class Skipped(Exception):
+    """A system that cannot run here; the message says why."""
+
+
+def genai_target(
+    manifest: dict[str, Any], checkpoint: Path, workdir: Path, timeout: float, stages
+) -> tuple[tuple[Path, str], str | None]:
+    """onnxruntime-genai's builder's model of the checkpoint at our precision (built once), and a note if any."""
+    if not genai_installed():
+        raise Skipped("onnxruntime_genai is not installed (pip install onnxruntime-genai)")
+    if "genai_config" not in manifest["files"]:
+        raise Skipped(f"it has no runtime for {manifest['model']['type']} models")
+    q = quantization(manifest) or {}
+    precision = f"int{q['bits']}" if q else "fp32"
+    if q and q["bits"] not in (4, 8):
+        raise Skipped(f"its builder has no {precision} weights")
+    block, accuracy = q.get("block_size"), q.get("accuracy_level")
+    from gemma_export import genai_builder
+
+    try:
+        with stages.stage(f"{GENAI} builder, {precision}"):
+            folder = genai_builder.ensure_model(checkpoint, workdir, precision, block, accuracy, timeout)
+    except RuntimeError as e:
+        raise Skipped(str(e)) from None
+    version = importlib.metadata.version("onnxruntime-genai")
+    note = None
+    if version != genai_builder.GENAI_VERSION:
+        note = (f"version {version}; its builder shim was written for {genai_builder.GENAI_VERSION} "
+                "(check the same tokens column)")  # fmt: skip
+    return (folder, precision + (f" b{block}" if block else "")), note
+
+
+def decoder_cells(
+    batch_sizes: list[int], prompt_tokens: list[int], new_tokens: list[int], max_length: int
+) -> list[dict[str, int]]:
+    cells = [{"batch": b, "prompt_tokens": p, "new_tokens": n}
+             for b in batch_sizes for p in prompt_tokens for n in new_tokens]  # fmt: skip
+    for c in cells:
+        if c["prompt_tokens"] + c["new_tokens"] > max_length:
+            raise BadInput(f"--prompt-tokens {c['prompt_tokens']} + --new-tokens {c['new_tokens']} exceeds the "
+                           f"model's maximum length of {max_length}")  # fmt: skip
+    return cells
+
+
+def _sig(x: float, digits: int = 4) -> float:
+    return float(f"{x:.{digits}g}")
+
+
+def summarise(system: str, precision: str, cell: dict[str, int], runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row from a system's runs of one cell: medians of the times, the largest peak RSS."""
+    row: dict[str, Any] = {"system": system, "precision": precision, **cell, "runs": len(runs)}
+    failed = next((r for r in runs if "error" in r), None)
+    if failed is not None:
+        return {**row, "error": failed["error"]}
+    batch, prompt, new = cell["batch"], cell["prompt_tokens"], cell["new_tokens"]
+    first = statistics.median(r["prefill_s"] for r in runs)
+    decode = statistics.median(r["decode_s"] for r in runs)
+    return {
+        **row,
+        "first_token_s": _sig(first),
+        "prefill_tok_s": _sig(batch * prompt / first),
+        "decode_tok_s": _sig(batch * (new - 1) / decode) if decode > 0 else None,
+        "peak_rss_bytes": max(r["peak_rss_bytes"] for r in runs),
+        "state_bytes": runs[-1]["state_bytes"],
+        "tokens": runs[0]["tokens"],
+        "samples": {
+            "first_token_s": [_sig(r["prefill_s"]) for r in runs],
+            "decode_tok_s": [_sig(batch * (new - 1) / r["decode_s"]) if r["decode_s"] > 0 else None for r in runs],
+        },
+    }
+
+
+def add_ratios(rows: list[dict[str, Any]]) -> None:
+    """Ours / this system, per cell, for prefill and decode; how many leading tokens match ours."""
+    for row in rows:
+        key = (row["batch"], row["prompt_tokens"], row["new_tokens"])
+        ours = next(r for r in rows if r["system"] == OURS and (r["batch"], r["prompt_tokens"], r["new_tokens"]) == key)
+        for metric, ratio in (("prefill_tok_s", "prefill_ratio"), ("decode_tok_s", "decode_ratio")):
+            if row.get(metric) and ours.get(metric):
+                row[ratio] = _sig(ours[metric] / row[metric])
+        if "tokens" in row and "tokens" in ours:
+            row["same_tokens"] = next((i for i, (a, b) in enumerate(zip(row["tokens"], ours["tokens"], strict=True))
+                                       if a != b), len(ours["tokens"]))  # fmt: skip
+    for row in rows:
+        row.pop("tokens", None)
+
+
+def run_bench(
+    artifact: Path,
+    checkpoint: Path | None,
+    *,
+    batch_sizes: list[int],
+    prompt_tokens: list[int],
+    new_tokens: list[int],
+    threads: int,
+    systems: list[str] | None,
+    repeat: int,
+    timeout: float,
+    workdir: Path,
+    stages,
+) -> dict[str, Any]:
+    from gemma_export import package
+
+    manifest = package.read_manifest(artifact)
+    cfg = manifest["model"]["config"]
+    cells = decoder_cells(batch_sizes, prompt_tokens, new_tokens, manifest["build"]["max_length"])
+    others, notes = other_systems(manifest, checkpoint, systems, workdir, timeout, stages)
+    targets = {OURS: (artifact, precision_label(manifest)), **others}
+    eos = ",".join(map(str, cfg.get("eos_token_ids", [])))
+    rows = []
+    for cell in cells:
+        args = ["--batch", str(cell["batch"]), "--prompt-tokens", str(cell["prompt_tokens"]),
+                "--new-tokens", str(cell["new_tokens"]), "--vocab-size", str(cfg["vocab_size"]),
+                "--bos", str(cfg["bos_token_id"]), "--eos", eos, "--threads", str(threads)]  # fmt: skip
+        runs: dict[str, list[dict[str, Any]]] = {s: [] for s in targets}
+        for r in range(repeat):
+            for system, (path, _) in targets.items():
+                if runs[system] and "error" in runs[system][-1]:
+                    continue  # a system that failed once is not retried in this cell
+                what = f"batch {cell['batch']}, prompt {cell['prompt_tokens']}, {cell['new_tokens']} new tokens"
+                with stages.stage(f"{system}, {what}, run {r + 1}/{repeat}"):
+                    runs[system].append(_spawn(system, path, args, cell, timeout))
+        rows += [summarise(system, precision, cell, runs[system]) for system, (_, precision) in targets.items()]
+    add_ratios(rows)
+    return {
+        "task": "generation",
+        "model": manifest["model"]["type"],
+        "config": {k: cfg[k] for k in ("hidden_size", "num_hidden_layers", "vocab_size") if k in cfg},
+        "precision": precision_label(manifest),
+        "threads": threads or os.cpu_count(),
+        "repeat": repeat,
+        "systems": list(targets),
+        "rows": rows,
+        "notes": notes,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Embedding models
+# ---------------------------------------------------------------------------------------------------------
 
 
 def run_embedding_worker(
@@ -228,121 +421,13 @@ def run_embedding_worker(
     return _spawn(system, path, args, cell, timeout)
 
 
-def bench_prompt(vocab_size: int, length: int, bos: int) -> list[int]:
-    rng = np.random.default_rng(0)
-    return [bos, *rng.integers(min(4, vocab_size - 1), vocab_size, length - 1).tolist()]
-
-
-def parse_counts(text: str) -> list[int]:
-    try:
-        counts = [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise BadInput(f"--new-tokens must be comma-separated integers, got {text!r}") from None
-    if not counts or min(counts) < 2:
-        raise BadInput(f"--new-tokens must list counts >= 2, got {text!r}")
-    return counts
-
-
-def parse_sizes(text: str, option: str) -> list[int]:
-    """A comma-separated list of positive integers (--batch-sizes, --seq-lengths)."""
-    try:
-        sizes = [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise BadInput(f"{option} must be comma-separated integers, got {text!r}") from None
-    if not sizes or min(sizes) < 1:
-        raise BadInput(f"{option} must list integers >= 1, got {text!r}")
-    return sizes
-
-
-def is_embedding_artifact(artifact: Path) -> bool:
-    from gemma_export import package
-
-    return package.read_manifest(artifact)["model"].get("task") == EMBEDDING_TASK
-
-
-def prepare_random(name: str, workdir: Path, layers: int | None, stages) -> tuple[Path, Path]:
-    """A random-weight checkpoint of a published size (optionally fewer layers) and its artifact, made once.
-
-    An embedding model (embeddinggemma-300m) is written as its sentence-transformers folder, Dense stack
-    768 -> 3072 -> 768 (4 x hidden) as EmbeddingGemma's. The checkpoint is written to a scratch folder and
-    renamed when complete, so an interrupted run is redone, not reused.
-    """
-    import shutil
-
-    from gemma_export import random_checkpoint
-    from gemma_export.build import BuildOptions, build
-
-    if name not in random_checkpoint.PUBLISHED_CONFIGS:
-        known = ", ".join(random_checkpoint.PUBLISHED_CONFIGS)
-        raise BadInput(f"--random {name!r} is not a published size; choose one of: {known}")
-    config = dict(random_checkpoint.PUBLISHED_CONFIGS[name])
-    tag = name
-    if layers is not None:
-        if not 1 <= layers <= config["num_hidden_layers"]:
-            raise BadInput(f"--layers must be between 1 and {config['num_hidden_layers']} for {name}")
-        config["num_hidden_layers"] = layers
-        config.pop("layer_types", None)
-        tag = f"{name}-{layers}l"
-    checkpoint, artifact = workdir / tag / "checkpoint", workdir / tag / "artifact"
-    if not (checkpoint / "config.json").is_file():
-        partial = checkpoint.with_name("checkpoint.partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        with stages.stage(f"random checkpoint {tag}"):
-            if random_checkpoint.is_embedding_config(config):
-                dense = (4 * config["hidden_size"],)
-                random_checkpoint.write_random_embedding_folder(partial, config, dense=dense, seed=0)
-            else:
-                random_checkpoint.write_random_checkpoint(partial, config, seed=0, max_shard_bytes=2**31)
-        shutil.rmtree(checkpoint, ignore_errors=True)
-        partial.rename(checkpoint)
-    if not (artifact / "manifest.json").is_file():
-        build(checkpoint, artifact, BuildOptions(force=True), stages)
-    return checkpoint, artifact
-
-
-def run_bench(
-    artifact: Path,
-    checkpoint: Path | None,
-    new_tokens: list[int],
-    prompt_tokens: int,
-    threads: int,
-    compare: bool,
-    timeout: float,
-    stages,
-) -> dict[str, Any]:
-    from gemma_export import package
-
-    manifest = package.read_manifest(artifact)
-    cfg = manifest["model"]["config"]
-    prompt = bench_prompt(cfg["vocab_size"], prompt_tokens, cfg["bos_token_id"])
-    rows = []
-    for n in new_tokens:
-        with stages.stage(f"gemma-export, {n} new tokens"):
-            rows.append(run_worker("gemma-export", artifact, prompt, n, threads, timeout))
-        if compare and checkpoint is not None:
-            with stages.stage(f"transformers eager, {n} new tokens"):
-                rows.append(run_worker("transformers", checkpoint, prompt, n, threads, timeout))
-    for row in rows:
-        ours = next(r for r in rows if r["system"] == "gemma-export" and r["new_tokens"] == row["new_tokens"])
-        if row.get("decode_tok_s") and ours.get("decode_tok_s"):
-            row["speedup_vs_this"] = round(ours["decode_tok_s"] / row["decode_tok_s"], 2)
-    return {
-        "task": "generation",
-        "model": manifest["model"]["type"],
-        "config": {k: cfg[k] for k in ("hidden_size", "num_hidden_layers", "vocab_size") if k in cfg},
-        "prompt_tokens": prompt_tokens,
-        "threads": threads or os.cpu_count(),
-        "rows": rows,
-    }
-
-
 def run_embedding_bench(
     artifact: Path,
     folder: Path | None,
     batch_sizes: list[int],
     seq_lengths: list[int],
     threads: int,
-    compare: bool,
+    systems: list[str] | None,
     timeout: float,
     stages,
 ) -> dict[str, Any]:
@@ -355,14 +440,21 @@ def run_embedding_bench(
     if max(seq_lengths) > max_length:
         raise BadInput(f"--seq-lengths {max(seq_lengths)} exceeds the model's maximum length of {max_length}")
     model = {"vocab_size": cfg["vocab_size"], "bos_token_id": cfg["bos_token_id"], "dim": manifest["model"]["dim"]}
+    notes = []
+    compare = systems is None or "transformers" in systems
+    if compare and folder is None:
+        notes.append("sentence-transformers: skipped: no folder (give --checkpoint FOLDER, or use --random)")
+    if systems is not None and GENAI in systems:
+        notes.append(f"{GENAI}: skipped: it has no embedding models")
+    compare = compare and folder is not None
     rows = []
     for length in seq_lengths:
         for batch in batch_sizes:
             cell = {"batch": batch, "seq_length": length}
             with stages.stage(f"gemma-export, {batch} x {length} tokens"):
-                ours = run_embedding_worker("gemma-export", artifact, cell, model, threads, timeout)
+                ours = run_embedding_worker(OURS, artifact, cell, model, threads, timeout)
             rows.append(ours)
-            if compare and folder is not None:
+            if compare:
                 with stages.stage(f"sentence-transformers, {batch} x {length} tokens"):
                     theirs = run_embedding_worker("sentence-transformers", folder, cell, model, threads, timeout)
                 if "embedding" in ours and "embedding" in theirs:
@@ -383,34 +475,60 @@ def run_embedding_bench(
         "threads": threads or os.cpu_count(),
         "min_cell_seconds": MIN_CELL_SECONDS,
         "rows": rows,
+        "notes": notes,
     }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tables
+# ---------------------------------------------------------------------------------------------------------
 
 
 def print_table(result: dict[str, Any]) -> None:
     from rich.console import Console
+
+    console = Console()
+    if not console.is_terminal:  # a log or a pipe: rich would wrap the table at 80 columns
+        console = Console(width=200)
+    console.print(embedding_table(result) if result.get("task") == EMBEDDING_TASK else decoder_table(result))
+    for line in [*result.get("notes", []), *build_lines(result.get("build"))]:
+        console.print(line, markup=False, highlight=False)
+
+
+def decoder_table(result: dict[str, Any]):
     from rich.table import Table
 
     from gemma_export.progress import human_bytes
 
-    if result.get("task") == EMBEDDING_TASK:
-        print_embedding_table(result)
-        return
-
-    title = (f"{result['model']} {result['config']}, prompt {result['prompt_tokens']} tokens, "
-             f"{result['threads']} threads")  # fmt: skip
-    table = Table("new tokens", "system", "prefill s", "decode tok/s", "ours / this", "peak RSS", "state", title=title)
+    title = (f"{result['model']} {result['config']}, {result['threads']} threads, median of {result['repeat']}; "
+             "x = ours / this")  # fmt: skip
+    columns = ("batch", "prompt", "new", "system", "precision", "prefill tok/s", "first token s", "decode tok/s",
+               "x prefill", "x decode", "peak RSS", "state", "same tokens")  # fmt: skip
+    table = Table(*columns, title=title)
     for r in result["rows"]:
+        cell = (str(r["batch"]), str(r["prompt_tokens"]), str(r["new_tokens"]), r["system"], r["precision"])
         if "error" in r:
-            table.add_row(str(r["new_tokens"]), r["system"], "-", r["error"], "-", "-", "-")
+            table.add_row(*cell, "-", "-", r["error"], *["-"] * 5)
             continue
-        table.add_row(str(r["new_tokens"]), r["system"], f"{r['prefill_s']:.3f}", str(r["decode_tok_s"]),
-                      str(r.get("speedup_vs_this", "-")), human_bytes(r["peak_rss_bytes"]),
-                      human_bytes(r["state_bytes"]))  # fmt: skip
-    Console().print(table)
+        table.add_row(*cell, f"{r['prefill_tok_s']:g}", f"{r['first_token_s']:.4g}", f"{r['decode_tok_s']:g}",
+                      str(r.get("prefill_ratio", "-")), str(r.get("decode_ratio", "-")),
+                      human_bytes(r["peak_rss_bytes"]), human_bytes(r["state_bytes"]),
+                      f"{r.get('same_tokens', '-')}/{r['new_tokens']}")  # fmt: skip
+    return table
 
 
-def print_embedding_table(result: dict[str, Any]) -> None:
-    from rich.console import Console
+def build_lines(build: dict[str, Any] | None) -> list[str]:
+    if not build:
+        return []
+    from gemma_export.progress import human_bytes
+
+    when = " (measured when it was built)" if build.get("cached") else ""
+    return [f"build: peak RSS {human_bytes(build['peak_rss_bytes'])} = {build['rss_over_fp32_weights']:.2f} x the "
+            f"fp32 weights ({human_bytes(build['fp32_weight_bytes'])}), {build['seconds']:.0f} s{when}: "
+            f"{build['command']}"]  # fmt: skip
+
+
+def embedding_table(result: dict[str, Any]):
     from rich.table import Table
 
     from gemma_export.progress import human_bytes
@@ -428,38 +546,4 @@ def print_embedding_table(result: dict[str, Any]) -> None:
         diff = f"{r['max_abs_diff']:.1e}" if "max_abs_diff" in r else "-"
         table.add_row(*cell, f"{r['sentences_s']:.2f}", f"{r['batch_ms']:.1f}", str(r["repetitions"]),
                       str(r.get("speedup_vs_this", "-")), human_bytes(r["peak_rss_bytes"]), diff)  # fmt: skip
-    Console().print(table)
-
-
-def _main() -> None:
-    parser = argparse.ArgumentParser(description="gemma-export bench worker (internal)")
-    parser.add_argument("--worker", choices=sorted({*SYSTEMS, *EMBEDDING_SYSTEMS}), required=True)
-    parser.add_argument("path", type=Path)
-    parser.add_argument("--threads", type=int, default=0)
-    decode = parser.add_argument_group("decoders")
-    decode.add_argument("--prompt")
-    decode.add_argument("--new-tokens", type=int)
-    embed = parser.add_argument_group("embedding models (given --batch)")
-    embed.add_argument("--batch", type=int)
-    embed.add_argument("--seq-length", type=int)
-    embed.add_argument("--vocab-size", type=int)
-    embed.add_argument("--bos", type=int)
-    embed.add_argument("--dim", type=int)
-    embed.add_argument("--min-seconds", type=float, default=MIN_CELL_SECONDS)
-    embed.add_argument("--max-repetitions", type=int, default=MAX_REPETITIONS)
-    args = parser.parse_args()
-    if args.batch is not None:
-        ids = synthetic_batch(args.vocab_size, args.batch, args.seq_length, args.bos)
-        timing = {"min_seconds": args.min_seconds, "max_repetitions": args.max_repetitions}
-        embedders = {"gemma-export": measure_ours_embedding, "sentence-transformers": measure_sentence_transformers}
-        result = embedders[args.worker](args.path, ids, args.dim, args.threads, timing)
-        result = {"batch": args.batch, "seq_length": args.seq_length, **result, "peak_rss_bytes": peak_rss_bytes()}
-    else:
-        prompt = [int(t) for t in args.prompt.split(",")]
-        measure = measure_ours if args.worker == "gemma-export" else measure_transformers
-        result = measure(args.path, prompt, args.new_tokens, args.threads)
-    print(json.dumps(result))
-
-
-if __name__ == "__main__":
-    _main()
+    return table

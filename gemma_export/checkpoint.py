@@ -1,16 +1,25 @@
 """Read a Hugging Face-format checkpoint's tensors and match them to the model's parameter names.
 
-Only safetensors is read: it is memory-mapped (a 27B checkpoint does not have to fit in RAM) and, unlike
+Safetensors is the format read: it is memory-mapped (a 27B checkpoint does not have to fit in RAM) and, unlike
 pickle (`*.bin`, `*.pt`), loading it cannot run code. Each file's header is checked here before the
 `safetensors` library sees it, so that a truncated download or a corrupt file is a one-line `BadInput`
 naming the file and the fault, not a Rust panic message or a crash deep in torch.
+
+Pickled weights (`pytorch_model.bin`, its sharded index, `*.ckpt`, `*.pt`, `*.pth`) are refused unless the
+caller passes `allow_pickle=True` (the CLI's `--allow-pickle`), and even then they are read only by torch's
+weights-only unpickler (`torch.load(weights_only=True)`), which builds tensors and plain containers and refuses
+any other global, so a file whose pickle would call a function is a `BadInput`, not code run.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import pickle
 import struct
+import warnings
+import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +30,12 @@ from gemma_export.errors import BadInput
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+PICKLE_FILE = "pytorch_model.bin"
+PICKLE_INDEX_FILE = "pytorch_model.bin.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+ALLOW_PICKLE_HINT = (
+    "pass --allow-pickle to read them with torch.load(weights_only=True), or convert them to safetensors"
+)
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
 MAX_REPORTED = 5
 
@@ -34,28 +48,24 @@ DTYPE_BYTES = {
 }  # fmt: skip
 
 
-def read_tensors(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
-    """All tensors of the checkpoint, memory-mapped via safetensors (never pickle).
+def read_tensors(checkpoint_dir: Path, *, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """All tensors of the checkpoint, memory-mapped via safetensors (pickle only if `allow_pickle`).
 
-    `model.safetensors.index.json` wins over `model.safetensors` when both exist, as in transformers.
-    Tensors are returned in the dtype stored on disk; the caller casts.
+    `model.safetensors.index.json` wins over `model.safetensors` when both exist, as in transformers, and
+    safetensors wins over pickled weights. Tensors are returned in the dtype stored on disk; the caller casts.
     """
     root = Path(checkpoint_dir)
     if not root.is_dir():
         raise BadInput(f"{root}: checkpoint directory does not exist")
-    index = root / INDEX_FILE
-    if index.is_file():
-        weight_map = _read_index(index)
+    index, files, read = _layout(root, allow_pickle)
+    weight_map = _read_index(index) if index is not None else {}
+    if index is not None:
         files = [_shard_path(root, index, shard) for shard in dict.fromkeys(weight_map.values())]
-    elif (root / SINGLE_FILE).is_file():
-        weight_map, files = {}, [root / SINGLE_FILE]
-    else:
-        raise BadInput(_no_safetensors_message(root))
 
     tensors: dict[str, torch.Tensor] = {}
     origin: dict[str, Path] = {}
     for path in files:
-        for name, tensor in _read_file(path).items():
+        for name, tensor in read(path).items():
             if name in origin:
                 raise BadInput(f"{root}: tensor {name!r} is stored twice, in {origin[name].name!r} and {path.name!r}")
             tensors[name], origin[name] = tensor, path
@@ -63,6 +73,31 @@ def read_tensors(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
         if origin.get(name) != root / shard:
             raise BadInput(f"{index}: tensor {name!r} is mapped to {shard!r}, which does not contain it")
     return tensors
+
+
+def _layout(
+    root: Path, allow_pickle: bool
+) -> tuple[Path | None, list[Path], Callable[[Path], dict[str, torch.Tensor]]]:
+    """(index file or None, the files when there is no index, the reader of one file), in transformers' order."""
+    if (root / INDEX_FILE).is_file():
+        return root / INDEX_FILE, [], _read_file
+    if (root / SINGLE_FILE).is_file():
+        return None, [root / SINGLE_FILE], _read_file
+    if not allow_pickle:
+        raise BadInput(_no_safetensors_message(root))
+    if (root / PICKLE_INDEX_FILE).is_file():
+        return root / PICKLE_INDEX_FILE, [], _read_pickle
+    if (root / PICKLE_FILE).is_file():
+        return None, [root / PICKLE_FILE], _read_pickle
+    pickled = _pickled_files(root)
+    if len(pickled) > 1:
+        names = ", ".join(p.name for p in pickled[:MAX_REPORTED])
+        raise BadInput(
+            f"{root}: several pickled weight files ({names}) and no {PICKLE_INDEX_FILE} saying which to read"
+        )
+    if not pickled:
+        raise BadInput(_no_safetensors_message(root))
+    return None, pickled, _read_pickle
 
 
 def select_weights(
@@ -142,16 +177,72 @@ def _shard_path(root: Path, index: Path, shard: str) -> Path:
     return path
 
 
+def _pickled_files(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file())
+
+
 def _no_safetensors_message(root: Path) -> str:
-    pickled = sorted(p.name for p in root.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file())
+    pickled = [p.name for p in _pickled_files(root)]
+    if (root / PICKLE_INDEX_FILE).is_file():
+        pickled.insert(0, PICKLE_INDEX_FILE)
     if pickled:
         return (
             f"{root}: only pickled weights found ({', '.join(pickled[:MAX_REPORTED])}); they are refused "
-            "because unpickling can run arbitrary code; convert them to safetensors first"
+            f"because unpickling can run arbitrary code; {ALLOW_PICKLE_HINT}"
         )
     others = sorted(p.name for p in root.glob("*.safetensors"))
     hint = f" (found {', '.join(others[:MAX_REPORTED])} but no index naming them)" if others else ""
     return f"no {SINGLE_FILE} or {INDEX_FILE} in {root}{hint}"
+
+
+def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a `torch.save` file, built by torch's weights-only unpickler and nothing else.
+
+    `weights_only=True` is passed explicitly, so no environment variable (TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD)
+    can turn it off. The zip format that torch.save writes since 1.6 is memory-mapped; the legacy format
+    cannot be, and is read into memory.
+    """
+    try:
+        mmap = zipfile.is_zipfile(path)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": stderr stays one line
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:  # what weights_only raises for a global or opcode it does not allow
+        raise BadInput(
+            f"{path}: holds objects other than tensors, which torch.load(weights_only=True) refuses to build "
+            f"({_weights_only_reason(e)})"
+        ) from None
+    except OSError as e:
+        raise BadInput(f"{path}: cannot read ({e.strerror or _first_line(e)})") from None
+    except Exception as e:  # a corrupt file fails in many ways (zip reader, unpickler, storage sizes)
+        why = _first_line(e).split(". ")[0] if str(e) else ""
+        raise BadInput(
+            f"{path}: truncated or corrupt PyTorch file ({type(e).__name__}{': ' if why else ''}{why})"
+        ) from None
+    return _state_dict(path, obj)
+
+
+def _state_dict(path: Path, obj: Any) -> dict[str, torch.Tensor]:
+    """A flat dict of name -> tensor; a training checkpoint's (Lightning `.ckpt`) weights under "state_dict"."""
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise BadInput(f"{path}: holds a {type(obj).__name__}, expected a dict of tensor name -> tensor")
+    for name, value in obj.items():
+        if not isinstance(name, str) or not isinstance(value, torch.Tensor):
+            raise BadInput(
+                f"{path}: entry {_short(name)} holds a {type(value).__name__}, expected a dict of tensor name -> tensor"
+            )
+        if value.layout != torch.strided:
+            raise BadInput(f"{path}: tensor {name!r} has layout {value.layout}, expected a dense tensor")
+    return {name: value.detach() for name, value in obj.items()}
+
+
+def _weights_only_reason(e: BaseException) -> str:
+    """The one informative line of torch's several-paragraph refusal ("Unsupported global: ...")."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    noise = ("Weights only load failed", "Check the documentation", "Please file an issue")
+    return " ".join(line for line in lines if not line.startswith(noise)) or _first_line(e)
 
 
 def _read_file(path: Path) -> dict[str, torch.Tensor]:

@@ -25,6 +25,14 @@ app = typer.Typer(
 )
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print a machine-readable result on stdout.")]
+AllowPickleFlag = Annotated[
+    bool,
+    typer.Option(
+        "--allow-pickle",
+        help="Read pickled weights (pytorch_model.bin, *.ckpt, *.pt) when there is no safetensors, with "
+        "torch.load(weights_only=True) only: a file holding anything but tensors is refused.",
+    ),
+]
 
 
 def _emit(result: dict[str, Any], as_json: bool, text: str) -> None:
@@ -36,10 +44,27 @@ def _emit(result: dict[str, Any], as_json: bool, text: str) -> None:
 
 @app.command()
 def build(
-    checkpoint: Annotated[Path, typer.Argument(help="Hugging Face-format checkpoint folder.")],
-    out: Annotated[Path, typer.Option("-o", "--out", help="Artifact folder to create.")],
-    target: Annotated[str, typer.Option(help="ort-cpu (ONNX Runtime, CPU) or onnx (portable graph).")] = "ort-cpu",
-    precision: Annotated[str, typer.Option(help="Weights and activations: fp32.")] = "fp32",
+    checkpoint: Annotated[
+        Path | None, typer.Argument(help="Hugging Face-format checkpoint folder (or --recipe NAME --random).")
+    ] = None,
+    out: Annotated[Path | None, typer.Option("-o", "--out", help="Artifact folder to create.")] = None,
+    recipe: Annotated[
+        str | None, typer.Option(help="Recipe name (see `recipes list`) or a recipe TOML file: checks and defaults.")
+    ] = None,
+    random: Annotated[
+        bool, typer.Option("--random", help="With --recipe: build a random-weight checkpoint of the recipe's size.")
+    ] = False,
+    seed: Annotated[int, typer.Option(min=0, help="With --random: the weights' seed.")] = 0,
+    layers: Annotated[
+        int | None, typer.Option(min=1, help="With --random: keep the first N layers (a cheaper stand-in).")
+    ] = None,
+    random_dir: Annotated[
+        Path, typer.Option(help="With --random: where random checkpoints are written once and reused.")
+    ] = Path("build/random"),
+    target: Annotated[
+        str | None, typer.Option(help="ort-cpu (ONNX Runtime, CPU) or onnx (portable graph). Default: ort-cpu.")
+    ] = None,
+    precision: Annotated[str | None, typer.Option(help="Weights and activations: fp32.")] = None,
     tolerance: Annotated[
         float | None,
         typer.Option(help="Parity gate vs the reference: max abs logit (default 1e-4) or embedding (1e-5) error."),
@@ -47,19 +72,115 @@ def build(
     dim: Annotated[
         int | None, typer.Option(help="Embedding models: output dimension (Matryoshka: 768, 512, 256, 128).")
     ] = None,
+    quant: Annotated[
+        str | None, typer.Option(help="Weight-only quantization (MatMulNBits): none, int8 or int4. Default: none.")
+    ] = None,
+    block_size: Annotated[
+        int | None, typer.Option(help="With --quant: input features per scale, a power of two >= 16 (default 32).")
+    ] = None,
+    min_top1: Annotated[
+        float | None, typer.Option(help="With --quant: gate, least top-1 agreement with the fp32 reference.")
+    ] = None,
+    max_kl: Annotated[
+        float | None, typer.Option(help="With --quant: gate, largest mean KL(reference || quantized) of the logits.")
+    ] = None,
+    cache_layout: Annotated[
+        str | None,
+        typer.Option(
+            help="Decoders' KV cache: full (every layer grows) or windowed (sliding-window layers keep "
+            "only their window). Default: full (RecurrentGemma: windowed, its only layout)."
+        ),
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+    allow_pickle: AllowPickleFlag = False,
     as_json: JsonFlag = False,
 ) -> None:
     """Build an artifact from CHECKPOINT into OUT, verifying it against the PyTorch reference."""
-    from gemma_export.build import BuildOptions
+    from gemma_export import recipes
+    from gemma_export.build import BuildOptions, check_output_location, with_recipe
     from gemma_export.build import build as run_build
     from gemma_export.progress import Stages
 
     stages = Stages(quiet=as_json)
-    options = BuildOptions(target=target, precision=precision, tolerance=tolerance, force=force, dim=dim)
+    chosen = recipes.load(recipe) if recipe is not None else None
+    if (random or layers is not None) and (chosen is None or not random):
+        raise BadInput("--random (and --layers) need --recipe NAME: the recipe gives the architecture")
+    if random == (checkpoint is not None):
+        raise BadInput("give either CHECKPOINT or --recipe NAME --random" if random else
+                       "missing argument 'checkpoint' (a checkpoint folder, or --recipe NAME --random)")  # fmt: skip
+    if out is None:
+        raise BadInput("missing option '-o' / '--out': the artifact folder to create")
+    given = {"target": target, "precision": precision, "tolerance": tolerance, "dim": dim, "quant": quant,
+             "block_size": block_size, "min_top1": min_top1, "max_kl": max_kl,
+             "cache_layout": cache_layout}  # fmt: skip
+    given = {k: v for k, v in given.items() if v is not None}
+    random_record = {"seed": seed, "layers": layers} if random else None
+    options = BuildOptions(
+        **given, force=force, allow_pickle=allow_pickle, recipe=chosen, random_checkpoint=random_record
+    )
+    options = with_recipe(options, set(given))
+    options.check()  # before a random checkpoint of several GB is written
+    if random:
+        check_output_location(random_dir, out, force)
+        checkpoint = _random_checkpoint(chosen.recipe, random_dir, seed, layers, stages)
     manifest = run_build(checkpoint, out, options, stages)
-    _emit({"out": str(out), "stages": stages.to_json(), "parity": manifest["parity"]}, as_json,
-          f"built {out}: {describe_parity(manifest['parity'])}")  # fmt: skip
+    result = {"out": str(out), "checkpoint": str(checkpoint), "stages": stages.to_json(), "parity": manifest["parity"]}
+    _emit(result, as_json, f"built {out}: {describe_parity(manifest['parity'])}")
+
+
+def _random_checkpoint(recipe: Any, root: Path, seed: int, layers: int | None, stages: Any) -> Path:
+    from gemma_export import random_checkpoint
+
+    embedding = recipe.embedding
+    with stages.stage(f"random checkpoint {recipe.name}"):
+        return random_checkpoint.write_cached(
+            root,
+            recipe.name,
+            recipe.architecture,
+            seed=seed,
+            layers=layers,
+            dense=tuple(embedding.dense) if embedding else None,
+            max_seq_length=embedding.max_seq_length if embedding else None,
+        )
+
+
+recipes_app = typer.Typer(no_args_is_help=True, help="The shipped model variants (recipes/*.toml).")
+app.add_typer(recipes_app, name="recipes")
+
+
+@recipes_app.command("list")
+def recipes_list(as_json: JsonFlag = False) -> None:
+    """One line per recipe: name, targets, precisions, quantizations, description."""
+    from gemma_export import recipes
+
+    rows = []
+    for name in recipes.available():
+        r = recipes.load(name).recipe
+        rows.append({"name": name, "kind": r.kind, "targets": r.build.targets, "precisions": r.build.precisions,
+                     "quantizations": r.build.quantizations, "description": r.description})  # fmt: skip
+    if as_json:
+        print(json.dumps({"ok": True, "recipes": rows}, indent=2))
+        return
+    width = max((len(r["name"]) for r in rows), default=4)
+    for r in rows:
+        offers = "/".join(r["precisions"] + r["quantizations"])
+        print(f"{r['name']:<{width}}  {r['kind']:<9}  {offers:<14}  {r['description']}")
+
+
+@recipes_app.command("show")
+def recipes_show(
+    name: Annotated[str, typer.Argument(help="Recipe name or TOML file.")],
+    as_json: JsonFlag = False,
+) -> None:
+    """A recipe, validated: its file as written (or, with --json, the parsed content and hash)."""
+    from gemma_export import recipes
+
+    loaded = recipes.load(name)
+    if as_json:
+        print(json.dumps({"ok": True, "recipe": loaded.to_json()}, indent=2))
+    else:
+        print(f"# {loaded.path} (sha256 {loaded.sha256})")
+        print(loaded.path.read_text(encoding="utf-8"), end="")
 
 
 @app.command()
@@ -101,6 +222,7 @@ def verify(
         Path | None, typer.Option(help="Checkpoint to re-run parity against (else: only file hashes).")
     ] = None,
     tolerance: Annotated[float | None, typer.Option(help="Default: the tolerance the artifact was built with.")] = None,
+    allow_pickle: AllowPickleFlag = False,
     as_json: JsonFlag = False,
 ) -> None:
     """Re-check an artifact: file hashes against its manifest, and parity against CHECKPOINT."""
@@ -117,15 +239,24 @@ def verify(
     if checkpoint is not None:
         embedding = manifest["model"].get("task") == "sentence-embedding"
         if embedding:
-            cfg, _, model = load.load_embedding(checkpoint, manifest["model"]["dim"])
+            cfg, _, model = load.load_embedding(checkpoint, manifest["model"]["dim"], allow_pickle=allow_pickle)
         else:
-            cfg, model = load.load_model(checkpoint)
+            cfg, model = load.load_model(checkpoint, allow_pickle=allow_pickle)
+            if "cache_layout" in manifest["build"]:  # the reference carries its state as the artifact does
+                model.use_cache_layout(manifest["build"]["cache_layout"])
         if cfg.to_json() != manifest["model"]["config"]:
             raise BadInput(f"{checkpoint}: config differs from the one the artifact was built from")
-        tol = tolerance if tolerance is not None else manifest["parity"]["tolerance"]
-        if embedding:
+        parity = manifest["parity"]
+        if parity["metric"] == "agreement":  # a quantized artifact: the agreement gate it was built with
+            if tolerance is not None:
+                raise BadInput(f"--tolerance gates fp32 artifacts; this one is {parity['quant']} (agreement gate)")
+            report = verify_stage.compare_agreement(TorchDecoder(model), OrtDecoder(artifact, manifest), cfg,
+                                                    parity["quant"], parity["min_top1"], parity["max_kl"])  # fmt: skip
+        elif embedding:
+            tol = tolerance if tolerance is not None else parity["tolerance"]
             report = verify_stage.compare_embeddings(TorchEncoder(model), OrtEncoder(artifact, manifest), cfg, tol)
         else:
+            tol = tolerance if tolerance is not None else parity["tolerance"]
             report = verify_stage.compare(TorchDecoder(model), OrtDecoder(artifact, manifest), cfg, tol)
         result["parity"] = report.to_json()
         text += f"\nparity: {report.summary()}"
@@ -174,46 +305,76 @@ def inspect(
 @app.command()
 def bench(
     artifact: Annotated[Path | None, typer.Argument(help="Artifact folder (or use --random).")] = None,
-    checkpoint: Annotated[Path | None, typer.Option(help="The artifact's checkpoint, for --compare.")] = None,
+    checkpoint: Annotated[Path | None, typer.Option(help="The artifact's checkpoint, for the other systems.")] = None,
     random: Annotated[
         str | None, typer.Option("--random", help="Benchmark a random-weight model of a published size.")
     ] = None,
     layers: Annotated[int | None, typer.Option(help="With --random: keep only the first N layers.")] = None,
-    new_tokens: Annotated[str, typer.Option(help="Comma-separated generation lengths.")] = "256,2048,8192",
-    prompt_tokens: Annotated[int, typer.Option(min=1)] = 16,
+    quant: Annotated[
+        str | None, typer.Option(help="With --random: build with `gemma-export build --quant QUANT` (e.g. int4).")
+    ] = None,
+    new_tokens: Annotated[str, typer.Option(help="Decoders: comma-separated generation lengths.")] = "256,2048,8192",
+    prompt_tokens: Annotated[str, typer.Option(help="Decoders: comma-separated prompt lengths.")] = "16",
     batch_sizes: Annotated[
-        str, typer.Option(help="Embedding models: comma-separated batch sizes (sentences per call).")
-    ] = "1,8,32",
+        str | None,
+        typer.Option(help="Comma-separated batch sizes (default: 1 for decoders, 1,8,32 for embedding models)."),
+    ] = None,
     seq_lengths: Annotated[str, typer.Option(help="Embedding models: comma-separated sentence lengths.")] = "64,512",
     threads: Annotated[int, typer.Option(help="Threads per system (0 = all cores).")] = 0,
-    compare: Annotated[
-        bool, typer.Option(help="Also run transformers eager (sentence-transformers for embeddings) in the same run.")
-    ] = True,
+    repeat: Annotated[int, typer.Option(min=1, help="Decoders: runs per system and cell; the median is shown.")] = 1,
+    compare: Annotated[bool, typer.Option(help="Also run the other systems (see --systems) in the same run.")] = True,
+    systems: Annotated[
+        str | None,
+        typer.Option(help="Other systems, comma-separated: transformers, genai (default: every one available)."),
+    ] = None,
     timeout: Annotated[float, typer.Option(help="Seconds allowed per measurement.")] = 3600.0,
-    workdir: Annotated[Path, typer.Option(help="Where --random checkpoints and artifacts are kept.")] = Path(
-        "build/bench"
-    ),
+    workdir: Annotated[
+        Path, typer.Option(help="Where --random checkpoints and artifacts, and genai's models, are kept.")
+    ] = Path("build/bench"),
+    rebuild: Annotated[
+        bool, typer.Option("--rebuild", help="With --random: build the artifact again (e.g. after a code change).")
+    ] = False,
+    json_out: Annotated[Path | None, typer.Option(help="Also write the JSON result to this file.")] = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """Speed and memory of an artifact beside the PyTorch original in the same run: decode tokens/s against
-    transformers eager, or (embedding artifacts) sentences/s against sentence-transformers."""
+    """Speed and memory of an artifact beside the alternatives in the same run: decoders against transformers
+    eager and onnxruntime-genai's own build of the checkpoint (prefill, first token, decode tokens/s, peak
+    RSS), embedding artifacts (sentences/s) against sentence-transformers."""
     from gemma_export import bench as bench_mod
     from gemma_export.generation import check_threads
     from gemma_export.progress import Stages
 
     counts = bench_mod.parse_counts(new_tokens)
-    sizes = bench_mod.parse_sizes(batch_sizes, "--batch-sizes")
+    prompts = bench_mod.parse_sizes(prompt_tokens, "--prompt-tokens")
     lengths = bench_mod.parse_sizes(seq_lengths, "--seq-lengths")
+    if batch_sizes is not None:
+        bench_mod.parse_sizes(batch_sizes, "--batch-sizes")
+    others = bench_mod.parse_systems(systems, compare)
     check_threads(threads)
+    if quant is not None and random is None:
+        raise BadInput("--quant applies to --random (an artifact's quantization is read from its manifest)")
     stages = Stages(quiet=as_json)
+    build_info = None
     if random is not None:
-        checkpoint, artifact = bench_mod.prepare_random(random, workdir, layers, stages)
+        checkpoint, artifact, build_info = bench_mod.prepare_random(
+            random, workdir, layers, stages, quant, timeout, rebuild
+        )
     elif artifact is None:
         raise BadInput("give an ARTIFACT folder or --random NAME")
     if bench_mod.is_embedding_artifact(artifact):
-        result = bench_mod.run_embedding_bench(artifact, checkpoint, sizes, lengths, threads, compare, timeout, stages)
+        sizes = bench_mod.parse_sizes(batch_sizes or "1,8,32", "--batch-sizes")
+        result = bench_mod.run_embedding_bench(artifact, checkpoint, sizes, lengths, threads, others, timeout, stages)
     else:
-        result = bench_mod.run_bench(artifact, checkpoint, counts, prompt_tokens, threads, compare, timeout, stages)
+        result = bench_mod.run_bench(
+            artifact, checkpoint, batch_sizes=bench_mod.parse_sizes(batch_sizes or "1", "--batch-sizes"),
+            prompt_tokens=prompts, new_tokens=counts, threads=threads, systems=others, repeat=repeat,
+            timeout=timeout, workdir=workdir, stages=stages,
+        )  # fmt: skip
+    if build_info is not None:
+        result["build"] = build_info
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps({"ok": True, **result}, indent=2) + "\n")
     if as_json:
         print(json.dumps({"ok": True, **result}, indent=2))
     else:
@@ -225,11 +386,14 @@ def demo(
     out: Annotated[Path, typer.Option("-o", "--out", help="Working folder for the demo.")] = Path("build/demo"),
     prompt: Annotated[str, typer.Option()] = "The quick brown fox",
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 16,
+    as_json: JsonFlag = False,
 ) -> None:
     """Build the embedded default (a small random-weight Gemma 3), verify it, generate, and summarise."""
     from gemma_export.report import run_demo
 
-    run_demo(out, prompt=prompt, max_new_tokens=max_new_tokens)
+    summary = run_demo(out, prompt=prompt, max_new_tokens=max_new_tokens, as_json=as_json)
+    if as_json:
+        print(json.dumps({"ok": True, **summary}, indent=2))
 
 
 def _one_line(text: str) -> str:

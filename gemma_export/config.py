@@ -240,9 +240,8 @@ def parse_griffin_config(raw: dict[str, Any], source: str = "config.json") -> Gr
         raise BadInput(f"{source}: RecurrentGemma supports only default RoPE, got {rope!r}")
     theta = rope.get("rope_theta", raw.get("rope_theta", 10_000.0))
     factor = rope.get("partial_rotary_factor", raw.get("partial_rotary_factor", 0.5))
-    if not isinstance(theta, int | float) or not isinstance(factor, int | float) or not 0 < factor <= 1:
+    if not _is_number(theta) or not _is_number(factor) or not 0 < factor <= 1:
         raise BadInput(f"{source}: rope_theta must be a number and partial_rotary_factor in (0, 1]")
-    eos = raw["eos_token_id"]
     cfg = GriffinConfig(
         vocab_size=r.int("vocab_size"),
         hidden_size=hidden,
@@ -261,7 +260,7 @@ def parse_griffin_config(raw: dict[str, Any], source: str = "config.json") -> Gr
         block_types=tuple((pattern * layers)[:layers]),
         max_position_embeddings=r.int("max_position_embeddings", default=GRIFFIN_MAX_LENGTH),
         bos_token_id=r.int("bos_token_id"),
-        eos_token_ids=tuple(eos) if isinstance(eos, list) else (eos,),
+        eos_token_ids=r.token_ids("eos_token_id"),
         pad_token_id=r.int("pad_token_id"),
     )
     for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "lru_width",
@@ -309,7 +308,7 @@ def parse_config(raw: dict[str, Any], source: str = "config.json") -> GemmaConfi
         text = {"model_type": "gemma3_text", **text}
         cfg = parse_config(text, source=f"{source} (text_config)")
         return replace(cfg, source_model_type="gemma3")
-    if model_type not in FAMILIES:
+    if not isinstance(model_type, str) or model_type not in FAMILIES:  # a list or object is not hashable
         raise BadInput(
             f"{source}: unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
@@ -324,7 +323,7 @@ def parse_config(raw: dict[str, Any], source: str = "config.json") -> GemmaConfi
     head_dim = r.int("head_dim", default=hidden // heads if heads else 0)
     layers = r.int("num_hidden_layers")
     window = r.opt_int("sliding_window") or 0
-    bidirectional = bool(raw.get("use_bidirectional_attention") or False)
+    bidirectional = r.bool("use_bidirectional_attention", default=False)
     if bidirectional and window:
         # transformers stores the bidirectional window as sliding_window // 2 + 1 keys each way (EmbeddingGemma).
         window = window // 2 + 1
@@ -345,11 +344,6 @@ def parse_config(raw: dict[str, Any], source: str = "config.json") -> GemmaConfi
     if SLIDING in layer_types and window <= 0:
         raise BadInput(f"{source}: 'sliding_window' must be a positive integer when layers slide")
 
-    eos = raw.get("eos_token_id", 1)
-    eos_ids = tuple(eos) if isinstance(eos, list) else (eos,)
-    if not all(isinstance(e, int) for e in eos_ids):
-        raise BadInput(f"{source}: 'eos_token_id' must be an integer or a list of integers, got {eos!r}")
-
     cfg = GemmaConfig(
         model_type=model_type,
         vocab_size=r.int("vocab_size"),
@@ -368,7 +362,7 @@ def parse_config(raw: dict[str, Any], source: str = "config.json") -> GemmaConfi
         rope=_parse_rope(raw, r, model_type, source),
         max_position_embeddings=r.int("max_position_embeddings", default=8192),
         bos_token_id=r.int("bos_token_id", default=2),
-        eos_token_ids=eos_ids,
+        eos_token_ids=r.token_ids("eos_token_id", default=1),
         pad_token_id=r.int("pad_token_id", default=0),
         use_bidirectional_attention=bidirectional,
         source_model_type=model_type,
@@ -394,6 +388,8 @@ def _parse_rope(raw: dict[str, Any], r: _Reader, model_type: str, source: str) -
     default_theta = 1_000_000.0 if model_type == "gemma3_text" else 10_000.0
     theta = r.float("rope_theta", default=default_theta)
     scaling = raw.get("rope_scaling")
+    if scaling is not None and not isinstance(scaling, dict):
+        raise BadInput(f"{source}: 'rope_scaling' must be an object or null, got {type(scaling).__name__}")
     global_rope = _rope_from({"rope_theta": theta, **(scaling or {})}, source, "rope_scaling")
     if model_type == "gemma3_text":
         local = Rope(theta=r.float("rope_local_base_freq", default=10_000.0))
@@ -471,6 +467,26 @@ class _Reader:
 
     def opt_float(self, key: str) -> float | None:
         return None if self.raw.get(key) is None else self.float(key)
+
+    def bool(self, key: str, default: Any = None) -> bool:
+        v = self._get(key, _MISSING if default is None else default)
+        if not isinstance(v, bool):
+            raise BadInput(f"{self.source}: field '{key}' must be true or false, got {v!r}")
+        return v
+
+    def token_ids(self, key: str, default: Any = None) -> tuple[int, ...]:
+        """A token id or a non-empty list of them (`eos_token_id`)."""
+        v = self._get(key, _MISSING if default is None else default)
+        ids = v if isinstance(v, list) else [v]
+        if not ids or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+            raise BadInput(
+                f"{self.source}: field '{key}' must be a non-negative integer or a non-empty list of them, got {v!r}"
+            )
+        return tuple(ids)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
 
 
 _MISSING = object()

@@ -1,6 +1,7 @@
 """Errors that reach the user, each with the exit code the CLI documents.
 
-Exit codes: 0 ok, 1 a parity/quality gate failed, 2 bad input, 3 internal error.
+Exit codes: 0 ok, 1 a parity/quality gate failed, 2 bad input (an OUT_DIR that cannot be written, for want
+of space or on a read-only disk, included), 3 internal error, 130 interrupted (cli.main).
 Every message is one line: it names the file or option at fault and what was expected.
 """
 

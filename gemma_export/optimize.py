@@ -10,8 +10,11 @@ Everything works on the onnx-ir model, which references the weights instead of c
 
 from __future__ import annotations
 
+import gc
+
 import onnx_ir as ir
 import onnxscript.optimizer
+from onnxscript.rewriter import _matcher
 
 from gemma_export.ops import attention, rglru
 
@@ -23,6 +26,22 @@ def optimize(model: ir.Model) -> ir.Model:
     onnxscript.optimizer.optimize(model, num_iterations=2)
     strip_metadata(model)
     return model
+
+
+def release_rewriter_state() -> None:
+    """Make onnxscript's pattern matchers forget their last match.
+
+    Its rewrite rules (the optimizer's defaults, the ORT fusions lower.py applies) are module-level objects
+    whose matchers keep the graph, node and bindings of their last match (onnxscript 0.7.2), and with them the
+    whole IR model: every weight, i.e. the reference model's memory-mapped checkpoint, for the rest of the
+    process. The build calls this once the graph is written, so that the verify stage can free the reference.
+    """
+    for obj in gc.get_objects():  # the matchers live in several modules' rule sets; ~0.2 s
+        if isinstance(obj, _matcher.PatternMatcher):
+            for attr in ("_graph", "_match", "_current_node"):  # each is set again by the next match()
+                if attr in obj.__dict__:
+                    setattr(obj, attr, None)
+    obj = None  # the loop variable would keep the last object alive
 
 
 def strip_metadata(model: ir.Model) -> None:

@@ -9,6 +9,7 @@ hashed content, so the same inputs give byte-identical files.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -45,9 +46,19 @@ _DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.INT64: "int64", o
            onnx.TensorProto.BFLOAT16: "bfloat16", onnx.TensorProto.INT32: "int32"}  # fmt: skip
 
 
+# Failures of the disk rather than of the build: reported as one line (exit 2), not as an internal error.
+WRITE_ERRNOS = frozenset(
+    getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EFBIG", "EROFS", "EIO") if hasattr(errno, name)
+)
+
+
 @contextlib.contextmanager
 def staging_dir(out_dir: Path, force: bool) -> Iterator[Path]:
-    """A temporary folder beside `out_dir`, renamed to `out_dir` if the block completes, removed otherwise."""
+    """A temporary folder beside `out_dir`, renamed to `out_dir` if the block completes, removed otherwise.
+
+    A write that fails for want of space (ENOSPC, EDQUOT, EFBIG) or on a read-only or failing disk (EROFS, EIO)
+    becomes a one-line `BadInput` naming the file in OUT_DIR's terms; the staging folder is removed either way.
+    """
     out_dir = Path(out_dir)
     if out_dir.exists() and not force:
         raise BadInput(f"{out_dir}: output directory exists (pass --force to replace it)")
@@ -67,9 +78,39 @@ def staging_dir(out_dir: Path, force: bool) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out_dir)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno not in WRITE_ERRNOS:
+            raise
+        raise BadInput(f"cannot write {_in_out_dir(e.filename, tmp, out_dir)}: {e.strerror or e}") from None
     except BaseException:  # includes KeyboardInterrupt: never leave a partial artifact behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _in_out_dir(filename: str | bytes | int | None, tmp: Path, out_dir: Path) -> Path:
+    """The file a failed write was for, named as it would be in OUT_DIR (the staging folder is gone)."""
+    if not isinstance(filename, str):
+        return out_dir
+    try:
+        return out_dir / Path(filename).resolve().relative_to(tmp.resolve())
+    except ValueError:
+        return Path(filename)
+
+
+def check_writable(out_dir: Path) -> None:
+    """Can a folder be made where OUT_DIR goes? Tried for real (a probe folder made and removed) in the nearest
+    existing ancestor: file modes do not stop root, while a read-only mount, /proc or a full disk do."""
+    out_dir = Path(out_dir)
+    parent = next((p for p in out_dir.resolve().parents if p.exists()), None)
+    if parent is None or not parent.is_dir():
+        raise BadInput(f"{out_dir}: cannot create the output directory here ({parent} is not a writable folder)")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=f".{out_dir.name}.probe-", dir=parent))
+    except OSError as e:
+        raise BadInput(
+            f"{out_dir}: cannot create the output directory here ({parent} is not a writable folder: {e.strerror})"
+        ) from None
 
 
 def _publishable(folder: Path) -> None:
@@ -94,14 +135,24 @@ def write_model(model: ir.Model, folder: Path, progress: Callable[[int], None] |
         if progress is not None:
             progress(written)
 
-    ir.save(
-        model,
-        folder / MODEL_FILE,
-        external_data=WEIGHTS_FILE,
-        size_threshold_bytes=1024,  # small constants (shapes, axes) stay inline for shape inference
-        callback=on_tensor,
-        max_workers=1,  # one writer: the same bytes in the same order, every time
-    )
+    try:
+        ir.save(
+            model,
+            folder / MODEL_FILE,
+            external_data=WEIGHTS_FILE,
+            size_threshold_bytes=1024,  # small constants (shapes, axes) stay inline for shape inference
+            callback=on_tensor,
+            max_workers=1,  # one writer: the same bytes in the same order, every time
+        )
+    except OSError as e:
+        # numpy's tofile reports a short write as "problem writing element N to file", without the errno.
+        # onnx_ir has removed its partial file by now, so the space it took is free again: the disk was full
+        # if the weights written so far (the failed tensor included) do not fit in what is free now.
+        free = shutil.disk_usage(folder).free
+        if e.errno is None and written > free:
+            why = f"{os.strerror(errno.ENOSPC)} ({written} bytes of weights, {free} bytes free)"
+            raise OSError(errno.ENOSPC, why, str(folder / WEIGHTS_FILE)) from e
+        raise
 
 
 def graph_proto(folder: Path) -> onnx.ModelProto:
@@ -128,9 +179,15 @@ def io_spec(proto: onnx.ModelProto) -> dict[str, list[dict[str, Any]]]:
     return {"inputs": [describe(v) for v in proto.graph.input], "outputs": [describe(v) for v in proto.graph.output]}
 
 
-def genai_supports(cfg: GemmaConfig | GriffinConfig) -> bool:
-    """onnxruntime-genai 0.18 runs decoders with a growing KV cache; it has no RecurrentGemma model type."""
-    return isinstance(cfg, GemmaConfig)
+def genai_supports(cfg: GemmaConfig | GriffinConfig, cache_layout: str | None = "full") -> bool:
+    """onnxruntime-genai 0.18 runs decoders with a growing KV cache; it has no RecurrentGemma model type.
+
+    Its own sliding-window cache (`decoder.sliding_window`) is GroupQueryAttention's `sliding_window_cache`
+    layout (the resident positions first, a capacity of window + slack), not our windowed layout (the last
+    window - 1 positions, right-aligned, with the attention mask spanning the whole past): a windowed artifact
+    gets no genai_config.json rather than a wrong one.
+    """
+    return isinstance(cfg, GemmaConfig) and cache_layout in (None, "full")
 
 
 def genai_config(cfg: GemmaConfig, max_length: int) -> dict[str, Any]:

@@ -148,158 +148,18 @@ _ARCHITECTURES = {
 }
 
 
-def _gemma3_layer_types(layers: int) -> list[str]:
-    return [SLIDING if (i + 1) % 6 else "full_attention" for i in range(layers)]
+def _published_configs() -> dict[str, dict[str, Any]]:
+    """The published models' config.json, as the hub has them, from the recipes' [architecture] tables.
+
+    The recipes (`recipes/*.toml`) are the one place the published architectures are written down; the
+    parameter counts they give are checked against transformers' (tests/test_random_checkpoint.py).
+    """
+    from gemma_export import recipes
+
+    return {name: dict(recipes.load(name).recipe.architecture) for name in recipes.available()}
 
 
-# The published models' config.json, as the hub has them (transformers 4's spelling: `rope_theta`,
-# `rope_scaling`, `rope_local_base_freq`, `sliding_window_pattern`), with the architecture values of the
-# base (pre-trained) checkpoints; the instruction-tuned ones differ only in eos_token_id. Fields that only
-# record how the files were written (`torch_dtype`, `transformers_version`) are left out: the writer adds
-# `dtype`. gemma-3-4b is the text part of the multimodal checkpoint, as a gemma3_text model (its vocabulary
-# keeps the image tokens: 262208). The parameter counts these give are checked against transformers'.
-_GEMMA_HUB: dict[str, Any] = {
-    "attention_bias": False,
-    "attention_dropout": 0.0,
-    "bos_token_id": 2,
-    "eos_token_id": 1,
-    "pad_token_id": 0,
-    "initializer_range": 0.02,
-    "rms_norm_eps": 1e-6,
-    "use_cache": True,
-}
-_GEMMA1_HUB = {
-    **_GEMMA_HUB,
-    "architectures": ["GemmaForCausalLM"],
-    "model_type": "gemma",
-    "head_dim": 256,
-    "hidden_act": "gelu",  # as published; transformers reads it as gelu_pytorch_tanh
-    "max_position_embeddings": 8192,
-    "rope_scaling": None,
-    "rope_theta": 10000.0,
-    "vocab_size": 256000,
-}
-_GEMMA2_HUB = {
-    **_GEMMA_HUB,
-    "architectures": ["Gemma2ForCausalLM"],
-    "model_type": "gemma2",
-    "attn_logit_softcapping": 50.0,
-    "final_logit_softcapping": 30.0,
-    "cache_implementation": "hybrid",
-    "head_dim": 256,
-    "hidden_act": "gelu_pytorch_tanh",
-    "hidden_activation": "gelu_pytorch_tanh",
-    "max_position_embeddings": 8192,
-    "query_pre_attn_scalar": 256,
-    "rope_theta": 10000.0,
-    "sliding_window": 4096,
-    "vocab_size": 256000,
-}
-_GEMMA3_HUB = {
-    **_GEMMA_HUB,
-    "architectures": ["Gemma3ForCausalLM"],
-    "model_type": "gemma3_text",
-    "attn_logit_softcapping": None,
-    "final_logit_softcapping": None,
-    "head_dim": 256,
-    "hidden_activation": "gelu_pytorch_tanh",
-    "query_pre_attn_scalar": 256,
-    "rope_local_base_freq": 10000.0,
-    "rope_scaling": None,
-    "rope_theta": 1000000.0,
-    "sliding_window_pattern": 6,
-}
-_RECURRENT_GEMMA_HUB: dict[str, Any] = {
-    "architectures": ["RecurrentGemmaForCausalLM"],
-    "model_type": "recurrent_gemma",
-    "attention_bias": False,
-    "attention_window_size": 2048,
-    "block_types": ["recurrent", "recurrent", "attention"],
-    "bos_token_id": 2,
-    "conv1d_width": 4,
-    "embeddings_scale_by_sqrt_dim": True,
-    "eos_token_id": 1,
-    "hidden_activation": "gelu_pytorch_tanh",
-    "logits_soft_cap": 30.0,
-    "num_key_value_heads": 1,
-    "pad_token_id": 0,
-    "partial_rotary_factor": 0.5,
-    "rms_norm_eps": 1e-6,
-    "rope_theta": 10000.0,
-    "vocab_size": 256000,
-    "w_init_variance_scale": 0.01,
-}
-
-
-def _sizes(hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int) -> dict[str, int]:
-    return {
-        "hidden_size": hidden,
-        "intermediate_size": intermediate,
-        "num_hidden_layers": layers,
-        "num_attention_heads": heads,
-        "num_key_value_heads": kv_heads,
-    }
-
-
-PUBLISHED_CONFIGS: dict[str, dict[str, Any]] = {
-    "gemma-2b": {**_GEMMA1_HUB, **_sizes(2048, 16384, 18, 8, 1)},
-    "gemma-7b": {**_GEMMA1_HUB, **_sizes(3072, 24576, 28, 16, 16)},
-    "gemma-2-2b": {**_GEMMA2_HUB, **_sizes(2304, 9216, 26, 8, 4)},
-    "gemma-2-9b": {**_GEMMA2_HUB, **_sizes(3584, 14336, 42, 16, 8)},
-    # The 27B scales queries by (hidden / heads) ** -0.5 = 144 ** -0.5, not head_dim ** -0.5.
-    "gemma-2-27b": {**_GEMMA2_HUB, **_sizes(4608, 36864, 46, 32, 16), "head_dim": 128, "query_pre_attn_scalar": 144},
-    "gemma-3-270m": {
-        **_GEMMA3_HUB,
-        **_sizes(640, 2048, 18, 4, 1),
-        "_sliding_window_pattern": 6,
-        "layer_types": _gemma3_layer_types(18),  # written by transformers 4.55, which lists them
-        "max_position_embeddings": 32768,
-        "sliding_window": 512,
-        "use_bidirectional_attention": False,
-        "vocab_size": 262144,
-    },
-    "gemma-3-1b": {
-        **_GEMMA3_HUB,
-        **_sizes(1152, 6912, 26, 4, 1),
-        "max_position_embeddings": 32768,
-        "sliding_window": 512,
-        "vocab_size": 262144,
-    },
-    "gemma-3-4b": {
-        **_GEMMA3_HUB,
-        **_sizes(2560, 10240, 34, 8, 4),
-        "max_position_embeddings": 131072,
-        "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
-        "sliding_window": 1024,
-        "vocab_size": 262208,
-    },
-    # google/embeddinggemma-300m's backbone (written by transformers 4.57 for a Gemma3TextModel: no LM head,
-    # bidirectional attention); its sentence-transformers head is `EMBEDDINGGEMMA_HEAD`. Written as a whole
-    # sentence-transformers folder by `write_random_embedding_folder` (and by `write_published`).
-    "embeddinggemma-300m": {
-        **_GEMMA3_HUB,
-        **_sizes(768, 1152, 24, 3, 1),
-        "architectures": ["Gemma3TextModel"],
-        "_sliding_window_pattern": 6,
-        "layer_types": _gemma3_layer_types(24),
-        "max_position_embeddings": 2048,
-        "sliding_window": 512,
-        "use_bidirectional_attention": True,
-        "vocab_size": 262144,
-    },
-    "recurrentgemma-2b": {
-        **_RECURRENT_GEMMA_HUB,
-        **_sizes(2560, 15360, 26, 10, 1),
-        "final_w_init_variance_scale": 2.0 / 26,
-        "lru_width": 2560,
-    },
-    "recurrentgemma-9b": {
-        **_RECURRENT_GEMMA_HUB,
-        **_sizes(4096, 24576, 38, 16, 1),
-        "final_w_init_variance_scale": 2.0 / 38,
-        "lru_width": 4096,
-    },
-}
+PUBLISHED_CONFIGS: dict[str, dict[str, Any]] = _published_configs()
 
 # EmbeddingGemma-300M's sentence-transformers head, as its folder describes it: mean pooling over every
 # token (the prompt included), Dense 768 -> 3072 and 3072 -> 768 (no bias, Identity activation), Normalize;
@@ -702,6 +562,48 @@ def write_published(
     return write_random_checkpoint(
         out_dir, PUBLISHED_CONFIGS[name], seed=seed, dtype=dtype, max_shard_bytes=max_shard_bytes
     )
+
+
+def write_cached(
+    root: Path,
+    name: str,
+    config: dict[str, Any],
+    *,
+    seed: int = 0,
+    layers: int | None = None,
+    dense: tuple[int, ...] | None = None,
+    max_seq_length: int | None = None,
+) -> Path:
+    """A random checkpoint of `config` under root/NAME-seedS[-Nl], written once and reused afterwards.
+
+    `layers` keeps only the first N layers at full width (a cheaper stand-in for CI; not the real size).
+    An embedding config (`is_embedding_config`) is written as a sentence-transformers folder with the head's
+    Dense widths `dense`. The files go to a `.partial` folder that is renamed when complete, so an
+    interrupted write is redone, never reused.
+    """
+    import shutil
+
+    config = dict(config)
+    tag = f"{name}-seed{seed}"
+    if layers is not None:
+        if not 1 <= layers <= config["num_hidden_layers"]:
+            raise BadInput(f"--layers must be between 1 and {config['num_hidden_layers']} for {name}, got {layers}")
+        config["num_hidden_layers"] = layers
+        config.pop("layer_types", None)  # re-derived for the cut depth (sliding_window_pattern / block_types)
+        tag += f"-{layers}l"
+    out = Path(root) / tag
+    if (out / "config.json").is_file():
+        return out
+    partial = out.with_name(tag + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    if is_embedding_config(config):
+        write_random_embedding_folder(partial, config, dense=dense or EMBEDDINGGEMMA_HEAD["dense"], seed=seed,
+                                      max_seq_length=max_seq_length)  # fmt: skip
+    else:
+        write_random_checkpoint(partial, config, seed=seed, max_shard_bytes=2**31)
+    shutil.rmtree(out, ignore_errors=True)
+    partial.rename(out)
+    return out
 
 
 # sentence-transformers' module classes, by the names sentence-transformers 6.2 records in modules.json.

@@ -57,8 +57,9 @@ def _collapse(values: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return list(seen.values())
 
 
-def run_demo(workdir: Path, prompt: str, max_new_tokens: int) -> None:
-    """Embedded default checkpoint -> artifact -> verify -> generate, with a summary table."""
+def run_demo(workdir: Path, prompt: str, max_new_tokens: int, as_json: bool = False) -> dict[str, Any]:
+    """Embedded default checkpoint -> artifact -> verify -> generate, with a summary table (or, with
+    `as_json`, nothing printed but the returned result)."""
     import time
 
     from gemma_export import generation, random_checkpoint
@@ -66,18 +67,23 @@ def run_demo(workdir: Path, prompt: str, max_new_tokens: int) -> None:
 
     workdir = Path(workdir)
     checkpoint, artifact = workdir / "checkpoint", workdir / "artifact"
-    stages = Stages()
+    stages = Stages(quiet=as_json)
     with stages.stage("make checkpoint") as st:
         random_checkpoint.write_random_checkpoint(checkpoint, random_checkpoint.TINY_CONFIGS["gemma3_text"], seed=0)
         st.bytes = sum(f.stat().st_size for f in checkpoint.iterdir())
-    console.print(
-        f"embedded default: random-weight Gemma 3 checkpoint in {checkpoint} (real checkpoints: "
-        f"`gemma-export build PATH -o OUT`)"
-    )
+    if not as_json:
+        console.print(
+            f"embedded default: random-weight Gemma 3 checkpoint in {checkpoint} (real checkpoints: "
+            f"`gemma-export build PATH -o OUT`)"
+        )
     manifest = build(checkpoint, artifact, BuildOptions(force=True), stages)
     start = time.perf_counter()
     result = generation.run(artifact, prompts=[prompt], token_ids=None, max_new_tokens=max_new_tokens)
     gen_seconds = time.perf_counter() - start
+    summary = {"artifact": str(artifact), "stages": stages.to_json(), "generate_seconds": round(gen_seconds, 3),
+               "parity": manifest["parity"], "prompt": prompt, "output": result["outputs"][0]}  # fmt: skip
+    if as_json:
+        return summary
 
     table = Table("stage", "seconds", "written", title=f"gemma-export demo -> {artifact}")
     for r in stages.records:
@@ -93,3 +99,4 @@ def run_demo(workdir: Path, prompt: str, max_new_tokens: int) -> None:
     console.print(
         f"prompt: {prompt!r}\ngenerated (random weights, so not meaningful text): {result['outputs'][0]['text']!r}"
     )
+    return summary

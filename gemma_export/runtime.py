@@ -31,6 +31,22 @@ class Decoder(Protocol):
         ...
 
 
+def session_options(threads: int = 0, low_memory: bool = False):
+    """ONNX Runtime CPU session options. `low_memory` (the build's verification: one pass per prompt chunk, so
+    correctness, not speed): no pre-packing, whose packed copy of every MatMul weight (the tied LM head
+    included) is a second copy of the weights in memory, while unpacked ones stay in the memory-mapped external
+    data file; and no CPU arena, which keeps the largest activations (logits) of any run reserved."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    if low_memory:
+        options.add_session_config_entry("session.disable_prepacking", "1")
+        options.enable_cpu_mem_arena = False
+    return options
+
+
 class OrtDecoder:
     """The artifact in an ONNX Runtime session; names, state shapes and dtypes come from its manifest.
 
@@ -38,14 +54,13 @@ class OrtDecoder:
     its state (RecurrentGemma: constant memory) takes only the new tokens' columns.
     """
 
-    def __init__(self, artifact_dir: Path, manifest: dict, threads: int = 0) -> None:
+    def __init__(self, artifact_dir: Path, manifest: dict, threads: int = 0, *, low_memory: bool = False) -> None:
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.log_severity_level = 3
         self.session = ort.InferenceSession(
-            str(Path(artifact_dir) / manifest["files"]["model"]["path"]), options, providers=["CPUExecutionProvider"]
+            str(Path(artifact_dir) / manifest["files"]["model"]["path"]),
+            session_options(threads, low_memory),
+            providers=["CPUExecutionProvider"],
         )
         self.state = manifest["state"]
         self.vocab_size = int(manifest["model"]["config"]["vocab_size"])
@@ -89,14 +104,13 @@ class TorchDecoder:
 class OrtEncoder:
     """An embedding artifact in an ONNX Runtime session."""
 
-    def __init__(self, artifact_dir: Path, manifest: dict, threads: int = 0) -> None:
+    def __init__(self, artifact_dir: Path, manifest: dict, threads: int = 0, *, low_memory: bool = False) -> None:
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.log_severity_level = 3
         path = str(Path(artifact_dir) / manifest["files"]["model"]["path"])
-        self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(
+            path, session_options(threads, low_memory), providers=["CPUExecutionProvider"]
+        )
 
     def embed(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(sentence_embedding [batch, dim], token_embeddings [batch, seq, hidden])."""
@@ -160,9 +174,10 @@ def pick(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> np
 LOGITS_BUDGET_BYTES = 512 << 20  # a 4K-token prompt of a 256K vocabulary has 4 GiB of logits: chunk it
 
 
-def prefill_slices(length: int, batch: int, vocab_size: int) -> list[slice]:
-    """Prompt columns per forward pass, so that one pass's float32 logits stay within the budget."""
-    chunk = max(1, LOGITS_BUDGET_BYTES // (4 * batch * vocab_size))
+def prefill_slices(length: int, batch: int, vocab_size: int, budget: int | None = None) -> list[slice]:
+    """Prompt columns per forward pass, so that one pass's float32 logits stay within `budget` bytes
+    (None: LOGITS_BUDGET_BYTES)."""
+    chunk = max(1, (LOGITS_BUDGET_BYTES if budget is None else budget) // (4 * batch * vocab_size))
     return [slice(start, min(start + chunk, length)) for start in range(0, length, chunk)]
 
 

@@ -4,11 +4,20 @@ The two decoders are driven by the same inputs through `runtime.Decoder`, on pro
 exporters go wrong (GEMMA.md): one longer than twice every attention window, and a left-padded batch of
 unequal lengths. Prefill compares the logits of every real (non-padding) position; decode then feeds both
 the same greedy tokens, step by step across the window boundary, and compares each step's logits.
+
+Memory: the reference runs every pass first and is dropped before the artifact is opened (when the caller
+hands both over as factories, as the build does), so their two copies of the weights are never resident
+together; its logits wait in an unlinked temporary file, and each pass's logits are capped at
+VERIFY_LOGITS_BUDGET_BYTES (a 262144-token vocabulary makes 1 MiB per position).
 """
 
 from __future__ import annotations
 
+import gc
+import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -17,6 +26,9 @@ from gemma_export.runtime import Decoder, OrtEncoder, TorchEncoder, left_pad, po
 
 DEFAULT_TOLERANCE = 1e-4  # max abs logit error, float32
 DECODE_STEPS = 6
+VERIFY_LOGITS_BUDGET_BYTES = 32 << 20  # float32 logits per forward pass (runtime.LOGITS_BUDGET_BYTES: 512 MiB)
+
+Opened = Decoder | Callable[[], Decoder]  # a decoder, or a factory: called when needed, dropped after use
 
 
 @dataclass
@@ -77,36 +89,231 @@ def sample_prompts(cfg: GemmaConfig, seed: int = 0) -> dict[str, list[list[int]]
     }
 
 
+@dataclass
+class Pass:
+    """One forward pass of the verification: its inputs, and the shape of the logits compared."""
+
+    case: str
+    lengths: list[int]
+    phase: str  # prefill | decode
+    new_cache: bool  # the case's first pass: both decoders start from an empty cache
+    ids: np.ndarray
+    mask: np.ndarray
+    pos: np.ndarray
+    shape: tuple[int, int]  # [positions, vocab] of the compared logits
+
+    def compared(self, logits: np.ndarray) -> np.ndarray:
+        """The logits compared: every real (non-padding) position in prefill, the new token's in decode."""
+        if self.phase == "decode":
+            return logits[:, -1]
+        return logits[self.mask[:, -self.ids.shape[1] :].astype(bool)]  # padding positions' are not defined
+
+
+def paired_logits(
+    reference: Opened,
+    artifact: Opened,
+    cfg: GemmaConfig,
+    decode_steps: int = DECODE_STEPS,
+    *,
+    spill_dir: Path | None = None,
+) -> Iterator[tuple[str, list[int], str, np.ndarray, np.ndarray]]:
+    """Both decoders driven through the sample prompts, the same inputs to each: yields, per forward pass,
+    (case name, prompt lengths, phase, reference logits, artifact logits), the logits of the real (non-padding)
+    positions as [positions, vocab].
+
+    The reference runs every pass first (its greedy tokens are the decode inputs of both), its logits spilled
+    to an unlinked file in `spill_dir` (None: the system's temporary folder); then it is dropped, and only
+    then is the artifact opened and run. Given as factories, neither is held beyond its own phase here.
+    """
+    with tempfile.TemporaryFile(dir=spill_dir) as spill:
+        passes = _run_reference(reference() if callable(reference) else reference, cfg, decode_steps, spill)
+        del reference  # with a factory, the reference's weights (memory-mapped checkpoint) are freed here ...
+        gc.collect()
+        if callable(artifact):  # ... before the artifact maps its own copy
+            artifact = artifact()
+        spill.seek(0)
+        for p in passes:
+            if p.new_cache:
+                cache = artifact.empty_cache(len(p.lengths))
+            logits, cache = artifact.step(p.ids, p.mask, p.pos, cache)
+            ref = np.frombuffer(spill.read(4 * p.shape[0] * p.shape[1]), np.float32).reshape(p.shape)
+            yield p.case, p.lengths, p.phase, ref, p.compared(logits)
+
+
+def _run_reference(reference: Decoder, cfg: GemmaConfig, decode_steps: int, spill) -> list[Pass]:
+    """Every verification pass through the reference, its compared logits appended to `spill` in order."""
+    passes: list[Pass] = []
+
+    def run(p: Pass, cache: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        logits, cache = reference.step(p.ids, p.mask, p.pos, cache)
+        compared = np.ascontiguousarray(p.compared(logits), np.float32)
+        p.shape = compared.shape
+        spill.write(compared.data)
+        passes.append(p)
+        return logits, cache
+
+    for name, prompts in sample_prompts(cfg).items():
+        lengths = [len(p) for p in prompts]
+        ids, mask = left_pad(prompts, cfg.pad_token_id)
+        pos = positions(mask)
+        cache = reference.empty_cache(len(prompts))
+        # Prefill: the whole prompt, in as few passes as the logits' budget allows (one for small vocabularies).
+        slices = prefill_slices(ids.shape[1], len(prompts), cfg.vocab_size, VERIFY_LOGITS_BUDGET_BYTES)
+        for i, cols in enumerate(slices):
+            step = Pass(name, lengths, "prefill", i == 0, ids[:, cols], mask[:, : cols.stop], pos[:, cols], (0, 0))
+            logits, cache = run(step, cache)
+        # Decode: both fed the reference's greedy token, step by step.
+        for _ in range(decode_steps):
+            ids = logits[:, -1].argmax(-1).astype(np.int64)[:, None]
+            mask = np.concatenate([mask, np.ones((len(prompts), 1), np.int64)], axis=1)
+            pos = pos[:, -1:] + 1
+            logits, cache = run(Pass(name, lengths, "decode", False, ids, mask, pos, (0, 0)), cache)
+    return passes
+
+
 def compare(
-    reference: Decoder,
-    artifact: Decoder,
+    reference: Opened,
+    artifact: Opened,
     cfg: GemmaConfig,
     tolerance: float = DEFAULT_TOLERANCE,
     decode_steps: int = DECODE_STEPS,
+    *,
+    spill_dir: Path | None = None,
 ) -> ParityReport:
+    """Max abs logit error per case and phase (paired_logits: the decoders, or factories of them)."""
     report = ParityReport(tolerance=tolerance)
-    for name, prompts in sample_prompts(cfg).items():
-        case = Case(name=name, prompt_lengths=[len(p) for p in prompts])
-        ids, mask = left_pad(prompts, cfg.pad_token_id)
-        pos = positions(mask)
-        ref_cache, art_cache = reference.empty_cache(len(prompts)), artifact.empty_cache(len(prompts))
-        # Prefill: the whole prompt, in as few passes as the logits' memory allows (one for small vocabularies).
-        for cols in prefill_slices(ids.shape[1], len(prompts), cfg.vocab_size):
-            ref_logits, ref_cache = reference.step(ids[:, cols], mask[:, : cols.stop], pos[:, cols], ref_cache)
-            art_logits, art_cache = artifact.step(ids[:, cols], mask[:, : cols.stop], pos[:, cols], art_cache)
-            real = mask[:, cols].astype(bool)  # padding positions' logits are not defined
-            err = float(np.abs(ref_logits[real] - art_logits[real]).max())
+    for name, lengths, phase, ref, art in paired_logits(reference, artifact, cfg, decode_steps, spill_dir=spill_dir):
+        if not report.cases or report.cases[-1].name != name:
+            report.cases.append(Case(name=name, prompt_lengths=lengths))
+        case, err = report.cases[-1], float(np.abs(ref - art).max())
+        if phase == "prefill":
             case.prefill_max_abs_error = max(case.prefill_max_abs_error, err)
-        # Decode: both fed the reference's greedy token, step by step.
-        for step in range(decode_steps):
-            ids = ref_logits[:, -1].argmax(-1).astype(np.int64)[:, None]
-            mask = np.concatenate([mask, np.ones((len(prompts), 1), np.int64)], axis=1)
-            pos = pos[:, -1:] + 1
-            ref_logits, ref_cache = reference.step(ids, mask, pos, ref_cache)
-            art_logits, art_cache = artifact.step(ids, mask, pos, art_cache)
-            err = float(np.abs(ref_logits - art_logits).max())
-            case.decode_max_abs_error = max(case.decode_max_abs_error, err) if step else err
-        report.cases.append(case)
+        else:
+            case.decode_max_abs_error = max(case.decode_max_abs_error, err)
+    return report
+
+
+# --- weight-quantized artifacts: agreement with the float32 reference, not equality ---------------------------
+
+# (min top-1, max mean KL) per quantization when neither a recipe nor the options set them. Measured with
+# the defaults (block 32, asymmetric, int8 activations) on random-weight checkpoints (std 1/sqrt(fan_in)):
+# tiny gemma3_text / gemma2 / recurrent_gemma and Gemma-3-270M-shaped; int8 KL <= 5.1e-4, top-1 >= 0.94;
+# int4 KL <= 0.073, top-1 >= 0.45 (random weights give close runner-up tokens: top-1 is a floor for
+# blatant breakage, KL is the gate). Broken quantizations of the tiny ones measured KL >= 0.086 (int8 scales
+# off by 25%), >= 0.2 (scales of the wrong rows), >= 0.3 (zero points dropped). Trained models have peakier
+# distributions (larger KL for the same weight error, higher top-1): set them per recipe.
+AGREEMENT_GATES = {"int8": (0.9, 0.01), "int4": (0.3, 0.15)}
+AGREEMENT_DECODE_STEPS = 16  # more decode positions than the fp32 gate: top-1 is a fraction of them
+KL_ROWS = 64  # positions per float64 softmax: a 262144-token vocabulary makes 2 MB rows
+
+
+@dataclass
+class Agreement:
+    """Running agreement of one phase: top-1 matches, KL(reference || artifact) and max abs logit error."""
+
+    positions: int = 0
+    top1_matches: int = 0
+    kl_sum: float = 0.0
+    max_abs_logit_error: float = 0.0
+
+    @classmethod
+    def of(cls, ref: np.ndarray, art: np.ndarray) -> Agreement:
+        """Of [positions, vocab] logits."""
+        return cls(
+            positions=len(ref),
+            top1_matches=int((ref.argmax(-1) == art.argmax(-1)).sum()),
+            kl_sum=float(kl_divergence(ref, art).sum()),
+            max_abs_logit_error=float(np.abs(ref - art).max()),
+        )
+
+    def add(self, other: Agreement) -> None:
+        self.positions += other.positions
+        self.top1_matches += other.top1_matches
+        self.kl_sum += other.kl_sum
+        self.max_abs_logit_error = max(self.max_abs_logit_error, other.max_abs_logit_error)
+
+    @property
+    def top1(self) -> float:
+        return self.top1_matches / self.positions if self.positions else 1.0
+
+    @property
+    def kl(self) -> float:
+        return self.kl_sum / self.positions if self.positions else 0.0
+
+    def to_json(self) -> dict:
+        return {"top1": self.top1, "kl": self.kl, "max_abs_logit_error": self.max_abs_logit_error,
+                "positions": self.positions}  # fmt: skip
+
+
+def kl_divergence(ref: np.ndarray, art: np.ndarray) -> np.ndarray:
+    """KL(softmax(ref) || softmax(art)) per row of [positions, vocab] logits, in float64, a few rows at a time."""
+    out = np.empty(len(ref))
+    for start in range(0, len(ref), KL_ROWS):
+        p, q = (log_softmax(x[start : start + KL_ROWS].astype(np.float64)) for x in (ref, art))
+        out[start : start + KL_ROWS] = (np.exp(p) * (p - q)).sum(-1)
+    return out
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+@dataclass
+class AgreementReport:
+    """The gate of a quantized build: in each phase, top-1 agreement >= min_top1 and mean KL <= max_kl."""
+
+    quant: str
+    min_top1: float
+    max_kl: float
+    phases: dict[str, Agreement] = field(default_factory=lambda: {"prefill": Agreement(), "decode": Agreement()})
+    cases: dict[str, dict] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return all(a.top1 >= self.min_top1 and a.kl <= self.max_kl for a in self.phases.values())
+
+    def summary(self) -> str:
+        shown = "; ".join(f"{phase} top-1 {a.top1:.4f}, KL {a.kl:.3g}, max |dlogit| {a.max_abs_logit_error:.3g}"
+                          for phase, a in self.phases.items())  # fmt: skip
+        return f"{self.quant} vs fp32 reference: {shown} (gate top-1 >= {self.min_top1:g}, KL <= {self.max_kl:g})"
+
+    def to_json(self) -> dict:
+        return {
+            "metric": "agreement",
+            "quant": self.quant,
+            "min_top1": self.min_top1,
+            "max_kl": self.max_kl,
+            **{phase: a.to_json() for phase, a in self.phases.items()},
+            "passed": self.passed,
+            "cases": [{"name": name, **c} for name, c in self.cases.items()],
+        }
+
+
+def compare_agreement(
+    reference: Opened,
+    artifact: Opened,
+    cfg: GemmaConfig,
+    quant: str,
+    min_top1: float,
+    max_kl: float,
+    decode_steps: int = AGREEMENT_DECODE_STEPS,
+    *,
+    spill_dir: Path | None = None,
+) -> AgreementReport:
+    """The sample prompts through both decoders (teacher-forced with the reference's greedy tokens, so that
+    every position compares the same context)."""
+    report = AgreementReport(quant=quant, min_top1=min_top1, max_kl=max_kl)
+    per_case: dict[str, dict[str, Agreement]] = {}
+    lengths: dict[str, list[int]] = {}
+    for name, prompt_lengths, phase, ref, art in paired_logits(reference, artifact, cfg, decode_steps,
+                                                               spill_dir=spill_dir):  # fmt: skip
+        lengths[name] = prompt_lengths
+        step = Agreement.of(ref, art)
+        report.phases[phase].add(step)
+        per_case.setdefault(name, {"prefill": Agreement(), "decode": Agreement()})[phase].add(step)
+    for name, phases in per_case.items():
+        report.cases[name] = {"prompt_lengths": lengths[name], **{p: a.to_json() for p, a in phases.items()}}
     return report
 
 
@@ -134,17 +341,24 @@ class EmbeddingReport:
 
 
 def compare_embeddings(
-    reference: TorchEncoder, artifact: OrtEncoder, cfg: GemmaConfig, tolerance: float = EMBEDDING_TOLERANCE
+    reference: TorchEncoder | Callable[[], TorchEncoder],
+    artifact: OrtEncoder | Callable[[], OrtEncoder],
+    cfg: GemmaConfig,
+    tolerance: float = EMBEDDING_TOLERANCE,
 ) -> EmbeddingReport:
-    """A padded batch whose longest row spans more than twice the bidirectional window, and a short row."""
+    """A padded batch whose longest row spans more than twice the bidirectional window, and a short row.
+
+    As for decoders, the reference runs first and, given as a factory, is freed before the artifact opens."""
     span = 2 * cfg.max_window if cfg.max_window else 16  # a bidirectional window reaches W - 1 each way
     rng = np.random.default_rng(0)
     low = min(4, cfg.vocab_size - 1)
     lengths = [2 * span + 3, 5, span]
     prompts = [[cfg.bos_token_id, *rng.integers(low, cfg.vocab_size, n - 1).tolist()] for n in lengths]
     ids, mask = left_pad(prompts, cfg.pad_token_id)
-    ref_e, ref_t = reference.embed(ids, mask)
-    art_e, art_t = artifact.embed(ids, mask)
+    ref_e, ref_t = (reference() if callable(reference) else reference).embed(ids, mask)
+    del reference
+    gc.collect()
+    art_e, art_t = (artifact() if callable(artifact) else artifact).embed(ids, mask)
     cosine = (ref_e * art_e).sum(-1) / (np.linalg.norm(ref_e, axis=-1) * np.linalg.norm(art_e, axis=-1))
     real = mask.astype(bool)
     return EmbeddingReport(
@@ -161,5 +375,10 @@ def describe_parity(parity: dict) -> str:
     if parity["metric"] == "max_abs_embedding_error":
         return (f"max |d embedding| {parity['sentence_max_abs_error']:.2e}, min cosine "
                 f"{parity['sentence_min_cosine']:.7f} (tolerance {parity['tolerance']:g})")  # fmt: skip
+    if parity["metric"] == "agreement":
+        return (f"{parity['quant']} vs fp32: top-1 prefill {parity['prefill']['top1']:.4f}, decode "
+                f"{parity['decode']['top1']:.4f}; KL prefill {parity['prefill']['kl']:.2e}, decode "
+                f"{parity['decode']['kl']:.2e} (gate top-1 >= {parity['min_top1']:g}, "
+                f"KL <= {parity['max_kl']:g})")  # fmt: skip
     return (f"prefill max |dlogit| {parity['prefill']:.2e}, decode {parity['decode']:.2e} "
             f"(tolerance {parity['tolerance']:g})")  # fmt: skip

@@ -247,6 +247,54 @@ def test_fuzz_plausible_header(header_and_data: tuple[bytes, bytes]) -> None:
     _reads_or_refuses(*header_and_data)
 
 
+# ---- read_tensors: fuzzed sharded indexes (two real shards beside the index) -------------------------------
+
+_SHARDS = {"model-00001-of-00002.safetensors": ("a", "b"), "model-00002-of-00002.safetensors": ("c",)}
+_SHARD_NAMES = st.sampled_from(
+    [*_SHARDS, "model-00003-of-00002.safetensors", "model.safetensors.index.json", "sub", "config.json",
+     "../model-00001-of-00002.safetensors", "sub/x.safetensors", "/etc/passwd", "", ".", ".."]
+) | st.text(max_size=6) | _json  # fmt: skip
+
+
+@st.composite
+def _fuzzed_index(draw: st.DrawFn) -> bytes:
+    """Mostly plausible: a weight_map of known, unknown and odd tensor names to real, missing, escaping or
+    non-string shards; sometimes any JSON, sometimes bytes that are not JSON."""
+    kind = draw(st.sampled_from(["plausible", "plausible", "plausible", "json", "bytes"]))
+    if kind == "bytes":
+        return draw(st.binary(max_size=64))
+    if kind == "json":
+        return json.dumps(draw(_json)).encode()
+    names = st.sampled_from(["a", "b", "c", "d", "__metadata__"]) | st.text(max_size=4)
+    weight_map = draw(st.dictionaries(names, _SHARD_NAMES, max_size=5))
+    extra = draw(st.dictionaries(st.sampled_from(["metadata", "weight_map_", "total_size"]), _json, max_size=2))
+    return json.dumps({**extra, "weight_map": weight_map}).encode()
+
+
+def _index_reads_or_refuses(index: bytes) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        for shard, names in _SHARDS.items():
+            _save(root / shard, {name: torch.ones(2) for name in names})
+        (root / "sub").mkdir()
+        (root / "config.json").write_text("{}")
+        (root / "model.safetensors.index.json").write_bytes(index)
+        try:
+            got = read_tensors(root)
+        except BadInput as e:
+            assert "\n" not in str(e)
+        else:  # accepted: every mapped name was where the index said, and only the shards it named were read
+            weight_map = json.loads(index)["weight_map"]
+            assert set(weight_map) <= set(got)
+            assert set(got) == {n for shard in set(weight_map.values()) for n in _SHARDS[shard]}
+
+
+@_FUZZ
+@given(_fuzzed_index())
+def test_fuzz_sharded_index(index: bytes) -> None:
+    _index_reads_or_refuses(index)
+
+
 # ---- select_weights ---------------------------------------------------------------------------------
 
 EXPECTED: dict[str, tuple[tuple[int, ...], torch.dtype | None]] = {

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import struct
 import subprocess
 import sys
 from collections.abc import Callable
@@ -89,6 +90,32 @@ def truncate(path: Path, size: int) -> None:
         f.truncate(size)
 
 
+def edit_header(path: Path, edit: Callable[[str], str]) -> None:
+    """Rewrite a safetensors file's JSON header as text (its length prefix follows), data section unchanged."""
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = edit(raw[8 : 8 + n].decode()).encode()
+    path.write_bytes(struct.pack("<Q", len(header)) + header + raw[8 + n :])
+
+
+def _edit_entry(name: str, **changes: object) -> Callable[[str], str]:
+    def edit(text: str) -> str:
+        header = json.loads(text)
+        header[name].update(changes)
+        return json.dumps(header)
+
+    return edit
+
+
+def _entry_twice(text: str) -> str:
+    """The first tensor's entry repeated at the end: JSON allows it, json.loads would silently keep the last."""
+    header = json.loads(text)
+    name = next(k for k in header if k != "__metadata__")
+    body = text.rstrip()  # safetensors pads the header with spaces to a multiple of 8 bytes
+    assert body.endswith("}")
+    return body[:-1] + f", {json.dumps(name)}: {json.dumps(header[name])}}}"
+
+
 # ---- build: bad checkpoints ---------------------------------------------------------------------------
 
 MISSING = "model.layers.3.self_attn.k_proj.weight"
@@ -108,11 +135,48 @@ def _pickle_only(ckpt: Path) -> None:
     (ckpt / "model.safetensors").unlink()
 
 
-def _missing_shard(ckpt: Path) -> None:
+def _sharded(ckpt: Path) -> list[Path]:
     write_random_checkpoint(ckpt, TINY_CONFIGS[MODEL_TYPE], max_shard_bytes=200_000)
     shards = sorted(ckpt.glob("model-*-of-*.safetensors"))
     assert len(shards) > 2
-    shards[1].unlink()
+    return shards
+
+
+def _missing_shard(ckpt: Path) -> None:
+    _sharded(ckpt)[1].unlink()
+
+
+def _stored_twice(ckpt: Path) -> None:
+    """A tensor of the first shard also written into the second (e.g. two exports merged by hand)."""
+    first, second = _sharded(ckpt)[:2]
+    name, tensor = next(iter(load_file(str(first)).items()))
+    save_file({**load_file(str(second)), name: tensor}, str(second))
+
+
+def _mapped_to_wrong_shard(ckpt: Path) -> None:
+    _sharded(ckpt)
+    index = ckpt / "model.safetensors.index.json"
+    raw = json.loads(index.read_text())
+    raw["weight_map"][MISSING] = "model-00001-of-00006.safetensors"
+    index.write_text(json.dumps(raw))
+
+
+def _pickle_sharded_only(ckpt: Path) -> None:
+    shards = _sharded(ckpt)
+    weight_map = {}
+    for k, shard in enumerate(shards):
+        name = f"pytorch_model-{k + 1:05d}-of-{len(shards):05d}.bin"
+        tensors = load_file(str(shard))
+        torch.save(tensors, ckpt / name)
+        weight_map.update(dict.fromkeys(tensors, name))
+        shard.unlink()
+    (ckpt / "model.safetensors.index.json").unlink()
+    (ckpt / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+
+def _ckpt_only(ckpt: Path) -> None:
+    torch.save({"state_dict": load_file(str(ckpt / "model.safetensors"))}, ckpt / "last.ckpt")
+    (ckpt / "model.safetensors").unlink()
 
 
 # case -> (how to break a fresh checkpoint in place, facts the error line must state)
@@ -155,6 +219,31 @@ BROKEN_CHECKPOINTS: dict[str, tuple[Callable[[Path], object], tuple[str, ...]]] 
         lambda c: edit_tensors(c, lambda t: t.update({RESHAPED: torch.zeros(128, 64, dtype=torch.int32)})),
         (repr(RESHAPED), "expected floating point"),
     ),
+    "bool tensor": (
+        lambda c: edit_tensors(c, lambda t: t.update({RESHAPED: torch.zeros(128, 64, dtype=torch.bool)})),
+        (repr(RESHAPED), "torch.bool", "expected floating point"),
+    ),
+    "tensor stored twice across shards": (_stored_twice, ("model-00001-of-", "model-00002-of-", "stored twice")),
+    "tensor named twice in one header": (
+        lambda c: edit_header(c / "model.safetensors", _entry_twice),
+        ("model.safetensors", "truncated or corrupt", "duplicate key"),
+    ),
+    "index mapping a tensor to the wrong shard": (
+        _mapped_to_wrong_shard,
+        ("model.safetensors.index.json", repr(MISSING), "model-00001-of-00006.safetensors", "does not contain it"),
+    ),
+    "safetensors header not JSON": (
+        lambda c: edit_header(c / "model.safetensors", lambda text: "{not json" + text[9:]),
+        ("model.safetensors", "truncated or corrupt", "header is not JSON"),
+    ),
+    "safetensors offsets past the end": (
+        lambda c: edit_header(c / "model.safetensors", _edit_entry(RESHAPED, data_offsets=[0, 1 << 40])),
+        ("model.safetensors", "truncated or corrupt", repr(RESHAPED), "past end of file"),
+    ),
+    "safetensors dtype unknown to torch": (
+        lambda c: edit_header(c / "model.safetensors", _edit_entry(RESHAPED, dtype="F4")),
+        ("model.safetensors", repr(RESHAPED), "unsupported dtype 'F4'"),
+    ),
     "safetensors truncated in its data": (
         lambda c: truncate(c / "model.safetensors", (c / "model.safetensors").stat().st_size - 1000),
         ("model.safetensors", "truncated or corrupt", "past end of file"),
@@ -175,7 +264,12 @@ BROKEN_CHECKPOINTS: dict[str, tuple[Callable[[Path], object], tuple[str, ...]]] 
         _missing_shard,
         ("model.safetensors.index.json", "model-00002-of-", "is missing"),
     ),
-    "pickle-only checkpoint": (_pickle_only, ("pytorch_model.bin", "refused", "safetensors")),
+    "pickle-only checkpoint": (_pickle_only, ("pytorch_model.bin", "refused", "--allow-pickle", "safetensors")),
+    "pickle-only sharded checkpoint": (
+        _pickle_sharded_only,
+        ("pytorch_model.bin.index.json", "pytorch_model-00001-of-", "refused", "--allow-pickle"),
+    ),
+    "pickle-only .ckpt": (_ckpt_only, ("last.ckpt", "refused", "--allow-pickle")),
 }
 
 
@@ -188,6 +282,67 @@ def test_build_refuses_broken_checkpoint(case: str, tmp_path: Path, capsys: pyte
     code, stdout, stderr = run(capsys, "build", ckpt, "-o", out)
     assert code == 2, stderr
     error_line(stderr, *facts)
+    assert stdout == ""
+    assert_no_output(out)
+
+
+_INT = "must be an integer"
+_ROPE_OK = {"rope_type": "default", "rope_theta": 10000.0}
+# case -> (model_type, config.json fields to set, facts the error line must state: the field, the expected type)
+BAD_CONFIG_TYPES: dict[str, tuple[str, dict[str, object], tuple[str, ...]]] = {
+    "int as a string": (MODEL_TYPE, {"num_hidden_layers": "6"}, ("'num_hidden_layers'", _INT, "'6'")),
+    "int as a float": (MODEL_TYPE, {"head_dim": 16.0}, ("'head_dim'", _INT, "16.0")),
+    "int as a list": (MODEL_TYPE, {"hidden_size": [64]}, ("'hidden_size'", _INT, "[64]")),
+    "int as a bool": (MODEL_TYPE, {"num_attention_heads": True}, ("'num_attention_heads'", _INT, "True")),
+    "int as an object": (MODEL_TYPE, {"vocab_size": {"n": 512}}, ("'vocab_size'", _INT)),
+    "number as a string": (MODEL_TYPE, {"rms_norm_eps": "1e-6"}, ("'rms_norm_eps'", "must be a number", "'1e-6'")),
+    "number as a bool": (MODEL_TYPE, {"query_pre_attn_scalar": False}, ("'query_pre_attn_scalar'", "must be a number")),
+    "bool as a string": (
+        MODEL_TYPE,
+        {"use_bidirectional_attention": "false"},
+        ("'use_bidirectional_attention'", "must be true or false", "'false'"),
+    ),
+    "token ids as a bool": (MODEL_TYPE, {"eos_token_id": True}, ("'eos_token_id'", "integer")),
+    "token ids as an empty list": (MODEL_TYPE, {"eos_token_id": []}, ("'eos_token_id'", "non-empty list")),
+    "token ids as strings": (MODEL_TYPE, {"eos_token_id": ["1"]}, ("'eos_token_id'", "integer")),
+    "list as a string": (
+        MODEL_TYPE,
+        {"layer_types": "sliding_attention"},
+        ("'layer_types'", "must list 6 entries", "'sliding_attention'"),
+    ),
+    "object as a list": (MODEL_TYPE, {"rope_parameters": [10000.0]}, ("'rope_parameters'", "must be an object")),
+    "nested number as a string": (
+        MODEL_TYPE,
+        {"rope_parameters": {"sliding_attention": _ROPE_OK, "full_attention": {**_ROPE_OK, "rope_theta": "1e6"}}},
+        ("'rope_parameters.full_attention.rope_theta'", "must be a positive number", "'1e6'"),
+    ),
+    "hub spelling: rope_scaling as a number": (
+        MODEL_TYPE,
+        {"rope_parameters": None, "rope_scaling": 8.0},
+        ("'rope_scaling'", "must be an object", "float"),
+    ),
+    "model_type as a list": (MODEL_TYPE, {"model_type": [MODEL_TYPE]}, ("model_type", "['gemma3_text']", "supported")),
+    "recurrent_gemma: int as a float": ("recurrent_gemma", {"lru_width": 64.0}, ("'lru_width'", _INT, "64.0")),
+    "recurrent_gemma: token id as a string": ("recurrent_gemma", {"eos_token_id": "1"}, ("'eos_token_id'", "integer")),
+    "recurrent_gemma: list as a string": (
+        "recurrent_gemma",
+        {"block_types": "recurrent"},
+        ("'block_types'", "must list 'recurrent' / 'attention'"),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BAD_CONFIG_TYPES)
+def test_build_refuses_config_field_of_the_wrong_type(
+    case: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model_type, changes, facts = BAD_CONFIG_TYPES[case]
+    ckpt = write_random_checkpoint(tmp_path / "ckpt", TINY_CONFIGS[model_type])
+    edit_config(ckpt, **changes)
+    out = tmp_path / "out"
+    code, stdout, stderr = run(capsys, "build", ckpt, "-o", out)
+    assert code == 2, stderr
+    error_line(stderr, "config.json", *facts)
     assert stdout == ""
     assert_no_output(out)
 
@@ -296,7 +451,7 @@ def test_internal_error_is_one_line_exit_3(
     """A bug of ours (not bad input): exit 3, still one line, even when the exception's text is not."""
     from gemma_export import load
 
-    def crash(checkpoint_dir: Path) -> None:
+    def crash(checkpoint_dir: Path, **options: object) -> None:
         raise ValueError("first line\n  second line")
 
     monkeypatch.delenv("GEMMA_EXPORT_DEBUG", raising=False)

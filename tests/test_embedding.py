@@ -129,6 +129,7 @@ def test_build_records_parity_and_prompts(artifacts, st_folder) -> None:
     [
         (["--precision", "fp16"], "'fp16' is refused"),
         (["--dim", "65"], "--dim 65 must be between 1 and 64"),
+        (["--quant", "int4"], "--quant int4 applies to decoders"),
     ],
 )
 def test_bad_build_options(st_folder, tmp_path, capsys, args, message) -> None:

@@ -11,6 +11,14 @@
 
 Attention itself is the custom op `torch.ops.gemma.attention` (gemma_export/ops/attention.py), so the ONNX
 graph carries one `ai.gemma::Attention` node per layer.
+
+KV cache layouts (`CACHE_LAYOUTS`, chosen with `GemmaModel.use_cache_layout`):
+    full      every layer's key/value cache grows by the new tokens (past + new positions)
+    windowed  a sliding-window layer keeps a fixed buffer of its (window - 1) most recent positions, all that a
+              later query can see (it sees `window` keys, itself included); global layers grow. As in
+              RecurrentGemma (models/griffin.py): slots before the first token are zeros and masked. The
+              buffer's mask is not carried: it is the attention mask's columns of those positions (zeros before
+              the first), and the attention mask spans the whole past anyway for the global layers.
 """
 
 from __future__ import annotations
@@ -20,8 +28,34 @@ import torch.nn.functional as F
 from torch import nn
 
 from gemma_export.config import GemmaConfig, Rope
+from gemma_export.errors import BadInput
 from gemma_export.models.state import StateSpec
 from gemma_export.ops import attention as _attention_op  # noqa: F401 - registers torch.ops.gemma.attention
+
+CACHE_LAYOUTS = ("full", "windowed")
+
+
+def cache_slots(cfg: GemmaConfig, layer: int, layout: str) -> int | None:
+    """Positions a layer's key/value buffer holds between calls, or None when its cache grows with the context."""
+    window = cfg.window_of(layer)
+    return window - 1 if layout == "windowed" and window > 0 else None
+
+
+def kv_cache_bytes(cfg: GemmaConfig, context: int, batch: int = 1, layout: str = "full", itemsize: int = 4) -> int:
+    """Bytes of the carried key/value state after `context` tokens (float32: itemsize 4), as `state_specs` lays
+    it out: a windowed layer's buffer has its fixed size whatever the context."""
+    if layout not in CACHE_LAYOUTS:
+        raise BadInput(f"cache layout {layout!r} is not one of: {', '.join(CACHE_LAYOUTS)}")
+    per_position = 2 * batch * cfg.num_key_value_heads * cfg.head_dim * itemsize  # a key and a value
+    slots = (cache_slots(cfg, i, layout) for i in range(cfg.num_hidden_layers))
+    return sum(per_position * (context if s is None else s) for s in slots)
+
+
+def buffer_mask(attention_mask: torch.Tensor, seq: int, slots: int) -> torch.Tensor:
+    """Mask [batch, slots + seq] of a windowed layer's keys: its buffer (the `slots` positions before the new
+    tokens; zeros before the first token) then the new tokens. attention_mask: [batch, past + seq]."""
+    padded = torch.cat((attention_mask.new_zeros(attention_mask.shape[0], slots), attention_mask), dim=1)
+    return padded[:, attention_mask.shape[1] - seq :]
 
 
 class RMSNorm(nn.Module):
@@ -72,6 +106,7 @@ class Attention(nn.Module):
         self.softcap = cfg.attn_logit_softcapping
         self.window = cfg.window_of(layer)
         self.causal = not cfg.use_bidirectional_attention
+        self.slots: int | None = None  # a windowed cache's buffer size; None: the cache grows (full layout)
         self.q_proj = nn.Linear(cfg.hidden_size, self.heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=False)
@@ -96,6 +131,8 @@ class Attention(nn.Module):
         v = torch.cat((past[1], v), dim=2)
         out = torch.ops.gemma.attention(q, k, v, attention_mask, self.scale, self.softcap, self.window, self.causal)
         out = out.transpose(1, 2).reshape(batch, seq, self.heads * self.head_dim)
+        if self.slots is not None:  # keep the last `slots` positions (a slice that is empty when slots == 0)
+            k, v = k[:, :, k.shape[2] - self.slots :], v[:, :, v.shape[2] - self.slots :]
         return self.o_proj(out), (k, v)
 
 
@@ -147,10 +184,22 @@ class GemmaModel(nn.Module):
     def __init__(self, cfg: GemmaConfig) -> None:
         super().__init__()
         self.cfg = cfg
+        self.cache_layout = "full"
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.init_rope()
+
+    def use_cache_layout(self, layout: str) -> GemmaModel:
+        """Choose how the key/value caches are carried (`CACHE_LAYOUTS`); the weights are unchanged."""
+        if layout not in CACHE_LAYOUTS:
+            raise BadInput(f"--cache-layout {layout!r} is not supported; choose one of: {', '.join(CACHE_LAYOUTS)}")
+        if layout == "windowed" and not all(layer.self_attn.causal for layer in self.layers):
+            raise BadInput("--cache-layout windowed needs causal attention (a bidirectional model has no cache)")
+        self.cache_layout = layout
+        for i, layer in enumerate(self.layers):
+            layer.self_attn.slots = cache_slots(self.cfg, i, layout)
+        return self
 
     def init_rope(self) -> None:
         """(Re)compute the rotary frequencies, which are derived from the config, never loaded."""
@@ -183,22 +232,31 @@ class GemmaModel(nn.Module):
         dtype = self.embed_tokens.weight.dtype
         x = self.embed_tokens(input_ids) * torch.tensor(self.cfg.hidden_size**0.5, dtype=dtype)
         tables = {kind: rope_cos_sin(getattr(self, f"inv_freq_{kind}"), position_ids, dtype) for kind in self.cfg.rope}
+        seq = input_ids.shape[1]
+        masks = {None: attention_mask}  # per buffer size (None: a growing cache), computed once
+        for layer in self.layers:
+            slots = layer.self_attn.slots
+            if slots not in masks:
+                masks[slots] = buffer_mask(attention_mask, seq, slots)
         presents: list[torch.Tensor] = []
         for layer, past_k, past_v in zip(self.layers, state[0::2], state[1::2], strict=True):
             cos, sin = tables[layer.rope_kind]
-            x, present = layer(x, cos, sin, attention_mask, (past_k, past_v))
+            x, present = layer(x, cos, sin, masks[layer.self_attn.slots], (past_k, past_v))
             presents.extend(present)
         return self.norm(x), presents
 
     def state_specs(self) -> list[StateSpec]:
-        """Per layer a key and a value cache that grow along axis 2 (past_sequence_length)."""
-        shape = ("batch", self.cfg.num_key_value_heads, 0, self.cfg.head_dim)
-        dtype = self.embed_tokens.weight.dtype
-        return [
-            StateSpec(f"past_key_values.{i}.{kind}", f"present.{i}.{kind}", shape, dtype, grows=2)
-            for i in range(self.cfg.num_hidden_layers)
-            for kind in ("key", "value")
-        ]
+        """Per layer a key and a value cache [batch, kv_heads, positions, head_dim]: growing along axis 2
+        (past_sequence_length), or, for a windowed layer, a fixed buffer of its last (window - 1) positions."""
+        cfg, dtype = self.cfg, self.embed_tokens.weight.dtype
+        specs = []
+        for i, layer in enumerate(self.layers):
+            slots = layer.self_attn.slots
+            shape = ("batch", cfg.num_key_value_heads, 0 if slots is None else slots, cfg.head_dim)
+            grows = 2 if slots is None else None
+            specs += [StateSpec(f"past_key_values.{i}.{kind}", f"present.{i}.{kind}", shape, dtype, grows=grows)
+                      for kind in ("key", "value")]  # fmt: skip
+        return specs
 
 
 # Our module name -> the checkpoint's, where they differ: Gemma 1 calls its pre-MLP norm "post attention".

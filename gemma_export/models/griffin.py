@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gemma_export.config import GriffinConfig
+from gemma_export.errors import BadInput
 from gemma_export.models.gemma import RMSNorm, tied_lm_head
 from gemma_export.models.state import StateSpec
 from gemma_export.ops import attention as _attention_op  # noqa: F401 - registers torch.ops.gemma.attention
@@ -173,6 +174,7 @@ class GriffinModel(nn.Module):
     """RecurrentGemma with its tied LM head: token ids -> float32 logits and the new (constant-size) state."""
 
     mask_covers_past = False  # attention_mask covers the new tokens; the state carries the buffer's mask
+    cache_layout = "windowed"  # its only layout: attention layers keep their window, recurrent layers a state
 
     def __init__(self, cfg: GriffinConfig) -> None:
         super().__init__()
@@ -187,6 +189,12 @@ class GriffinModel(nn.Module):
         dim = int(self.cfg.head_dim * self.cfg.partial_rotary_factor)
         inv_freq = 1.0 / (self.cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
         self.register_buffer("inv_freq", inv_freq.to(self.final_norm.weight.device), persistent=False)
+
+    def use_cache_layout(self, layout: str) -> GriffinModel:
+        if layout != self.cache_layout:
+            raise BadInput(f"--cache-layout {layout!r}: RecurrentGemma's attention layers always keep only their "
+                           "window (its state is constant in the length); use 'windowed'")  # fmt: skip
+        return self
 
     @property
     def slots(self) -> int:
