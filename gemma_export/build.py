@@ -95,6 +95,8 @@ def with_recipe(options: BuildOptions, given: set[str]) -> BuildOptions:
     }
     if recipe.embedding is not None:
         fills["dim"] = recipe.embedding.dims[0]
+    if recipe.export.cache_layout is not None:
+        fills["cache_layout"] = recipe.export.cache_layout
     options = replace(options, **{k: v for k, v in fills.items() if k not in given})
     if options.target not in recipe.build.targets:
         raise BadInput(f"recipe {recipe.name} does not offer --target {options.target!r} "

@@ -37,7 +37,8 @@ def release_rewriter_state() -> None:
     process. The build calls this once the graph is written, so that the verify stage can free the reference.
     """
     for obj in gc.get_objects():  # the matchers live in several modules' rule sets; ~0.2 s
-        if isinstance(obj, _matcher.PatternMatcher):
+        # type(), not isinstance(): ABCs read `obj.__class__`, which warns on some lazy objects (torch.distributed)
+        if issubclass(type(obj), _matcher.PatternMatcher):
             for attr in ("_graph", "_match", "_current_node"):  # each is set again by the next match()
                 if attr in obj.__dict__:
                     setattr(obj, attr, None)

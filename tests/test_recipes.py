@@ -244,7 +244,8 @@ def test_random_with_a_checkpoint_is_refused(tiny_checkpoint: Path, tmp_path: Pa
 
 @pytest.mark.slow
 def test_build_with_recipe_records_it(tiny_checkpoint: Path, tmp_path: Path, capsys) -> None:
-    recipe_file = _write(tmp_path, _tiny_recipe(**{"parity.tolerance": 2e-4, "export.max_length": 512}))
+    changes = {"parity.tolerance": 2e-4, "export.max_length": 512, "export.cache_layout": "windowed"}
+    recipe_file = _write(tmp_path, _tiny_recipe(**changes))
     out = tmp_path / "out"
     assert main(["build", str(tiny_checkpoint), "-o", str(out), "--recipe", str(recipe_file), "--json"]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
@@ -253,6 +254,7 @@ def test_build_with_recipe_records_it(tiny_checkpoint: Path, tmp_path: Path, cap
     assert record["content"]["parity"]["tolerance"] == 2e-4 and "random_checkpoint" not in record
     assert manifest["parity"]["tolerance"] == 2e-4 and manifest["build"]["max_length"] == 512
     assert manifest["build"]["target"] == "ort-cpu" and manifest["build"]["precision"] == "fp32"
+    assert manifest["build"]["cache_layout"] == "windowed"  # the recipe's export option, not the default
     assert json.loads(capsys.readouterr().out)["ok"] is True
 
 
