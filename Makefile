@@ -52,10 +52,7 @@ bench: bench-gemma3 bench-recurrentgemma bench-embeddinggemma
 
 bench-gemma3: install
 	$(BIN)/gemma-export bench $(BENCH_GEMMA3_ARGS) --json-out build/bench/$(BENCH_GEMMA3)-fp32.json
-	@if $(BIN)/gemma-export build --help | grep -q -- '--quant'; then \
-		echo "$(BIN)/gemma-export bench $(BENCH_GEMMA3_ARGS) --quant int4"; \
-		$(BIN)/gemma-export bench $(BENCH_GEMMA3_ARGS) --quant int4 --json-out build/bench/$(BENCH_GEMMA3)-int4.json; \
-	else echo "int4: skipped: gemma-export build has no --quant option"; fi
+	$(BIN)/gemma-export bench $(BENCH_GEMMA3_ARGS) --quant int4 --json-out build/bench/$(BENCH_GEMMA3)-int4.json
 
 bench-recurrentgemma: install
 	$(BIN)/gemma-export bench --random recurrentgemma-2b $(if $(BENCH_LAYERS),--layers $(BENCH_LAYERS)) \
