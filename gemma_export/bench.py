@@ -137,35 +137,21 @@ def prepare_random(
     renamed when complete, so an interrupted run is redone. The artifact is built by `gemma-export build` in a
     fresh process, whose peak RSS is the build's.
     """
-    import shutil
 
     from gemma_export import random_checkpoint
 
     if name not in random_checkpoint.PUBLISHED_CONFIGS:
         known = ", ".join(random_checkpoint.PUBLISHED_CONFIGS)
         raise BadInput(f"--random {name!r} is not a published size; choose one of: {known}")
-    config = dict(random_checkpoint.PUBLISHED_CONFIGS[name])
-    tag = name
-    if layers is not None:
-        if not 1 <= layers <= config["num_hidden_layers"]:
-            raise BadInput(f"--layers must be between 1 and {config['num_hidden_layers']} for {name}")
-        config["num_hidden_layers"] = layers
-        config.pop("layer_types", None)  # re-derived for the cut depth
-        tag = f"{name}-{layers}l"
+    config = random_checkpoint.cut_depth(random_checkpoint.PUBLISHED_CONFIGS[name], layers, name)
+    tag = name if layers is None else f"{name}-{layers}l"
     checkpoint = workdir / tag / "checkpoint"
     quant = None if quant == "none" else quant
     artifact = workdir / tag / ("artifact" if quant is None else f"artifact-{quant}")
     if not (checkpoint / "config.json").is_file():
-        partial = checkpoint.with_name("checkpoint.partial")
-        shutil.rmtree(partial, ignore_errors=True)
         with stages.stage(f"random checkpoint {tag}"):
-            if random_checkpoint.is_embedding_config(config):
-                dense = (4 * config["hidden_size"],)
-                random_checkpoint.write_random_embedding_folder(partial, config, dense=dense, seed=0)
-            else:
-                random_checkpoint.write_random_checkpoint(partial, config, seed=0, max_shard_bytes=2**31)
-        shutil.rmtree(checkpoint, ignore_errors=True)
-        partial.rename(checkpoint)
+            dense = (4 * config["hidden_size"],)  # EmbeddingGemma's Dense stack: 4 x hidden (unused by decoders)
+            random_checkpoint.write_once(checkpoint, config, seed=0, dense=dense)
     record = artifact.with_name(artifact.name + ".build.json")
     if (artifact / "manifest.json").is_file() and record.is_file() and not rebuild:
         return checkpoint, artifact, {**json.loads(record.read_text()), "cached": True}

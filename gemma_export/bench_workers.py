@@ -48,11 +48,10 @@ def synthetic_batch(vocab_size: int, batch: int, length: int, bos: int, seed: in
 
 def peak_rss_bytes() -> int:
     """This process's peak resident memory. VmHWM, not getrusage: ru_maxrss keeps the high-water mark of the
-    parent across fork + exec, so every worker would report the (large) parent's peak."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    parent across fork + exec, so every worker would report the (large) parent's peak (used off Linux only)."""
+    from gemma_export.progress import peak_rss_bytes as vm_hwm
+
+    return vm_hwm() or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _decoded(start: float, first: float, end: float, tokens: list[int], state_bytes: int | None) -> dict[str, Any]:

@@ -564,6 +564,49 @@ def write_published(
     )
 
 
+def cut_depth(config: dict[str, Any], layers: int | None, name: str) -> dict[str, Any]:
+    """`config` with only its first `layers` layers at full width (a cheaper stand-in; not the real size)."""
+    config = dict(config)
+    if layers is None:
+        return config
+    if not 1 <= layers <= config["num_hidden_layers"]:
+        raise BadInput(f"--layers must be between 1 and {config['num_hidden_layers']} for {name}, got {layers}")
+    config["num_hidden_layers"] = layers
+    config.pop("layer_types", None)  # re-derived for the cut depth (sliding_window_pattern / block_types)
+    return config
+
+
+def write_once(
+    out: Path,
+    config: dict[str, Any],
+    *,
+    seed: int = 0,
+    dense: tuple[int, ...] | None = None,
+    max_seq_length: int | None = None,
+) -> Path:
+    """A random checkpoint of `config` at `out`, written once and reused afterwards.
+
+    An embedding config (`is_embedding_config`) is written as a sentence-transformers folder with the head's
+    Dense widths `dense`. The files go to a `.partial` folder that is renamed when complete, so an
+    interrupted write is redone, never reused.
+    """
+    import shutil
+
+    out = Path(out)
+    if (out / "config.json").is_file():
+        return out
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    if is_embedding_config(config):
+        write_random_embedding_folder(partial, config, dense=dense or EMBEDDINGGEMMA_HEAD["dense"], seed=seed,
+                                      max_seq_length=max_seq_length)  # fmt: skip
+    else:
+        write_random_checkpoint(partial, config, seed=seed, max_shard_bytes=2**31)
+    shutil.rmtree(out, ignore_errors=True)
+    partial.rename(out)
+    return out
+
+
 def write_cached(
     root: Path,
     name: str,
@@ -574,36 +617,10 @@ def write_cached(
     dense: tuple[int, ...] | None = None,
     max_seq_length: int | None = None,
 ) -> Path:
-    """A random checkpoint of `config` under root/NAME-seedS[-Nl], written once and reused afterwards.
-
-    `layers` keeps only the first N layers at full width (a cheaper stand-in for CI; not the real size).
-    An embedding config (`is_embedding_config`) is written as a sentence-transformers folder with the head's
-    Dense widths `dense`. The files go to a `.partial` folder that is renamed when complete, so an
-    interrupted write is redone, never reused.
-    """
-    import shutil
-
-    config = dict(config)
-    tag = f"{name}-seed{seed}"
-    if layers is not None:
-        if not 1 <= layers <= config["num_hidden_layers"]:
-            raise BadInput(f"--layers must be between 1 and {config['num_hidden_layers']} for {name}, got {layers}")
-        config["num_hidden_layers"] = layers
-        config.pop("layer_types", None)  # re-derived for the cut depth (sliding_window_pattern / block_types)
-        tag += f"-{layers}l"
-    out = Path(root) / tag
-    if (out / "config.json").is_file():
-        return out
-    partial = out.with_name(tag + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    if is_embedding_config(config):
-        write_random_embedding_folder(partial, config, dense=dense or EMBEDDINGGEMMA_HEAD["dense"], seed=seed,
-                                      max_seq_length=max_seq_length)  # fmt: skip
-    else:
-        write_random_checkpoint(partial, config, seed=seed, max_shard_bytes=2**31)
-    shutil.rmtree(out, ignore_errors=True)
-    partial.rename(out)
-    return out
+    """`write_once` under root/NAME-seedS[-Nl], `layers` cutting the depth (`cut_depth`)."""
+    tag = f"{name}-seed{seed}" + (f"-{layers}l" if layers is not None else "")
+    config = cut_depth(config, layers, name)
+    return write_once(Path(root) / tag, config, seed=seed, dense=dense, max_seq_length=max_seq_length)
 
 
 # sentence-transformers' module classes, by the names sentence-transformers 6.2 records in modules.json.

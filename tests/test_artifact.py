@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import onnx
 import pytest
 
@@ -12,6 +11,7 @@ from gemma_export import load, package, verify
 from gemma_export.build import BuildOptions, build
 from gemma_export.progress import Stages
 from gemma_export.runtime import OrtDecoder, TorchDecoder, generate
+from tests.genai_client import genai_greedy
 from tests.test_reference import hf_greedy, long_and_padded
 
 TOL = 1e-4
@@ -39,20 +39,12 @@ def test_artifact_greedy_tokens_match_transformers(artifact, checkpoint, hf_mode
 
 
 def test_onnxruntime_genai_reproduces_greedy_tokens(artifact, checkpoint) -> None:
-    og = pytest.importorskip("onnxruntime_genai")
+    pytest.importorskip("onnxruntime_genai")
     cfg, model = load.load_model(checkpoint)
     prompt = long_and_padded(cfg)[0]
     expected = generate(TorchDecoder(model), [prompt], 20)[0]
 
-    genai_model = og.Model(str(artifact))
-    params = og.GeneratorParams(genai_model)
-    params.set_search_options(max_length=len(prompt) + 20, do_sample=False)
-    generator = og.Generator(genai_model, params)
-    generator.append_tokens(np.array([prompt], dtype=np.int32))
-    got = []
-    while not generator.is_done():
-        generator.generate_next_token()
-        got.append(int(generator.get_next_tokens()[0]))
+    got = genai_greedy(artifact, prompt, 20)
     assert got[: len(expected)] == expected[: len(got)]
     assert len(got) == 20 or got[-1] in cfg.eos_token_ids
 

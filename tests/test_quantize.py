@@ -23,6 +23,7 @@ from gemma_export.cli import main
 from gemma_export.config import GriffinConfig
 from gemma_export.errors import BadInput, ParityError
 from gemma_export.progress import Stages
+from tests.genai_client import genai_greedy
 
 MODEL_TYPES = ("gemma3_text", "gemma2", "recurrent_gemma")
 QUANTS = ("int8", "int4")
@@ -242,20 +243,12 @@ def test_verify_reruns_the_agreement_gate(built, checkpoints, capsys) -> None:
 
 
 def test_onnxruntime_genai_generates_with_a_quantized_artifact(built) -> None:
-    og = pytest.importorskip("onnxruntime_genai")
+    pytest.importorskip("onnxruntime_genai")
     artifact = built("gemma3_text", "int4")
     prompt = [2, 17, 31, 5, 99, 123]
     ours = generation.run(artifact, prompts=[], token_ids=",".join(map(str, prompt)), max_new_tokens=8)
-    model = og.Model(str(artifact))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt) + 8, do_sample=False)
-    generator = og.Generator(model, params)
-    generator.append_tokens(np.array([prompt], dtype=np.int32))
-    got = []
-    while not generator.is_done():
-        generator.generate_next_token()
-        got.append(int(generator.get_next_tokens()[0]))
-    assert got[:8] == ours["outputs"][0]["new_ids"][: len(got)]
+    got = genai_greedy(artifact, prompt, 8)
+    assert got and got == ours["outputs"][0]["new_ids"][: len(got)]
 
 
 @pytest.mark.parametrize(

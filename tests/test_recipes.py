@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from gemma_export import recipes
 from gemma_export.cli import main
-from gemma_export.config import FAMILIES, parse_config
+from gemma_export.config import parse_config
 from gemma_export.errors import BadInput
 from gemma_export.random_checkpoint import (
     EMBEDDINGGEMMA_HEAD,
@@ -74,10 +74,9 @@ def test_gemma2_and_3_refuse_fp16_with_the_reason(name: str) -> None:
 
 
 def test_recipes_are_the_published_configs() -> None:
-    """random_checkpoint's published sizes are read from the recipes: one place for the architecture."""
+    """random_checkpoint's published sizes are read from the recipes (one place for the architecture): every
+    recipe is one, and nothing else is."""
     assert set(PUBLISHED_CONFIGS) == set(SHIPPED)
-    for name in SHIPPED:
-        assert PUBLISHED_CONFIGS[name] == recipes.load(name).recipe.architecture
 
 
 def test_codegemma_is_gemma_7b_and_embedding_head_matches() -> None:
@@ -196,9 +195,7 @@ def test_check_checkpoint_names_the_differing_fields() -> None:
     assert message.startswith("ckpt: not a gemma-2-2b checkpoint")
     assert "hidden_size: recipe 2304, checkpoint 64" in message and "\n" not in message
     # token ids and the config's spelling are not architecture: an instruction-tuned eos is accepted
-    same = recipe.config()
     recipes.check_checkpoint(recipe, parse_config({**recipe.architecture, "eos_token_id": [1, 107]}), "it")
-    assert same.family is FAMILIES["gemma2"]
 
 
 @pytest.fixture(scope="module")
