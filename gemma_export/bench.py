@@ -27,7 +27,9 @@ Row keys (JSON):
 
 Result keys: task ("generation"), model, config, precision, threads, repeat, systems, rows, notes (one line
 per system that was skipped, and why), build (with --random: `gemma-export build`'s peak RSS against the fp32
-weight bytes, measured in its own process).
+weight bytes, measured in its own process: `peak_rss_bytes` is the max over its process tree, i.e. the build
+process's VmHWM or its verify stage's ONNX Runtime child's, whichever is larger, with `peak_rss_parent_bytes`,
+`peak_rss_child_bytes` and `peak_rss_together_bytes`, the two's sum while the child ran, beside it).
 
 Embedding artifacts (beside sentence-transformers on PyTorch): a worker embeds a batch of B sentences of
 exactly L synthetic token ids (no padding; both systems draw the same ids from the same seed), once to warm
@@ -177,12 +179,14 @@ def measure_build(checkpoint: Path, artifact: Path, extra: list[str], timeout: f
         raise error
     result = json.loads(done.stdout.strip().splitlines()[-1])
     weights = fp32_weight_bytes(checkpoint)
+    parts = ("peak_rss_parent_bytes", "peak_rss_child_bytes", "peak_rss_together_bytes")
     return {
         "command": f"gemma-export build {checkpoint} -o {artifact} --force" + "".join(f" {a}" for a in extra),
         "seconds": round(result["seconds"], 1),
-        "peak_rss_bytes": result["peak_rss_bytes"],
+        "peak_rss_bytes": result["peak_rss_bytes"],  # the max over the build's process tree (bench_workers)
         "fp32_weight_bytes": weights,
         "rss_over_fp32_weights": round(result["peak_rss_bytes"] / weights, 3),
+        **{key: result.get(key) for key in parts},
     }
 
 
@@ -509,8 +513,13 @@ def build_lines(build: dict[str, Any] | None) -> list[str]:
     from gemma_export.progress import human_bytes
 
     when = " (measured when it was built)" if build.get("cached") else ""
+    split = ""
+    if build.get("peak_rss_child_bytes"):
+        split = (f" (build process {human_bytes(build['peak_rss_parent_bytes'])}, its ONNX Runtime child "
+                 f"{human_bytes(build['peak_rss_child_bytes'])}, "
+                 f"{human_bytes(build['peak_rss_together_bytes'])} together)")  # fmt: skip
     return [f"build: peak RSS {human_bytes(build['peak_rss_bytes'])} = {build['rss_over_fp32_weights']:.2f} x the "
-            f"fp32 weights ({human_bytes(build['fp32_weight_bytes'])}), {build['seconds']:.0f} s{when}: "
+            f"fp32 weights ({human_bytes(build['fp32_weight_bytes'])}){split}, {build['seconds']:.0f} s{when}: "
             f"{build['command']}"]  # fmt: skip
 
 

@@ -70,6 +70,7 @@ def measure_ours(artifact: Path, ids: np.ndarray, new_tokens: int, eos: list[int
 
     decoder = OrtDecoder(artifact, package.read_manifest(artifact), threads=threads)
     batch, length = ids.shape
+    decoder.reserve(length + new_tokens)  # as genai sizes its buffers by max_length
     mask = np.ones_like(ids)
     pos = np.broadcast_to(np.arange(length, dtype=np.int64), ids.shape).copy()
     cache = decoder.empty_cache(batch)
@@ -82,13 +83,13 @@ def measure_ours(artifact: Path, ids: np.ndarray, new_tokens: int, eos: list[int
         return picked[-1][:, None]
 
     start = time.perf_counter()
-    logits, cache = decoder.step(ids, mask, pos, cache)
+    logits, cache = decoder.step(ids, mask, pos, cache, logits_to_keep=1)  # as transformers' generate
     nxt = pick(logits)
     first = time.perf_counter()
     for _ in range(new_tokens - 1):
         mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
         pos = pos[:, -1:] + 1
-        logits, cache = decoder.step(nxt, mask, pos, cache)
+        logits, cache = decoder.step(nxt, mask, pos, cache, logits_to_keep=1)
         nxt = pick(logits)
     end = time.perf_counter()
     tokens = [int(t[0]) for t in picked]
@@ -228,13 +229,24 @@ def measure_sentence_transformers(folder: Path, ids: np.ndarray, dim: int, threa
 
 def run_build(checkpoint: Path, out: Path, extra: list[str]) -> dict[str, Any]:
     """`gemma-export build CHECKPOINT -o OUT --force EXTRA...` in this (fresh) process; exits with its code."""
+    from gemma_export import progress
     from gemma_export.cli import main
 
     start = time.perf_counter()
     code = main(["build", str(checkpoint), "-o", str(out), "--force", *extra])
     if code:
         sys.exit(code)
-    return {"seconds": time.perf_counter() - start, "peak_rss_bytes": peak_rss_bytes()}
+    # The build's peak is the max over its process tree: this process's VmHWM or that of the child its verify
+    # stage runs ONNX Runtime in, whichever is larger; "together" bounds the two while the child ran.
+    own = peak_rss_bytes()
+    children = progress.CHILDREN
+    return {
+        "seconds": time.perf_counter() - start,
+        "peak_rss_bytes": max([own, *(c.peak_rss for c in children)]),
+        "peak_rss_parent_bytes": own,
+        "peak_rss_child_bytes": max((c.peak_rss for c in children), default=None),
+        "peak_rss_together_bytes": max((c.together for c in children), default=None),
+    }
 
 
 DECODERS = {"gemma-export": measure_ours, "transformers": measure_transformers, GENAI: measure_genai}

@@ -13,13 +13,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from gemma_export import load, lower, optimize, package, quantize, recipes, trace, verify
+from gemma_export import load, logits_to_keep, lower, memory, optimize, package, quantize, recipes, trace, verify
 from gemma_export.config import load_config
 from gemma_export.errors import BadInput, ParityError
 from gemma_export.models.embedding import is_sentence_transformers_folder
 from gemma_export.models.gemma import CACHE_LAYOUTS
 from gemma_export.progress import Stages
-from gemma_export.runtime import OrtDecoder, OrtEncoder, TorchDecoder, TorchEncoder
+from gemma_export.runtime import OrtEncoder, TorchDecoder, TorchEncoder
 
 TARGETS = ("ort-cpu", "onnx")
 PRECISIONS = ("fp32",)
@@ -195,8 +195,9 @@ def load_decoder(checkpoint_dir: Path, options: BuildOptions) -> Loaded:
         model_info={"type": cfg.model_type, "source_model_type": cfg.source_model_type, "config": cfg.to_json()},
         export=trace.export_decoder,
         # no closure over `model`: it would keep the weights alive through the artifact's half of verify
+        # the artifact in a child process that never imports torch (verify.ArtifactInChild)
         compare=lambda reference, staging, manifest, tol: verify.compare(
-            reference, lambda: OrtDecoder(staging, manifest, low_memory=True), cfg, tol, spill_dir=staging
+            reference, verify.ArtifactInChild(staging, manifest, low_memory=True), cfg, tol, spill_dir=staging
         ),
         tolerance=options.tolerance or verify.DEFAULT_TOLERANCE,
         max_length=cfg.max_position_embeddings,
@@ -246,6 +247,8 @@ def build(checkpoint_dir: Path, out_dir: Path, options: BuildOptions, stages: St
         graph = loaded.export(loaded.model)
     with stages.stage("optimize"):
         graph = optimize.attach_functions(optimize.optimize(graph), trace.OPSET)
+        if not encoder:  # the optional input `logits_to_keep`: the LM head on the last rows only
+            logits_to_keep.add_logits_to_keep(graph)
     quantization: dict[str, Any] = {}
     if options.quant != "none":
         with stages.stage("quantize"):
@@ -260,7 +263,9 @@ def build(checkpoint_dir: Path, out_dir: Path, options: BuildOptions, stages: St
             package.write_model(graph, staging, progress=st.progress)
             del graph
             optimize.release_rewriter_state()  # else onnxscript keeps the graph, and the weights, alive (verify)
+            memory.release_heap()
             proto = package.graph_proto(staging)
+            shared = lower.shared_buffers(proto)  # caches the graph can write in place (README "Shared KV buffers")
             roles = {"model": package.MODEL_FILE, "weights": package.WEIGHTS_FILE}
             cache_layout = getattr(loaded.model, "cache_layout", None)  # decoders only
             if package.genai_supports(loaded.cfg, cache_layout) and not encoder:
@@ -281,7 +286,7 @@ def build(checkpoint_dir: Path, out_dir: Path, options: BuildOptions, stages: St
                     **({"cache_layout": cache_layout} if cache_layout else {}),
                 },
                 **package.io_spec(proto),
-                "state": loaded.state,
+                "state": [{**s, "shared_buffer": True} if s["output"] in shared else s for s in loaded.state],
                 "files": package.file_table(staging, roles),
                 **quantization,
                 **recipe_record(options),
@@ -292,13 +297,15 @@ def build(checkpoint_dir: Path, out_dir: Path, options: BuildOptions, stages: St
         with stages.stage("verify"):
             # Factories: verify opens each side when its turn comes, the reference first (taken from `loaded`).
             def take_reference() -> TorchDecoder | TorchEncoder:
-                return (TorchEncoder if encoder else TorchDecoder)(loaded.take_model())
+                model = loaded.take_model()
+                memory.drop_after_forward(model)  # about one layer of the checkpoint resident at a time
+                return (TorchEncoder if encoder else TorchDecoder)(model)
 
             if quantization:  # agreement with the fp32 reference, not equality. The session as deployed: MatMulNBits
                 # uses int8 activations only on pre-packed weights (and quantized weights are small anyway).
-                report = verify.compare_agreement(take_reference, lambda: OrtDecoder(staging, manifest), loaded.cfg,
-                                                  options.quant, *options.agreement_gate(),
-                                                  spill_dir=staging)  # fmt: skip
+                artifact = verify.ArtifactInChild(staging, manifest, low_memory=False)
+                report = verify.compare_agreement(take_reference, artifact, loaded.cfg, options.quant,
+                                                  *options.agreement_gate(), spill_dir=staging)  # fmt: skip
             else:
                 report = loaded.compare(take_reference, staging, manifest, loaded.tolerance)
         manifest["parity"] = report.to_json()

@@ -5,9 +5,17 @@ function body. Here each becomes ONNX Runtime kernels that compute the same thin
 the node's attributes (scale, softcap, window, causal, kv_num_heads) are the only source of what to compute:
 
     causal, key = Concat(past, new) ->  If(batch > 1 and seq > 1 and past > 0,
-                                           then: Concat + Attention-23(q, k, v, visible),
+                                           then: write new into past + Attention-23(q, k, v, visible),
                                            else: com.microsoft.GroupQueryAttention(q, new, past, bias))
     anything else                   ->  Concat + Attention-23(q, k, v, visible)
+
+- Both paths take a growing cache as a shared buffer (README "Shared KV buffers"): `past` may be longer than
+  the past; the new positions are written at [T - S, T) and the present is the whole buffer (the output's
+  length is named `present_sequence_length`; `shared_buffers` reads it back for the manifest). Bound as both
+  input and output, GroupQueryAttention writes in place; Attention-23's branch rebuilds the same buffer.
+- q, k, v reach GroupQueryAttention as [batch, seq, heads * head_dim] and its output leaves so: rewrite rules
+  (`cancel_transposes`) cancel the model's transposes to and from [batch, heads, seq, head_dim] against the
+  lowering's (RoPE runs on the 3-D tensor); Attention-23's branch transposes for itself.
 
 - GroupQueryAttention skips the blocks outside a sliding window (the fastest prefill: on 18 Gemma-3-270M-shaped
   layers, a 1024-token prompt, 2 threads, 25-40% less attention time than Attention-23 and up to 2x less than
@@ -34,6 +42,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 from onnx_ir import convenience
@@ -48,6 +57,8 @@ from gemma_export.optimize import strip_metadata
 MS_DOMAIN = "com.microsoft"
 FLOAT_SOFTMAX = 1  # Attention-23 softmax_precision: TensorProto.FLOAT
 MASKED = float(np.finfo(np.float32).min)  # additive bias of an invisible key (graphs/attention.md: not -inf)
+_INT64_MAX = np.iinfo(np.int64).max
+SHARED_BUFFER_DIM = "present_sequence_length"  # a present that may be its past's buffer (README "Shared KV buffers")
 GQA_HEAD_DIM_MULTIPLE = 8  # ONNX Runtime 1.31's CPU GroupQueryAttention needs head_dim % 8 == 0
 
 
@@ -74,6 +85,7 @@ def lower(model: ir.Model) -> ir.Model:
         _lower_attention(graph, node, masks)
     fuse_norms(model)
     fuse_rotary(model)
+    cancel_transposes(model)
     fuse_head(model)
     common_passes.RemoveUnusedNodesPass()(model)
     common_passes.CommonSubexpressionEliminationPass()(model)  # e.g. the RoPE tables' slices, once per table
@@ -112,14 +124,22 @@ def _lower_attention(graph: ir.Graph, node: ir.Node, masks: _SharedMasks) -> Non
         return
 
     (past_k, new_k), (past_v, new_v) = split
-    then_tape, else_tape = Tape(), Tape()
-    k = then_tape.op("Concat", [past_k, new_k], {"axis": 2})
-    v = then_tape.op("Concat", [past_v, new_v], {"axis": 2})
-    then_out = [_attention23(then_tape, query, k, v, visible, a), k, v]
-    else_out = _gqa(else_tape, query, past_k, new_k, past_v, new_v, masks.bias(node), masks.lengths(node), a)
+    # GroupQueryAttention's layout, [batch, seq, heads * head_dim], made in the main graph, where the transposes
+    # from and back to the model's [batch, seq, heads, head_dim] cancel (BshdRules); Attention-23 takes its
+    # [batch, heads, seq, head_dim] back inside its own branch.
+    main, then_tape, else_tape = Tape(), Tape(), Tape()
+    q3, k3, v3 = (_to_bsh(main, x) for x in (query, new_k, new_v))
+    q4, k4, v4 = (_to_bhsd(then_tape, x, like) for x, like in ((q3, query), (k3, new_k), (v3, new_v)))
+    mask = node.inputs[3]
+    (k, present_k), (v, present_v) = (_write_into(then_tape, p, n, q4, mask) for p, n in ((past_k, k4), (past_v, v4)))
+    out4 = _attention23(then_tape, q4, k, v, visible, a)
+    out4.shape, out4.type = node.outputs[0].shape, node.outputs[0].type
+    then_out = [_to_bsh(then_tape, out4), present_k, present_v]
+    else_out = _gqa(else_tape, q3, k3, v3, past_k, past_v, masks.bias(node), masks.lengths(node), a, query.shape[1])
     for outs in (then_out, else_out):
-        for out, like in zip(outs, (node.outputs[0], key, value), strict=True):
+        for out, like in zip(outs, (q3, key, value), strict=True):
             out.shape, out.type = like.shape, like.type
+    graph.insert_before(node, main.nodes)
 
     tape = Tape()
     results = tape.op_multi_out(
@@ -131,10 +151,38 @@ def _lower_attention(graph: ir.Graph, node: ir.Node, masks: _SharedMasks) -> Non
         },
         num_outputs=3,
     )
+    out = _to_bhsd(tape, results[0], node.outputs[0])
     graph.insert_before(node, tape.nodes)
-    for old, new in zip((node.outputs[0], key, value), results, strict=True):
+    for old, new in zip((node.outputs[0], key, value), (out, *results[1:]), strict=True):
         _replace(old, new)
     graph.remove(node, safe=True)
+    for past, present in ((past_k, results[1]), (past_v, results[2])):
+        if past.is_graph_input() and present.is_graph_output() and not isinstance(past.shape[2], int):
+            # a growing cache whose present is the If's output: either path takes a shared buffer
+            present.shape = ir.Shape([*present.shape[:2], ir.SymbolicDim(SHARED_BUFFER_DIM), *present.shape[3:]])
+
+
+def shared_buffers(proto: onnx.ModelProto) -> set[str]:
+    """The outputs of a lowered graph that may share their past input's buffer (their length is
+    SHARED_BUFFER_DIM, not the total sequence length)."""
+    return {
+        o.name for o in proto.graph.output for d in o.type.tensor_type.shape.dim if d.dim_param == SHARED_BUFFER_DIM
+    }
+
+
+def _write_into(
+    tape: Tape, past: ir.Value, new: ir.Value, query: ir.Value, mask: ir.Value
+) -> tuple[ir.Value, ir.Value]:
+    """What GroupQueryAttention does with its cache, for the Attention-23 path: `past` may be a buffer longer
+    than the past (README "Shared KV buffers"); its first T - S positions are the past, the new positions go at
+    [T - S, T) and the rest of the buffer is kept: (the T keys attended, the present buffer). With a past of
+    exactly T - S positions (the plain contract) that is Concat(past, new) for both."""
+    total = tape.op("Shape", [mask], {"start": 1, "end": 2})
+    past_len = tape.op("Sub", [total, tape.op("Shape", [query], {"start": 2, "end": 3})])
+    axis, zero, end = _const(tape, np.array([2])), _const(tape, np.array([0])), _const(tape, np.array([_INT64_MAX]))
+    attended = tape.op("Concat", [tape.op("Slice", [past, zero, past_len, axis]), new], {"axis": 2})
+    rest = tape.op("Slice", [past, total, end, axis])
+    return attended, tape.op("Concat", [attended, rest], {"axis": 2})
 
 
 def _past_and_new(kv: ir.Value) -> tuple[ir.Value, ir.Value] | None:
@@ -152,24 +200,33 @@ def _attention23(tape: Tape, query: ir.Value, key: ir.Value, value: ir.Value, vi
     return tape.op("Attention", [query, key, value, visible], attrs)
 
 
-def _gqa(tape: Tape, query: ir.Value, past_k: ir.Value, new_k: ir.Value, past_v: ir.Value, new_v: ir.Value,
-         bias: ir.Value, lengths: tuple[ir.Value, ir.Value], a: AttentionAttrs) -> list[ir.Value]:  # fmt: skip
-    """GroupQueryAttention takes [batch, seq, heads * head_dim]; its output goes back to [batch, heads, seq, dim]."""
-    heads = query.shape[1]
-    to_bsnh = {"perm": [0, 2, 1, 3]}
-    flat, split_heads = _const(tape, np.array([0, 0, -1])), _const(tape, np.array([0, 0, heads, -1]))
-
-    def bsh(x: ir.Value) -> ir.Value:
-        return tape.op("Reshape", [tape.op("Transpose", [x], to_bsnh), flat])
-
+def _gqa(tape: Tape, q3: ir.Value, k3: ir.Value, v3: ir.Value, past_k: ir.Value, past_v: ir.Value, bias: ir.Value,
+         lengths: tuple[ir.Value, ir.Value], a: AttentionAttrs, heads: int) -> list[ir.Value]:  # fmt: skip
+    """GroupQueryAttention on [batch, seq, heads * head_dim] inputs; its output has that layout too."""
     seqlens_k, total = lengths
     attrs = {"num_heads": heads, "kv_num_heads": a.kv_num_heads, "scale": a.scale, "softcap": a.softcap,
              "local_window_size": a.window if a.window > 0 else -1}  # fmt: skip
-    inputs = [bsh(query), bsh(new_k), bsh(new_v), past_k, past_v, seqlens_k, total, None, None, None, bias]
-    out, present_k, present_v = tape.op_multi_out("GroupQueryAttention", inputs, attrs, num_outputs=3,
-                                                  domain=MS_DOMAIN)  # fmt: skip
-    out = tape.op("Transpose", [tape.op("Reshape", [out, split_heads])], to_bsnh)
-    return [out, present_k, present_v]
+    inputs = [q3, k3, v3, past_k, past_v, seqlens_k, total, None, None, None, bias]
+    return tape.op_multi_out("GroupQueryAttention", inputs, attrs, num_outputs=3, domain=MS_DOMAIN)
+
+
+_TO_BSNH = {"perm": [0, 2, 1, 3]}  # [batch, heads, seq, dim] <-> [batch, seq, heads, dim]: its own inverse
+
+
+def _to_bsh(tape: Tape, x: ir.Value) -> ir.Value:
+    """[batch, heads, seq, dim] -> [batch, seq, heads * dim]."""
+    out = tape.op("Reshape", [tape.op("Transpose", [x], _TO_BSNH), _const(tape, np.array([0, 0, -1]))])
+    if x.shape is not None and isinstance(x.shape[1], int) and isinstance(x.shape[3], int):
+        out.shape, out.type = ir.Shape([x.shape[0], x.shape[2], x.shape[1] * x.shape[3]]), x.type
+    return out
+
+
+def _to_bhsd(tape: Tape, x: ir.Value, like: ir.Value) -> ir.Value:
+    """[batch, seq, heads * dim] -> [batch, heads, seq, dim], `like` giving the heads."""
+    split = tape.op("Reshape", [x, _const(tape, np.array([0, 0, like.shape[1], -1]))])
+    out = tape.op("Transpose", [split], _TO_BSNH)
+    out.shape, out.type = like.shape, like.type
+    return out
 
 
 class _SharedMasks:
@@ -314,6 +371,77 @@ def fuse_rotary(model: ir.Model) -> int:
     return pattern.RewriteRuleSet([RotaryFusion.rule()]).apply_to_model(model)
 
 
+# --- GroupQueryAttention's layout without transposes ---------------------------------------------------------
+# The model computes q, k, v as [batch, seq, heads, dim] and transposes them to [batch, heads, seq, dim] (RoPE
+# and the attention op take that); GroupQueryAttention takes [batch, seq, heads * dim]. The lowering converts
+# (_to_bsh / _to_bhsd); these rules cancel the transposes on both sides: three fewer per layer and call in, one
+# out, each a copy and a kernel launch (most of a decode step's non-MatMul time).
+
+
+def _is_swap(perm: ir.Attr) -> bool:
+    return not perm.is_ref() and list(perm.as_ints()) == _TO_BSNH["perm"]
+
+
+class RopeOnBsh(pattern.RewriteRuleClassBase):
+    """`[b, s, h*d] <- Transpose(RotaryEmbedding(Transpose(y)))` (y [b, s, h, d]) -> RotaryEmbedding on the 3-D
+    Reshape(y) with num_heads = h: the same rotation of each head's vector."""
+
+    def pattern(self, op, y, cos, sin, p1, p2, flat):
+        rope = op.RotaryEmbedding(op.Transpose(y, perm=p1), cos, sin, _allow_other_attributes=True, _outputs=["r"])
+        return op.Reshape(op.Transpose(rope, perm=p2), flat, _allow_other_attributes=True)
+
+    def check(self, context, y, r, p1, p2, flat, **_):
+        result = pattern.MatchResult()
+        if not (_is_swap(p1) and _is_swap(p2)) or _ints(flat) != [0, 0, -1] or len(r.producer().inputs) != 3:
+            return result.fail("not [b, s, h, d] -> RoPE -> [b, s, h * d]")
+        if y.shape is None or y.shape.rank() != 4 or not isinstance(y.shape[2], int):
+            return result.fail("heads unknown")
+        return result
+
+    def rewrite(self, op, y, cos, sin, r, flat, **_):
+        interleaved = r.producer().attributes.get_int("interleaved", 0)
+        return op.RotaryEmbedding(op.Reshape(y, flat), cos, sin, interleaved=interleaved, num_heads=y.shape[2])
+
+
+class SwapSwapReshape(pattern.RewriteRuleClassBase):
+    """`Reshape(Transpose(Transpose(y, swap), swap), shape)` -> `Reshape(y, shape)` (v in, the output out)."""
+
+    def pattern(self, op, y, p1, p2, shape):
+        return op.Reshape(op.Transpose(op.Transpose(y, perm=p1), perm=p2), shape, _allow_other_attributes=True,
+                          _outputs=["out"])  # fmt: skip
+
+    def check(self, context, p1, p2, **_):
+        return pattern.MatchResult() if _is_swap(p1) and _is_swap(p2) else pattern.MatchResult().fail("not swaps")
+
+    def rewrite(self, op, y, shape, out, **_):
+        return op.Reshape(y, shape, allowzero=out.producer().attributes.get_int("allowzero", 0))
+
+
+class SeqOfSwapped(pattern.RewriteRuleClassBase):
+    """`Shape(RotaryEmbedding(Transpose(y, swap)))[2:3]` (the masks' query length) -> `Shape(y)[1:2]`, so that
+    nothing else needs the transposed query."""
+
+    def __init__(self) -> None:
+        super().__init__(remove_nodes=False)  # the RoPE and the Transpose stay for their other uses
+
+    def pattern(self, op, y, perm, cos, sin):
+        rope = op.RotaryEmbedding(op.Transpose(y, perm=perm), cos, sin, _allow_other_attributes=True)
+        return op.Shape(rope, _allow_other_attributes=True, _outputs=["seq"])
+
+    def check(self, context, perm, seq, **_):
+        a = seq.producer().attributes
+        ok = _is_swap(perm) and a.get_int("start", 0) == 2 and a.get_int("end", -1) == 3
+        return pattern.MatchResult() if ok else pattern.MatchResult().fail("not the query length")
+
+    def rewrite(self, op, y, **_):
+        return op.Shape(y, start=1, end=2)
+
+
+def cancel_transposes(model: ir.Model) -> int:
+    n = pattern.RewriteRuleSet([SeqOfSwapped.rule()]).apply_to_model(model)
+    return n + pattern.RewriteRuleSet([RopeOnBsh.rule(), SwapSwapReshape.rule()]).apply_to_model(model)
+
+
 # --- the LM head -----------------------------------------------------------------------------------------
 
 
@@ -335,7 +463,7 @@ class HeadWithoutReshape(pattern.RewriteRuleClassBase):
         )  # fmt: skip
         return op.Reshape(head, out_shape, _allow_other_attributes=True, _outputs=["logits"])
 
-    def check(self, context, x, flat_shape, head, logits, **_):
+    def check(self, context, x, flat_shape, head, logits, out_shape, **_):
         result = pattern.MatchResult()
         node = head.producer()
         if node.op_type == "Gemm":
@@ -344,7 +472,9 @@ class HeadWithoutReshape(pattern.RewriteRuleClassBase):
                 return result.fail("not a plain x @ E^T")
         if x.shape is None or logits.shape is None or x.shape.rank() != 3 or logits.shape.rank() != 3:
             return result.fail("not a [batch, seq, hidden] -> [batch, seq, vocab] head")
-        if _ints(flat_shape) != [-1, x.shape[2]] or list(logits.shape[:2]) != list(x.shape[:2]):
+        # [batch, seq] restored: the same dims, or read off x itself (logits_to_keep.py: x is the kept rows)
+        restored = list(logits.shape[:2]) == list(x.shape[:2]) or _leading_dims_then_rest(out_shape, x)
+        if _ints(flat_shape) != [-1, x.shape[2]] or not restored:
             return result.fail("the reshapes do not only flatten and restore [batch, seq]")
         return result
 
@@ -358,6 +488,19 @@ class HeadWithoutReshape(pattern.RewriteRuleClassBase):
 
 def fuse_head(model: ir.Model) -> int:
     return pattern.RewriteRuleSet([HeadWithoutReshape.rule()]).apply_to_model(model)
+
+
+def _leading_dims_then_rest(shape: ir.Value, x: ir.Value) -> bool:
+    """`shape` is Concat(Shape(x, start=0, end=2), [-1]): x's [batch, seq], then whatever the rest makes."""
+    concat = shape.producer()
+    if concat is None or concat.op_type != "Concat" or concat.domain != "" or len(concat.inputs) != 2:
+        return False
+    dims, rest = concat.inputs
+    of = dims.producer() if dims is not None else None
+    if of is None or of.op_type != "Shape" or of.domain != "" or of.inputs[0] is not x or rest is None:
+        return False
+    a = {k: v.value for k, v in of.attributes.items()}
+    return a.get("start", 0) == 0 and a.get("end") == 2 and _ints(rest) == [-1]
 
 
 # --- helpers ---------------------------------------------------------------------------------------------

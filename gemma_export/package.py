@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from importlib import metadata
@@ -23,7 +24,7 @@ from typing import Any
 import onnx
 import onnx_ir as ir
 
-from gemma_export import __version__
+from gemma_export import __version__, memory
 from gemma_export.config import GemmaConfig, GriffinConfig, read_json
 from gemma_export.errors import BadInput
 
@@ -125,22 +126,30 @@ def _publishable(folder: Path) -> None:
 def write_model(model: ir.Model, folder: Path, progress: Callable[[int], None] | None = None) -> None:
     """model.onnx with every weight in one external file (protobuf caps a single file at 2 GB).
 
-    The tensors stream from the IR model to disk one by one; `progress` gets the bytes written so far.
+    The tensors stream from the IR model to disk one by one; `progress` gets the bytes written so far. Weights
+    read from the memory-mapped checkpoint do not stay resident (memory.py): one that is a span of the file is
+    copied from it by the kernel (`_copied_from_files`); any other view of it (a transposed weight the optimizer
+    folded) has its pages dropped from this process once written.
     """
     written = 0
+    mappings = memory.FileMappings()
+    last: list[tuple[int, int]] = []  # the tensor being written (the callback comes before each write)
 
     def on_tensor(tensor: ir.TensorProtocol, info: object) -> None:
         nonlocal written
+        mappings.drop(last)
+        last[:] = [span] if (span := memory.extent(getattr(tensor, "raw", None))) else []
         written += tensor.nbytes
         if progress is not None:
             progress(written)
 
+    swapped = _copied_from_files(model, mappings, EXTERNAL_THRESHOLD_BYTES)
     try:
         ir.save(
             model,
             folder / MODEL_FILE,
             external_data=WEIGHTS_FILE,
-            size_threshold_bytes=1024,  # small constants (shapes, axes) stay inline for shape inference
+            size_threshold_bytes=EXTERNAL_THRESHOLD_BYTES,
             callback=on_tensor,
             max_workers=1,  # one writer: the same bytes in the same order, every time
         )
@@ -153,6 +162,40 @@ def write_model(model: ir.Model, folder: Path, progress: Callable[[int], None] |
             why = f"{os.strerror(errno.ENOSPC)} ({written} bytes of weights, {free} bytes free)"
             raise OSError(errno.ENOSPC, why, str(folder / WEIGHTS_FILE)) from e
         raise
+    finally:
+        mappings.drop(last)
+        for value, tensor in swapped:
+            value.const_value = tensor
+
+
+EXTERNAL_THRESHOLD_BYTES = 1024  # larger weights go to model.onnx.data; small constants (shapes, axes) stay inline
+
+
+def _copied_from_files(
+    model: ir.Model, mappings: memory.FileMappings, threshold: int
+) -> list[tuple[ir.Value, ir.TensorProtocol]]:
+    """Point each weight whose bytes are a clean memory-mapped file span (the reference model's weights, views
+    of the safetensors file: memory.FileMappings) at that span instead, as an ir.ExternalTensor, which onnx_ir
+    writes with copy_file_range: the same bytes, copied in the kernel. Read through the mapping, every page would
+    stay resident until the model is freed (the whole checkpoint, for the rest of the build). Returns the
+    (initializer, original tensor) pairs, to put back."""
+    if sys.byteorder != "little":  # the file holds little-endian bytes; so does ONNX
+        return []
+    swapped = []
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            if tensor is None or isinstance(tensor, ir.ExternalTensor) or tensor.nbytes <= threshold:
+                continue
+            span = mappings.file_span(getattr(tensor, "raw", None))
+            if span is None or span[2] != tensor.nbytes:
+                continue
+            path, offset, length = span
+            # base_dir "": an absolute location, outside any folder onnx_ir would confine it to
+            value.const_value = ir.ExternalTensor(path, offset, length, tensor.dtype, shape=ir.Shape(tensor.shape),
+                                                  name=tensor.name, base_dir="")  # fmt: skip
+            swapped.append((value, tensor))
+    return swapped
 
 
 def graph_proto(folder: Path) -> onnx.ModelProto:
@@ -171,10 +214,17 @@ def copy_tokenizer(checkpoint_dir: Path, folder: Path) -> list[str]:
 
 
 def io_spec(proto: onnx.ModelProto) -> dict[str, list[dict[str, Any]]]:
+    """Graph inputs and outputs; an input that is also an initializer (e.g. `logits_to_keep`) is optional, and
+    its initializer is its `default`."""
+    defaults = {t.name: t for t in proto.graph.initializer if not t.external_data}
+
     def describe(v: onnx.ValueInfoProto) -> dict[str, Any]:
         t = v.type.tensor_type
         shape = [d.dim_param if d.HasField("dim_param") else d.dim_value for d in t.shape.dim]
-        return {"name": v.name, "dtype": _DTYPES.get(t.elem_type, str(t.elem_type)), "shape": shape}
+        out = {"name": v.name, "dtype": _DTYPES.get(t.elem_type, str(t.elem_type)), "shape": shape}
+        if v.name in defaults:
+            out.update(optional=True, default=onnx.numpy_helper.to_array(defaults[v.name]).tolist())
+        return out
 
     return {"inputs": [describe(v) for v in proto.graph.input], "outputs": [describe(v) for v in proto.graph.output]}
 

@@ -17,7 +17,11 @@ class StageRecord:
     name: str
     seconds: float = 0.0
     bytes: int | None = None
-    peak_rss: int | None = None  # the process's peak resident bytes (VmHWM) when the stage ended; None off Linux
+    # Peak resident bytes when the stage ended (None off Linux): the max over the process tree, i.e. this
+    # process's VmHWM or the largest VmHWM a child process reported (tree_peak_rss_bytes), whichever is larger.
+    peak_rss: int | None = None
+    peak_rss_self: int | None = None  # this process's own VmHWM
+    children: list[ChildPeak] = field(default_factory=list)  # the child processes that ran during the stage
     report: Callable[[str], None] | None = field(default=None, repr=False)
     _last_logged: int = field(default=0, repr=False)
 
@@ -53,18 +57,69 @@ class Stages:
                 record._last_logged = -1  # a live line takes every update
             elif not self.quiet:
                 record.report = lambda text: self.console.print(f"[gemma-export] {text}", markup=False)
+            first_child = len(CHILDREN)
             yield record
         record.seconds = time.perf_counter() - start
-        record.peak_rss = peak_rss_bytes()
+        record.peak_rss_self, record.peak_rss = peak_rss_bytes(), tree_peak_rss_bytes()
+        record.children = CHILDREN[first_child:]
         self.records.append(record)
         if not self.quiet:
             size = f", {human_bytes(record.bytes)} written" if record.bytes is not None else ""
             rss = f", peak RSS {human_bytes(record.peak_rss)}" if record.peak_rss is not None else ""
-            self.console.print(f"[gemma-export] {name}: done in {record.seconds:.1f} s{size}{rss}", markup=False)
+            if record.children:  # a child's peak, and the two together (this process's RSS while it ran + it)
+                rss += f" (this process {human_bytes(record.peak_rss_self)}" + "".join(
+                    f", {c.name} {human_bytes(c.peak_rss)}, {human_bytes(c.together)} together"
+                    for c in record.children) + ")"  # fmt: skip
+            line = f"[gemma-export] {name}: done in {record.seconds:.1f} s{size}{rss}"
+            self.console.print(line, markup=False, soft_wrap=True)  # one line, however narrow the console
 
     def to_json(self) -> list[dict]:
-        return [{"stage": r.name, "seconds": round(r.seconds, 3), "bytes": r.bytes, "peak_rss": r.peak_rss}
-                for r in self.records]  # fmt: skip
+        def entry(r: StageRecord) -> dict:
+            out = {"stage": r.name, "seconds": round(r.seconds, 3), "bytes": r.bytes, "peak_rss": r.peak_rss}
+            if r.children:
+                out.update(peak_rss_self=r.peak_rss_self, children=[c.to_json() for c in r.children])
+            return out
+
+        return [entry(r) for r in self.records]
+
+
+@dataclass(frozen=True)
+class ChildPeak:
+    """A child process's peak (its own VmHWM, which it reports when it ends: the parent's view of a child's
+    memory, ru_maxrss, would count the parent's own pages at the fork), and this process's resident bytes
+    (VmRSS) while it ran: their sum bounds what the two held together."""
+
+    name: str
+    peak_rss: int
+    parent_rss: int
+
+    @property
+    def together(self) -> int:
+        return self.peak_rss + self.parent_rss
+
+    def to_json(self) -> dict:
+        return {"process": self.name, "peak_rss": self.peak_rss, "parent_rss": self.parent_rss,
+                "together": self.together}  # fmt: skip
+
+
+CHILDREN: list[ChildPeak] = []  # every child process whose peak was reported, in this process's life
+
+
+def tree_peak_rss_bytes() -> int | None:
+    """The peak resident bytes of this process or any child process it reported (record_child), whichever is
+    larger: what a build's `peak_rss` shows, so that memory moved to a child is never hidden."""
+    own = peak_rss_bytes()
+    return max([own, *(c.peak_rss for c in CHILDREN)]) if own is not None else None
+
+
+def record_child(name: str, peak_rss: int | None, parent_rss: int | None) -> None:
+    if peak_rss is not None:
+        CHILDREN.append(ChildPeak(name, peak_rss, parent_rss or 0))
+
+
+def resident_bytes() -> int | None:
+    """This process's resident bytes now (VmRSS)."""
+    return _status_bytes("VmRSS")
 
 
 def peak_rss_bytes() -> int | None:
@@ -73,9 +128,13 @@ def peak_rss_bytes() -> int | None:
     It only grows, so the stage that raised it is the first whose `peak_rss` shows the new value; it is never
     reset (clear_refs would also reset what `time -v` and a parent's wait4 report as the process's peak).
     """
+    return _status_bytes("VmHWM")
+
+
+def _status_bytes(key: str) -> int | None:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{key}:"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass

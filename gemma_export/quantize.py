@@ -37,6 +37,8 @@ import onnx
 import onnx_ir as ir
 from onnx import helper, numpy_helper
 
+from gemma_export import memory
+
 QUANTS = ("none", "int8", "int4")
 MS_DOMAIN = "com.microsoft"
 
@@ -77,6 +79,8 @@ def quantize(model: ir.Model, spec: QuantSpec) -> tuple[ir.Model, dict[str, Any]
     before = _initializer_bytes(model.graph)
     ir.external_data.load_to_model(model)  # the ORT quantizer reads weights from the proto, not from files
     proto = ir.to_proto(model)
+    # the proto holds a copy now: the checkpoint's pages it was read from need not stay resident (memory.py)
+    memory.drop_resident(getattr(v.const_value, "raw", None) for v in model.graph.initializers.values())
     matmuls = sum(1 for n in proto.graph.node if n.op_type == "MatMul" and n.domain in ("", "ai.onnx"))
     quantizer = _ort_quantizer().MatMulNBitsQuantizer(
         proto,

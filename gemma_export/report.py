@@ -30,11 +30,19 @@ def describe_manifest(manifest: dict[str, Any]) -> None:
     console.print(
         f"target {build['target']}, precision {build['precision']}, opset {build['opset']}, "
         f"domains {build['domains']}, max length {build['max_length']}"
+        + (f", quant {build['quant']}" if build.get("quant", "none") != "none" else "")
+        + (f", cache layout {build['cache_layout']}" if "cache_layout" in build else "")
     )
+    shared = sum(bool(s.get("shared_buffer")) for s in manifest.get("state", []))
+    if shared:
+        console.print(f'{shared} of {len(manifest["state"])} caches may be shared buffers (README "Shared KV buffers")')
     io = Table("direction", "name", "dtype", "shape", title="Inputs and outputs")
     for direction in ("inputs", "outputs"):
         for v in _collapse(manifest[direction]):
-            io.add_row(direction[:-1], v["name"], v["dtype"], "[" + ", ".join(map(str, v["shape"])) + "]")
+            shape = "[" + ", ".join(map(str, v["shape"])) + "]"
+            if v.get("optional"):
+                shape += f" (optional, default {v.get('default')})"
+            io.add_row(direction[:-1], v["name"], v["dtype"], shape)
     console.print(io)
     files = Table("role", "path", "bytes", "sha256", title="Files")
     for role, f in manifest["files"].items():

@@ -24,10 +24,20 @@ class Decoder(Protocol):
 
     def empty_cache(self, batch: int) -> Cache: ...
 
+    def reserve(self, length: int) -> None:
+        """A hint: the caches will hold up to `length` positions (prompt + new tokens)."""
+        ...
+
     def step(
-        self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, cache: Cache
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        position_ids: np.ndarray,
+        cache: Cache,
+        logits_to_keep: int = 0,
     ) -> tuple[np.ndarray, Cache]:
-        """One forward pass: float32 logits [batch, seq, vocab] and the new cache."""
+        """One forward pass: float32 logits [batch, seq, vocab] (the last `logits_to_keep` positions' only, when
+        it is not 0) and the new cache."""
         ...
 
 
@@ -52,6 +62,14 @@ class OrtDecoder:
 
     Decoders take the attention mask of past + new tokens; an artifact whose graph carries the past's mask in
     its state (RecurrentGemma: constant memory) takes only the new tokens' columns.
+
+    A cache the manifest marks `shared_buffer` (README "Shared KV buffers") lives in a buffer of some capacity
+    that is bound as both the past input and the present output: the graph writes the new positions in place,
+    and nothing is copied between calls. `step` returns views of those buffers (the first total-length
+    positions), which stay valid until the next call; given back, they are recognised and not copied. Any
+    other cache (the first call's empty one, another decoder's) is copied into a buffer first, which grows
+    (doubling) when a call would not fit. A call that cuts the logits (0 < `logits_to_keep` < new tokens: a
+    prompt) passes `logits_to_keep` through run() instead, which io binding cannot feed (README).
     """
 
     def __init__(self, artifact_dir: Path, manifest: dict, threads: int = 0, *, low_memory: bool = False) -> None:
@@ -64,20 +82,89 @@ class OrtDecoder:
         )
         self.state = manifest["state"]
         self.vocab_size = int(manifest["model"]["config"]["vocab_size"])
-        self._output_names = ["logits", *(s["output"] for s in self.state)]
         mask = next(v for v in manifest["inputs"] if v["name"] == "attention_mask")
         self.mask_covers_past = mask["shape"][1] != "sequence_length"
+        self._output_names = ["logits", *(s["output"] for s in self.state)]
+        self._shared = [bool(s.get("shared_buffer")) for s in self.state]
+        self._buffers: list[_Buffer | None] = [None] * len(self.state)
+        self._reserved = 0
+        self._keeps_logits = any(v["name"] == "logits_to_keep" for v in manifest["inputs"])
 
     def empty_cache(self, batch: int) -> Cache:
         return [np.zeros([batch if d == "batch" else d for d in s["shape"]], s["dtype"]) for s in self.state]
 
-    def step(self, input_ids, attention_mask, position_ids, cache):
+    def reserve(self, length: int) -> None:
+        """Size the shared buffers for `length` positions from the next new buffer on (prompt + new tokens)."""
+        self._reserved = length
+
+    def step(self, input_ids, attention_mask, position_ids, cache, logits_to_keep=0):
         if not self.mask_covers_past:
             attention_mask = attention_mask[:, -input_ids.shape[1] :]
         feed = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
-        feed.update({s["input"]: c for s, c in zip(self.state, cache, strict=True)})
-        logits, *present = self.session.run(self._output_names, feed)
-        return logits, present
+        drops_rows = 0 < logits_to_keep < input_ids.shape[1]
+        if drops_rows and self._keeps_logits:
+            # logits_to_keep is an overridable initializer, which ONNX Runtime's io binding cannot bind: a
+            # prompt whose logits are cut goes through run() (its past, if any, is copied; usually it is empty)
+            feed["logits_to_keep"] = np.array(logits_to_keep, np.int64)
+            feed.update({s["input"]: c for s, c in zip(self.state, cache, strict=True)})
+            logits, *present = self.session.run(self._output_names, feed)
+        elif any(self._shared):
+            logits, present = self._run_in_place(feed, cache, total=attention_mask.shape[1])
+        else:
+            feed.update({s["input"]: c for s, c in zip(self.state, cache, strict=True)})
+            logits, *present = self.session.run(self._output_names, feed)
+        # (an artifact built without the input computes every position: cut here)
+        return (logits[:, -logits_to_keep:] if drops_rows else logits), present
+
+    def _run_in_place(self, feed: dict[str, np.ndarray], cache: Cache, total: int) -> tuple[np.ndarray, Cache]:
+        """One call with every shared cache bound as both input and output (io binding)."""
+        binding = self.session.io_binding()
+        for name, array in feed.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(array))
+        binding.bind_output("logits")
+        buffers: list[_Buffer | None] = []
+        for i, (spec, past) in enumerate(zip(self.state, cache, strict=True)):
+            if self._shared[i]:
+                buffer = self._buffer(i, past, total)
+                binding.bind_ortvalue_input(spec["input"], buffer.value)
+                binding.bind_ortvalue_output(spec["output"], buffer.value)
+            else:
+                buffer = None
+                binding.bind_cpu_input(spec["input"], np.ascontiguousarray(past))
+                binding.bind_output(spec["output"])
+            buffers.append(buffer)
+        self.session.run_with_iobinding(binding)
+        logits, *outputs = binding.get_outputs()
+        present = [
+            out.numpy() if buf is None else buf.array[:, :, :total] for out, buf in zip(outputs, buffers, strict=True)
+        ]
+        return logits.numpy(), present
+
+    def _buffer(self, i: int, past: np.ndarray, total: int) -> _Buffer:
+        """State i's buffer, holding `past` in its first positions and room for `total`."""
+        buffer = self._buffers[i]
+        own = buffer is not None and past.base is buffer.array and past.ctypes.data == buffer.array.ctypes.data
+        if own and buffer.array.shape[2] >= total:
+            return buffer  # the past is already in place
+        grown = 2 * buffer.array.shape[2] if own else 0
+        array = np.zeros((*past.shape[:2], max(total, self._reserved, grown), *past.shape[3:]), past.dtype)
+        array[:, :, : past.shape[2]] = past
+        self._buffers[i] = buffer = _Buffer.of(array)
+        return buffer
+
+
+@dataclass(frozen=True)
+class _Buffer:
+    """A numpy array and the ONNX Runtime value that shares its memory."""
+
+    array: np.ndarray
+    value: object
+
+    @classmethod
+    def of(cls, array: np.ndarray) -> _Buffer:
+        import onnxruntime as ort
+
+        return cls(array, ort.OrtValue.ortvalue_from_numpy(array))
 
 
 class TorchDecoder:
@@ -90,7 +177,10 @@ class TorchDecoder:
     def empty_cache(self, batch: int) -> Cache:
         return [spec.empty(batch).numpy() for spec in self.model.state_specs()]
 
-    def step(self, input_ids, attention_mask, position_ids, cache):
+    def reserve(self, length: int) -> None:
+        pass  # its caches grow by concatenation
+
+    def step(self, input_ids, attention_mask, position_ids, cache, logits_to_keep=0):
         import torch
 
         if not self.model.mask_covers_past:
@@ -98,6 +188,7 @@ class TorchDecoder:
         args = (torch.from_numpy(input_ids), torch.from_numpy(attention_mask), torch.from_numpy(position_ids))
         with torch.inference_mode():
             logits, state = self.model(*args, [torch.from_numpy(c) for c in cache])
+        logits = logits[:, -logits_to_keep:] if logits_to_keep else logits
         return logits.numpy(), [t.numpy() for t in state]
 
 
@@ -225,14 +316,15 @@ def generate(
     rng = np.random.default_rng(sampling.seed)
     ids, mask = left_pad(prompts, pad_id)
     pos = positions(mask)
+    decoder.reserve(ids.shape[1] + max_new_tokens)
     cache = decoder.empty_cache(len(prompts))
     out: list[list[int]] = [[] for _ in prompts]
     done = np.zeros(len(prompts), bool)
     for cols in prefill_slices(ids.shape[1], len(prompts), decoder.vocab_size):
-        logits, cache = decoder.step(ids[:, cols], mask[:, : cols.stop], pos[:, cols], cache)
+        logits, cache = decoder.step(ids[:, cols], mask[:, : cols.stop], pos[:, cols], cache, logits_to_keep=1)
     for step in range(max_new_tokens):
         if step:
-            logits, cache = decoder.step(ids, mask, pos, cache)
+            logits, cache = decoder.step(ids, mask, pos, cache, logits_to_keep=1)
         nxt = pick(logits[:, -1], sampling, rng)
         for row, token in enumerate(nxt):
             if not done[row]:

@@ -7,7 +7,8 @@ The graph's inputs and outputs are the artifact contract (README "Artifact contr
                              [batch, sequence_length]        (new tokens; RecurrentGemma carries the rest)
     position_ids     int64   [batch, sequence_length]
     <state inputs>           as the model's `state_specs()` say, e.g. past_key_values.{i}.key
- -> logits           float32 [batch, sequence_length, vocab]
+ -> logits           float32 [batch, sequence_length, vocab]  (the optimize stage then adds the optional input
+                                                               logits_to_keep: logits_to_keep.py)
     <state outputs>          e.g. present.{i}.key, fed back as the matching input on the next call
 
 Every size is symbolic: the exporter sees example sizes >= 2 (torch.export specialises 0 and 1), and

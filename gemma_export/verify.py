@@ -8,16 +8,20 @@ the same greedy tokens, step by step across the window boundary, and compares ea
 Memory: the reference runs every pass first and is dropped before the artifact is opened (when the caller
 hands both over as factories, as the build does), so their two copies of the weights are never resident
 together; its logits wait in an unlinked temporary file, and each pass's logits are capped at
-VERIFY_LOGITS_BUDGET_BYTES (a 262144-token vocabulary makes 1 MiB per position).
+VERIFY_LOGITS_BUDGET_BYTES (a 262144-token vocabulary makes 1 MiB per position). The build opens the artifact
+in a child process instead (ArtifactInChild, verify_worker.py), which reads that file and sends back each
+pass's measure (MEASURES), so that this process's torch heap is not added to ONNX Runtime's.
 """
 
 from __future__ import annotations
 
 import gc
+import os
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -127,17 +131,83 @@ def paired_logits(
     """
     with tempfile.TemporaryFile(dir=spill_dir) as spill:
         passes = _run_reference(reference() if callable(reference) else reference, cfg, decode_steps, spill)
+        spill.flush()  # read back by descriptor
         del reference  # with a factory, the reference's weights (memory-mapped checkpoint) are freed here ...
         gc.collect()
         if callable(artifact):  # ... before the artifact maps its own copy
             artifact = artifact()
-        spill.seek(0)
-        for p in passes:
-            if p.new_cache:
-                cache = artifact.empty_cache(len(p.lengths))
-            logits, cache = artifact.step(p.ids, p.mask, p.pos, cache)
-            ref = np.frombuffer(spill.read(4 * p.shape[0] * p.shape[1]), np.float32).reshape(p.shape)
-            yield p.case, p.lengths, p.phase, ref, p.compared(logits)
+        for p, ref, art in artifact_pairs(artifact, passes, spill.fileno()):
+            yield p.case, p.lengths, p.phase, ref, art
+
+
+def artifact_pairs(
+    artifact: Decoder, passes: list[Pass], spill_fd: int
+) -> Iterator[tuple[Pass, np.ndarray, np.ndarray]]:
+    """The artifact run through the reference's passes: (pass, reference logits read back from the spill file,
+    the artifact's compared logits). Reads at explicit offsets (the file's position is shared with a child)."""
+    offset = 0
+    for p in passes:
+        if p.new_cache:
+            cache = artifact.empty_cache(len(p.lengths))
+        logits, cache = artifact.step(p.ids, p.mask, p.pos, cache)
+        nbytes = 4 * p.shape[0] * p.shape[1]
+        ref = np.frombuffer(os.pread(spill_fd, nbytes, offset), np.float32).reshape(p.shape)
+        offset += nbytes
+        yield p, ref, p.compared(logits)
+
+
+def max_abs_error(ref: np.ndarray, art: np.ndarray) -> float:
+    """Max abs difference of [positions, vocab] logits, a few rows at a time (no full-size temporaries)."""
+    rows = range(0, len(ref), KL_ROWS)
+    return max((float(np.abs(ref[i : i + KL_ROWS] - art[i : i + KL_ROWS]).max()) for i in rows), default=0.0)
+
+
+# What a build's verify stage measures per pass, in the ONNX Runtime process (verify_worker.py): the max abs
+# logit error (fp32 gate), or the agreement statistics (quantized builds' gate); JSON-able values.
+MEASURES: dict[str, Callable[[np.ndarray, np.ndarray], Any]] = {
+    "max_abs_error": max_abs_error,
+    "agreement": lambda ref, art: asdict(Agreement.of(ref, art)),
+}
+
+
+@dataclass(frozen=True)
+class ArtifactInChild:
+    """The artifact opened in a fresh process (`gemma_export.verify_worker`, which never imports torch) that runs
+    the reference's passes and sends back each pass's measure: the build's verify stage, so that this process's
+    heap (torch, the exporter, the optimizer) is not added to ONNX Runtime's. `low_memory`: runtime.session_options.
+    """
+
+    artifact_dir: Path
+    manifest: dict[str, Any]
+    low_memory: bool = True
+
+
+def paired_measures(
+    reference: Opened,
+    artifact: Opened | ArtifactInChild,
+    cfg: GemmaConfig,
+    decode_steps: int,
+    measure: str,
+    *,
+    spill_dir: Path | None = None,
+) -> Iterator[tuple[str, list[int], str, Any]]:
+    """(case name, prompt lengths, phase, MEASURES[measure](reference logits, artifact logits)) per pass; the
+    artifact in this process (paired_logits), or in a child (ArtifactInChild, after the reference is freed)."""
+    if not isinstance(artifact, ArtifactInChild):
+        pairs = paired_logits(reference, artifact, cfg, decode_steps, spill_dir=spill_dir)
+        for name, lengths, phase, ref, art in pairs:
+            yield name, lengths, phase, MEASURES[measure](ref, art)
+        return
+    from gemma_export import memory, verify_worker
+
+    with tempfile.TemporaryFile(dir=spill_dir) as spill:
+        passes = _run_reference(reference() if callable(reference) else reference, cfg, decode_steps, spill)
+        spill.flush()  # read by the child, by descriptor
+        del reference
+        memory.release_heap()  # the reference's weights unmapped, its heap handed back, before the child starts
+        values = verify_worker.run_in_child(artifact, passes, spill.fileno(), measure)
+    for p, value in zip(passes, values, strict=True):
+        yield p.case, p.lengths, p.phase, value
 
 
 def _run_reference(reference: Decoder, cfg: GemmaConfig, decode_steps: int, spill) -> list[Pass]:
@@ -173,19 +243,21 @@ def _run_reference(reference: Decoder, cfg: GemmaConfig, decode_steps: int, spil
 
 def compare(
     reference: Opened,
-    artifact: Opened,
+    artifact: Opened | ArtifactInChild,
     cfg: GemmaConfig,
     tolerance: float = DEFAULT_TOLERANCE,
     decode_steps: int = DECODE_STEPS,
     *,
     spill_dir: Path | None = None,
 ) -> ParityReport:
-    """Max abs logit error per case and phase (paired_logits: the decoders, or factories of them)."""
+    """Max abs logit error per case and phase (paired_measures: the decoders, or factories of them, or the
+    artifact in a child process)."""
     report = ParityReport(tolerance=tolerance)
-    for name, lengths, phase, ref, art in paired_logits(reference, artifact, cfg, decode_steps, spill_dir=spill_dir):
+    for name, lengths, phase, err in paired_measures(reference, artifact, cfg, decode_steps, "max_abs_error",
+                                                     spill_dir=spill_dir):  # fmt: skip
         if not report.cases or report.cases[-1].name != name:
             report.cases.append(Case(name=name, prompt_lengths=lengths))
-        case, err = report.cases[-1], float(np.abs(ref - art).max())
+        case = report.cases[-1]
         if phase == "prefill":
             case.prefill_max_abs_error = max(case.prefill_max_abs_error, err)
         else:
@@ -204,7 +276,7 @@ def compare(
 # distributions (larger KL for the same weight error, higher top-1): set them per recipe.
 AGREEMENT_GATES = {"int8": (0.9, 0.01), "int4": (0.3, 0.15)}
 AGREEMENT_DECODE_STEPS = 16  # more decode positions than the fp32 gate: top-1 is a fraction of them
-KL_ROWS = 64  # positions per float64 softmax: a 262144-token vocabulary makes 2 MB rows
+KL_ROWS = 8  # positions per chunk of a comparison: a 262144-token vocabulary makes 1 MiB rows (2 MiB in float64)
 
 
 @dataclass
@@ -223,7 +295,7 @@ class Agreement:
             positions=len(ref),
             top1_matches=int((ref.argmax(-1) == art.argmax(-1)).sum()),
             kl_sum=float(kl_divergence(ref, art).sum()),
-            max_abs_logit_error=float(np.abs(ref - art).max()),
+            max_abs_logit_error=max_abs_error(ref, art),
         )
 
     def add(self, other: Agreement) -> None:
@@ -292,7 +364,7 @@ class AgreementReport:
 
 def compare_agreement(
     reference: Opened,
-    artifact: Opened,
+    artifact: Opened | ArtifactInChild,
     cfg: GemmaConfig,
     quant: str,
     min_top1: float,
@@ -306,10 +378,10 @@ def compare_agreement(
     report = AgreementReport(quant=quant, min_top1=min_top1, max_kl=max_kl)
     per_case: dict[str, dict[str, Agreement]] = {}
     lengths: dict[str, list[int]] = {}
-    for name, prompt_lengths, phase, ref, art in paired_logits(reference, artifact, cfg, decode_steps,
-                                                               spill_dir=spill_dir):  # fmt: skip
+    for name, prompt_lengths, phase, stats in paired_measures(reference, artifact, cfg, decode_steps, "agreement",
+                                                              spill_dir=spill_dir):  # fmt: skip
         lengths[name] = prompt_lengths
-        step = Agreement.of(ref, art)
+        step = Agreement(**stats)
         report.phases[phase].add(step)
         per_case.setdefault(name, {"prefill": Agreement(), "decode": Agreement()})[phase].add(step)
     for name, phases in per_case.items():

@@ -85,15 +85,18 @@ def test_manifest_describes_the_contract(artifact, checkpoint) -> None:
     assert outputs["logits"] == {
         "name": "logits",
         "dtype": "float32",
-        "shape": ["batch", "sequence_length", cfg.vocab_size],
+        "shape": ["batch", "logits_length", cfg.vocab_size],  # sequence_length, or logits_to_keep's rows
     }
-    assert outputs[f"present.{cfg.num_hidden_layers - 1}.value"]["shape"] == ["batch", kv, "total_sequence_length", hd]
+    # present_sequence_length: total_sequence_length, or the capacity of a shared buffer (README "Shared KV buffers")
+    last = outputs[f"present.{cfg.num_hidden_layers - 1}.value"]
+    assert last["shape"] == ["batch", kv, "present_sequence_length", hd]
     assert len(manifest["state"]) == 2 * cfg.num_hidden_layers
     assert manifest["state"][0] == {
         "input": "past_key_values.0.key",
         "output": "present.0.key",
         "shape": ["batch", kv, 0, hd],
         "dtype": "float32",
+        "shared_buffer": True,
     }
     assert set(manifest["state"][i]["input"] for i in range(len(manifest["state"]))) <= set(inputs)
     assert manifest["build"]["domains"] == {"ai.onnx": 23, "com.microsoft": 1}  # lowered (test_lowering.py)

@@ -129,8 +129,8 @@ def test_decode_state_is_constant_in_length(griffin_checkpoint, griffin_artifact
     shapes: list[list[tuple[int, ...]]] = []
     step = artifact.step
 
-    def recording_step(ids, mask, pos, cache):
-        logits, new = step(ids, mask, pos, cache)
+    def recording_step(ids, mask, pos, cache, logits_to_keep=0):
+        logits, new = step(ids, mask, pos, cache, logits_to_keep)
         shapes.append([c.shape for c in new])
         return logits, new
 

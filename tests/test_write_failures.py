@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import onnx_ir as ir
@@ -355,3 +356,69 @@ def test_sigint_mid_build_leaves_nothing(stage: str, ckpt: Path, traced_file: Pa
     assert_no_output(out)
     assert listing(tmp_path) == []  # no staging, probe or replaced folder beside OUT_DIR
     assert listing(ckpt) == before  # nothing written into the checkpoint
+
+
+# The WRAPPER, with the verify stage's ONNX Runtime child made slow: it writes its pid to the file named by
+# argv[1] once it has its request, then sleeps; the test interrupts the build while the child runs.
+SLOW_CHILD = """
+import os, sys, time
+from gemma_export import verify_worker
+ready = sys.argv.pop(1)
+def slow(request):
+    with open(ready + ".tmp", "w") as f:
+        f.write(str(os.getpid()))
+    os.replace(ready + ".tmp", ready)
+    time.sleep(300)
+verify_worker.measure_passes = slow
+sys.exit(verify_worker.main(sys.argv[1:]))
+"""
+WRAPPER_SLOW_CHILD = WRAPPER.replace(
+    "traced = sys.argv.pop(1)\n",
+    "traced = sys.argv.pop(1)\nready = sys.argv.pop(1)\nfrom gemma_export import verify_worker\n"
+    "verify_worker.command = lambda: [sys.executable, '-c', " + repr(SLOW_CHILD) + ", ready, str(os.getpid())]\n",
+).replace("import sys\n", "import os, sys\n", 1)
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_ctrl_c_while_the_onnx_runtime_child_runs(ckpt: Path, traced_file: Path, tmp_path: Path) -> None:
+    """Ctrl-C as a terminal sends it (SIGINT to the build's process group) while verify's child process runs:
+    exit 130, one line, nothing left beside OUT_DIR, and the child is gone with the build (no orphan)."""
+    work = tmp_path / "work"
+    work.mkdir()
+    out, ready = work / "out", tmp_path / "child.pid"
+    before = listing(ckpt)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WRAPPER_SLOW_CHILD, str(traced_file), str(ready), "build", str(ckpt), "-o", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=work,
+        start_new_session=True,  # its own process group, as a shell gives a foreground job
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not ready.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1]
+            time.sleep(0.05)
+        child = int(ready.read_text())
+        assert _running(child)
+        os.killpg(proc.pid, signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stderr
+    assert stderr.count("gemma-export: interrupted") == 1
+    error_line(stderr, prefix="gemma-export: interrupted")
+    assert stdout == ""
+    assert not _running(child), f"the ONNX Runtime child {child} outlived the build"
+    assert_no_output(out)
+    assert listing(work) == []  # no staging, probe or replaced folder beside OUT_DIR
+    assert listing(ckpt) == before
