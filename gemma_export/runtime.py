@@ -87,6 +87,7 @@ class OrtDecoder:
         self._output_names = ["logits", *(s["output"] for s in self.state)]
         self._shared = [bool(s.get("shared_buffer")) for s in self.state]
         self._buffers: list[_Buffer | None] = [None] * len(self.state)
+        self._binding, self._bound, self._logits_shape = None, [], None  # _run_in_place's io binding
         self._reserved = 0
         self._keeps_logits = any(v["name"] == "logits_to_keep" for v in manifest["inputs"])
 
@@ -117,22 +118,30 @@ class OrtDecoder:
         return (logits[:, -logits_to_keep:] if drops_rows else logits), present
 
     def _run_in_place(self, feed: dict[str, np.ndarray], cache: Cache, total: int) -> tuple[np.ndarray, Cache]:
-        """One call with every shared cache bound as both input and output (io binding)."""
-        binding = self.session.io_binding()
+        """One call with every shared cache bound as both input and output (io binding). The binding is kept
+        between calls and only what changed is bound again (binding all 2 x layers caches costs ~1 ms a call)."""
+        buffers = [self._buffer(i, past, total) if shared else None
+                   for i, (past, shared) in enumerate(zip(cache, self._shared, strict=True))]  # fmt: skip
+        key = [id(b) for b in buffers]
+        if self._binding is None or self._bound != key:  # new buffers: a new binding
+            self._binding, self._bound, self._logits_shape = self.session.io_binding(), key, None
+            self._binding.bind_output("logits")  # first: get_outputs() keeps the order of binding
+            for spec, buffer in zip(self.state, buffers, strict=True):
+                if buffer is not None:
+                    self._binding.bind_ortvalue_input(spec["input"], buffer.value)
+                    self._binding.bind_ortvalue_output(spec["output"], buffer.value)
+                else:  # a fixed-size state: ONNX Runtime allocates its output once, then reuses it
+                    self._binding.bind_output(spec["output"])
+        binding = self._binding
         for name, array in feed.items():
             binding.bind_cpu_input(name, np.ascontiguousarray(array))
-        binding.bind_output("logits")
-        buffers: list[_Buffer | None] = []
-        for i, (spec, past) in enumerate(zip(self.state, cache, strict=True)):
-            if self._shared[i]:
-                buffer = self._buffer(i, past, total)
-                binding.bind_ortvalue_input(spec["input"], buffer.value)
-                binding.bind_ortvalue_output(spec["output"], buffer.value)
-            else:
-                buffer = None
+        for spec, past, buffer in zip(self.state, cache, buffers, strict=True):
+            if buffer is None:
                 binding.bind_cpu_input(spec["input"], np.ascontiguousarray(past))
-                binding.bind_output(spec["output"])
-            buffers.append(buffer)
+        shape = (*feed["input_ids"].shape, self.vocab_size)
+        if shape != self._logits_shape:  # else the last call's logits value is reused (returned as a copy)
+            binding.bind_output("logits")
+            self._logits_shape = shape
         self.session.run_with_iobinding(binding)
         logits, *outputs = binding.get_outputs()
         present = [
