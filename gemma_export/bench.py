@@ -73,23 +73,18 @@ OTHER_SYSTEMS = ("transformers", GENAI)
 
 
 def parse_counts(text: str) -> list[int]:
-    try:
-        counts = [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise BadInput(f"--new-tokens must be comma-separated integers, got {text!r}") from None
-    if not counts or min(counts) < 2:
-        raise BadInput(f"--new-tokens must list counts >= 2, got {text!r}")
-    return counts
+    """--new-tokens: at least 2 (the first token is the prefill's; decode speed needs another)."""
+    return parse_sizes(text, "--new-tokens", minimum=2, what="counts")
 
 
-def parse_sizes(text: str, option: str) -> list[int]:
-    """A comma-separated list of positive integers (--batch-sizes, --seq-lengths, --prompt-tokens)."""
+def parse_sizes(text: str, option: str, minimum: int = 1, what: str = "integers") -> list[int]:
+    """A comma-separated list of integers >= minimum (--batch-sizes, --seq-lengths, --prompt-tokens)."""
     try:
         sizes = [int(t) for t in text.split(",") if t.strip()]
     except ValueError:
         raise BadInput(f"{option} must be comma-separated integers, got {text!r}") from None
-    if not sizes or min(sizes) < 1:
-        raise BadInput(f"{option} must list integers >= 1, got {text!r}")
+    if not sizes or min(sizes) < minimum:
+        raise BadInput(f"{option} must list {what} >= {minimum}, got {text!r}")
     return sizes
 
 

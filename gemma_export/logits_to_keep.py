@@ -25,6 +25,7 @@ import re
 
 import numpy as np
 import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
 
 INPUT = "logits_to_keep"
 LOGITS = "logits"
@@ -71,12 +72,10 @@ def add_logits_to_keep(model: ir.Model) -> bool:
     kept.type = x.type
     if x.shape is not None:
         kept.shape = ir.Shape([x.shape[0], ir.SymbolicDim(LOGITS_DIM), x.shape[2]])
-    old_shape = restore.inputs[1]
     flatten.replace_input_with(0, kept)
     restore.replace_input_with(1, out_shape)
     _rename_rows(kept, x.shape[1] if x.shape is not None else None)
-    if old_shape is not None:
-        _remove_unused(graph, old_shape)
+    common_passes.RemoveUnusedNodesPass()(model)  # the old out_shape computation
     return True
 
 
@@ -125,22 +124,3 @@ def _rename_rows(kept: ir.Value, seq: ir.SymbolicDim | int | None) -> None:
         if value.is_graph_output() and value.name == LOGITS and len(dims) == 3:
             dims[1] = ir.SymbolicDim(LOGITS_DIM)
         value.shape = ir.Shape(dims)
-
-
-def _remove_unused(graph: ir.Graph, value: ir.Value) -> None:
-    """`value`'s producer, and then its inputs' producers, when nothing uses them any more (the old out_shape)."""
-    todo = [value]
-    while todo:
-        v = todo.pop()
-        if v.uses() or v.is_graph_output() or v.is_graph_input():
-            continue
-        node = v.producer()
-        if node is None:
-            if v.is_initializer() and v.name is not None:
-                del graph.initializers[v.name]
-            continue
-        if any(out.uses() or out.is_graph_output() for out in node.outputs):
-            continue
-        inputs = [i for i in node.inputs if i is not None]
-        graph.remove(node, safe=True)
-        todo.extend(inputs)

@@ -99,19 +99,18 @@ class OrtDecoder:
         self._reserved = length
 
     def step(self, input_ids, attention_mask, position_ids, cache, logits_to_keep=0):
+        total = attention_mask.shape[1]  # past + new: what a shared buffer must hold
         if not self.mask_covers_past:
             attention_mask = attention_mask[:, -input_ids.shape[1] :]
         feed = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
         drops_rows = 0 < logits_to_keep < input_ids.shape[1]
-        if drops_rows and self._keeps_logits:
-            # logits_to_keep is an overridable initializer, which ONNX Runtime's io binding cannot bind: a
-            # prompt whose logits are cut goes through run() (its past, if any, is copied; usually it is empty)
-            feed["logits_to_keep"] = np.array(logits_to_keep, np.int64)
-            feed.update({s["input"]: c for s, c in zip(self.state, cache, strict=True)})
-            logits, *present = self.session.run(self._output_names, feed)
-        elif any(self._shared):
-            logits, present = self._run_in_place(feed, cache, total=attention_mask.shape[1])
-        else:
+        cuts_in_graph = drops_rows and self._keeps_logits
+        if any(self._shared) and not cuts_in_graph:
+            logits, present = self._run_in_place(feed, cache, total)
+        else:  # logits_to_keep is an overridable initializer, which io binding cannot feed: a prompt whose
+            # logits are cut goes through run() (its past, if any, is copied; usually it is empty)
+            if cuts_in_graph:
+                feed["logits_to_keep"] = np.array(logits_to_keep, np.int64)
             feed.update({s["input"]: c for s, c in zip(self.state, cache, strict=True)})
             logits, *present = self.session.run(self._output_names, feed)
         # (an artifact built without the input computes every position: cut here)

@@ -15,6 +15,7 @@ pass's measure (MEASURES), so that this process's torch heap is not added to ONN
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import tempfile
@@ -129,15 +130,27 @@ def paired_logits(
     to an unlinked file in `spill_dir` (None: the system's temporary folder); then it is dropped, and only
     then is the artifact opened and run. Given as factories, neither is held beyond its own phase here.
     """
+    with _reference_spilled(reference, cfg, decode_steps, spill_dir) as (passes, spill_fd):
+        if callable(artifact):  # opened only now that the reference's weights are freed
+            artifact = artifact()
+        for p, ref, art in artifact_pairs(artifact, passes, spill_fd):
+            yield p.case, p.lengths, p.phase, ref, art
+
+
+@contextlib.contextmanager
+def _reference_spilled(
+    reference: Opened, cfg: GemmaConfig, decode_steps: int, spill_dir: Path | None
+) -> Iterator[tuple[list[Pass], int]]:
+    """(the passes, the descriptor of the unlinked file holding their reference logits in order), the reference
+    run and, when given as a factory, dropped: its weights (the memory-mapped checkpoint) and heap freed."""
+    from gemma_export import memory
+
     with tempfile.TemporaryFile(dir=spill_dir) as spill:
         passes = _run_reference(reference() if callable(reference) else reference, cfg, decode_steps, spill)
-        spill.flush()  # read back by descriptor
-        del reference  # with a factory, the reference's weights (memory-mapped checkpoint) are freed here ...
-        gc.collect()
-        if callable(artifact):  # ... before the artifact maps its own copy
-            artifact = artifact()
-        for p, ref, art in artifact_pairs(artifact, passes, spill.fileno()):
-            yield p.case, p.lengths, p.phase, ref, art
+        spill.flush()  # read back by descriptor, here or in a child
+        del reference
+        memory.release_heap()
+        yield passes, spill.fileno()
 
 
 def artifact_pairs(
@@ -198,14 +211,10 @@ def paired_measures(
         for name, lengths, phase, ref, art in pairs:
             yield name, lengths, phase, MEASURES[measure](ref, art)
         return
-    from gemma_export import memory, verify_worker
+    from gemma_export import verify_worker
 
-    with tempfile.TemporaryFile(dir=spill_dir) as spill:
-        passes = _run_reference(reference() if callable(reference) else reference, cfg, decode_steps, spill)
-        spill.flush()  # read by the child, by descriptor
-        del reference
-        memory.release_heap()  # the reference's weights unmapped, its heap handed back, before the child starts
-        values = verify_worker.run_in_child(artifact, passes, spill.fileno(), measure)
+    with _reference_spilled(reference, cfg, decode_steps, spill_dir) as (passes, spill_fd):
+        values = verify_worker.run_in_child(artifact, passes, spill_fd, measure)
     for p, value in zip(passes, values, strict=True):
         yield p.case, p.lengths, p.phase, value
 
