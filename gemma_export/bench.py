@@ -11,6 +11,9 @@ busy moment of the machine does not fall on one system only), the median reporte
     onnxruntime-genai   its model builder's model of the same checkpoint (`genai_builder`), at our precision
                         (fp32; int4/int8 with our block size when the artifact is quantized), run by its
                         Generator API
+    llama.cpp           llama-bench on each GGUF file given (--gguf; `gemma_export.llamacpp`, which builds
+                        its tools once), the precision column its type (Q4_K_M, F32, ...); batch 1 only.
+                        llama-bench picks no tokens: no same_tokens check (None)
 
 Row keys (JSON):
 
@@ -19,8 +22,9 @@ Row keys (JSON):
     prefill_tok_s     batch * prompt_tokens / first_token_s
     decode_tok_s      batch * (new_tokens - 1) / median time of the remaining new_tokens - 1 steps
     peak_rss_bytes    the worker's peak resident memory (VmHWM; the largest of its runs)
-    state_bytes       the carried decode state after the last token (None: not observable, genai)
-    same_tokens       how many leading generated tokens (first row) equal ours: a check, not a speed
+    state_bytes       the carried decode state after the last token (None: not observable, genai, llama.cpp)
+    same_tokens       how many leading generated tokens (first row) equal ours: a check, not a speed (None:
+                      a system that picks no tokens, llama.cpp)
     prefill_ratio, decode_ratio   ours / this system (1.0 on our row)
     samples           each run's first_token_s and decode_tok_s
     error             instead of the numbers, when that system failed
@@ -55,6 +59,7 @@ import numpy as np
 
 from gemma_export.bench_workers import BUILD, GENAI
 from gemma_export.errors import BadInput, GemmaExportError
+from gemma_export.llamacpp import NAME as LLAMA_CPP
 
 MIN_CELL_SECONDS = 2.0  # embedding cells: timed calls run at least this long (after one warm-up call) ...
 MAX_REPETITIONS = 50  # ... but stop after this many calls
@@ -63,8 +68,9 @@ OURS = "gemma-export"
 # --systems names -> systems. "transformers" is the PyTorch original of either kind (sentence-transformers
 # for an embedding model).
 SYSTEM_NAMES = {"transformers": "transformers", "genai": GENAI, GENAI: GENAI,
-                "sentence-transformers": "transformers"}  # fmt: skip
-OTHER_SYSTEMS = ("transformers", GENAI)
+                "sentence-transformers": "transformers", LLAMA_CPP: LLAMA_CPP}  # fmt: skip
+# The default (no --systems): every one available; llama.cpp when --gguf names its model.
+OTHER_SYSTEMS = ("transformers", GENAI, LLAMA_CPP)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -97,12 +103,26 @@ def parse_systems(text: str | None, compare: bool) -> list[str] | None:
     systems: list[str] = []
     for name in (t.strip() for t in text.split(",") if t.strip()):
         if name not in SYSTEM_NAMES:
-            raise BadInput(f"--systems: unknown system {name!r}; choose from: transformers, genai")
+            raise BadInput(f"--systems: unknown system {name!r}; choose from: transformers, genai, {LLAMA_CPP}")
         if SYSTEM_NAMES[name] not in systems:
             systems.append(SYSTEM_NAMES[name])
     if not systems:
         raise BadInput("--systems must name at least one system (or use --no-compare)")
     return systems
+
+
+def parse_ggufs(values: list[str] | None, systems: list[str] | None) -> list[Path]:
+    """--gguf (repeatable, each comma-separated): llama.cpp's model files, which must exist and be GGUF."""
+    from gemma_export import llamacpp
+
+    paths = [Path(t.strip()) for v in values or [] for t in v.split(",") if t.strip()]
+    if paths and systems is not None and LLAMA_CPP not in systems:
+        raise BadInput(f"--gguf gives {LLAMA_CPP}'s model: add {LLAMA_CPP} to --systems")
+    for path in paths:
+        if not path.is_file():
+            raise BadInput(f"--gguf {path}: no such file")
+        llamacpp.gguf_file_type(path)  # a one-line error when it is not GGUF
+    return paths
 
 
 def is_embedding_artifact(artifact: Path) -> bool:
@@ -233,13 +253,22 @@ def genai_installed() -> bool:
 
 def other_systems(
     manifest: dict[str, Any], checkpoint: Path | None, requested: list[str] | None, workdir: Path, timeout: float,
-    stages,
+    stages, ggufs: list[Path] | None = None,
 ) -> tuple[dict[str, tuple[Path, str]], list[str]]:  # fmt: skip
-    """{system: (what its worker loads, precision)} for the systems that can run, and a note per skipped one."""
+    """{target: (what its worker loads, precision)} for the systems that can run, and a note per skipped one.
+
+    A target is a system's name, or for llama.cpp "llama.cpp" then " #i" past the first GGUF file (one target
+    per file; `system_of` gives the system back).
+    """
     ready: dict[str, tuple[Path, str]] = {}
     notes: list[str] = []
     for system in list(OTHER_SYSTEMS) if requested is None else requested:
-        if checkpoint is None:
+        if system == LLAMA_CPP:
+            if ggufs or requested is not None:  # by default, only when --gguf names its model
+                targets, note = llamacpp_targets(ggufs or [], timeout, stages)
+                ready.update(targets)
+                notes.append(f"{LLAMA_CPP}: {note}")
+        elif checkpoint is None:
             notes.append(f"{system}: skipped: no checkpoint (give --checkpoint CHECKPOINT_DIR, or use --random)")
         elif system == "transformers":
             ready[system] = (checkpoint, "fp32")
@@ -254,6 +283,29 @@ def other_systems(
 
 class Skipped(Exception):
     """A system that cannot run here; the message says why."""
+
+
+def system_of(target: str) -> str:
+    return LLAMA_CPP if target.startswith(LLAMA_CPP) else target
+
+
+def llamacpp_targets(ggufs: list[Path], timeout: float, stages) -> tuple[dict[str, tuple[Path, str]], str]:
+    """llama.cpp's targets, one per GGUF file (its tools built first when missing), and the note about them."""
+    from gemma_export import llamacpp
+
+    if not ggufs:
+        return {}, "skipped: no GGUF file (give --gguf FILE)"
+    try:
+        if llamacpp.missing_tools(llamacpp.tools_dir()):
+            with stages.stage(f"{LLAMA_CPP} tools (built once, into {llamacpp.tools_dir().parent})") as record:
+                llamacpp.ensure_tools(record.report, timeout)
+    except llamacpp.ToolsUnavailable as e:
+        return {}, f"skipped: {e}"
+    targets = {}
+    for i, gguf in enumerate(ggufs):
+        targets[LLAMA_CPP + (f" #{i + 1}" if i else "")] = (gguf, llamacpp.gguf_file_type(gguf) or "GGUF")
+    return targets, ("llama-bench on random ids, batch 1, no warm-up: prompt alone (-p P -n 0), then N - 1 "
+                     "tokens at depth P (-p 0 -n N-1 -d P); it picks no tokens, so same_tokens is None")  # fmt: skip
 
 
 def genai_target(
@@ -332,11 +384,27 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
         for metric, ratio in (("prefill_tok_s", "prefill_ratio"), ("decode_tok_s", "decode_ratio")):
             if row.get(metric) and ours.get(metric):
                 row[ratio] = _sig(ours[metric] / row[metric])
-        if "tokens" in row and "tokens" in ours:
+        if row.get("tokens") is None and "error" not in row:
+            row["same_tokens"] = None  # a system that picks no tokens (llama.cpp): nothing to compare
+        elif "tokens" in row and "tokens" in ours:
             row["same_tokens"] = next((i for i, (a, b) in enumerate(zip(row["tokens"], ours["tokens"], strict=True))
                                        if a != b), len(ours["tokens"]))  # fmt: skip
     for row in rows:
         row.pop("tokens", None)
+
+
+def measure_llamacpp(gguf: Path, cell: dict[str, Any], threads: int, timeout: float) -> dict[str, Any]:
+    """One run of llama.cpp on one cell (two llama-bench processes, `llamacpp.bench`), as a worker's result."""
+    from gemma_export import llamacpp
+
+    if cell["batch"] != 1:
+        return {"system": LLAMA_CPP, **cell, "error": "llama-bench runs one sequence: batch 1 only"}
+    try:
+        result = llamacpp.bench(gguf, cell["prompt_tokens"], cell["new_tokens"], threads, timeout=timeout)
+    except GemmaExportError as e:
+        return {"system": LLAMA_CPP, **cell, "error": str(e)}
+    return {"system": LLAMA_CPP, **cell, "prefill_s": result["prefill_s"], "decode_s": result["decode_s"],
+            "peak_rss_bytes": result["peak_rss_bytes"], "state_bytes": None, "tokens": None}  # fmt: skip
 
 
 def run_bench(
@@ -352,13 +420,14 @@ def run_bench(
     timeout: float,
     workdir: Path,
     stages,
+    ggufs: list[Path] | None = None,
 ) -> dict[str, Any]:
     from gemma_export import package
 
     manifest = package.read_manifest(artifact)
     cfg = manifest["model"]["config"]
     cells = decoder_cells(batch_sizes, prompt_tokens, new_tokens, manifest["build"]["max_length"])
-    others, notes = other_systems(manifest, checkpoint, systems, workdir, timeout, stages)
+    others, notes = other_systems(manifest, checkpoint, systems, workdir, timeout, stages, ggufs)
     targets = {OURS: (artifact, precision_label(manifest)), **others}
     eos = ",".join(map(str, cfg.get("eos_token_ids", [])))
     rows = []
@@ -373,8 +442,11 @@ def run_bench(
                     continue  # a system that failed once is not retried in this cell
                 what = f"batch {cell['batch']}, prompt {cell['prompt_tokens']}, {cell['new_tokens']} new tokens"
                 with stages.stage(f"{system}, {what}, run {r + 1}/{repeat}"):
-                    runs[system].append(_spawn(system, path, args, cell, timeout))
-        rows += [summarise(system, precision, cell, runs[system]) for system, (_, precision) in targets.items()]
+                    if system_of(system) == LLAMA_CPP:
+                        runs[system].append(measure_llamacpp(path, cell, threads, timeout))
+                    else:
+                        runs[system].append(_spawn(system, path, args, cell, timeout))
+        rows += [summarise(system_of(t), precision, cell, runs[t]) for t, (_, precision) in targets.items()]
     add_ratios(rows)
     return {
         "task": "generation",
@@ -383,7 +455,7 @@ def run_bench(
         "precision": precision_label(manifest),
         "threads": threads or os.cpu_count(),
         "repeat": repeat,
-        "systems": list(targets),
+        "systems": list(dict.fromkeys(map(system_of, targets))),
         "rows": rows,
         "notes": notes,
     }
@@ -415,6 +487,7 @@ def run_embedding_bench(
     systems: list[str] | None,
     timeout: float,
     stages,
+    ggufs: list[Path] | None = None,
 ) -> dict[str, Any]:
     """Sentences/s of an embedding artifact, per (batch, length) cell, beside sentence-transformers on `folder`."""
     from gemma_export import package
@@ -431,6 +504,8 @@ def run_embedding_bench(
         notes.append("sentence-transformers: skipped: no folder (give --checkpoint FOLDER, or use --random)")
     if systems is not None and GENAI in systems:
         notes.append(f"{GENAI}: skipped: it has no embedding models")
+    if (LLAMA_CPP in systems) if systems is not None else bool(ggufs):
+        notes.append(f"{LLAMA_CPP}: skipped: gemma-export bench runs it on decoders only")
     compare = compare and folder is not None
     rows = []
     for length in seq_lengths:
@@ -498,8 +573,13 @@ def decoder_table(result: dict[str, Any]):
         table.add_row(*cell, f"{r['prefill_tok_s']:g}", f"{r['first_token_s']:.4g}", f"{r['decode_tok_s']:g}",
                       str(r.get("prefill_ratio", "-")), str(r.get("decode_ratio", "-")),
                       human_bytes(r["peak_rss_bytes"]), human_bytes(r["state_bytes"]),
-                      f"{r.get('same_tokens', '-')}/{r['new_tokens']}")  # fmt: skip
+                      same_tokens_cell(r))  # fmt: skip
     return table
+
+
+def same_tokens_cell(row: dict[str, Any]) -> str:
+    same = row.get("same_tokens", "-")
+    return "-" if same is None else f"{same}/{row['new_tokens']}"
 
 
 def build_lines(build: dict[str, Any] | None) -> list[str]:

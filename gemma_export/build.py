@@ -16,6 +16,7 @@ from typing import Any
 from gemma_export import load, logits_to_keep, lower, memory, optimize, package, quantize, recipes, trace, verify
 from gemma_export.config import load_config
 from gemma_export.errors import BadInput, ParityError
+from gemma_export.gguf_checkpoint import manifest_source
 from gemma_export.models.embedding import is_sentence_transformers_folder
 from gemma_export.models.gemma import CACHE_LAYOUTS
 from gemma_export.progress import Stages
@@ -29,7 +30,7 @@ PRECISIONS = ("fp32",)
 class BuildOptions:
     target: str = "ort-cpu"
     precision: str = "fp32"
-    tolerance: float | None = None  # None: the model kind's default (logits 1e-4, embeddings 1e-5)
+    tolerance: float | None = None  # None: the model kind's default (verify.DEFAULT_TOLERANCE, EMBEDDING_TOLERANCE)
     force: bool = False
     dim: int | None = None  # embedding models: Matryoshka truncation
     allow_pickle: bool = False  # read pickled weights, with torch.load(weights_only=True) only
@@ -189,10 +190,16 @@ def load_decoder(checkpoint_dir: Path, options: BuildOptions) -> Loaded:
     cfg, model = load.load_model(checkpoint_dir, allow_pickle=options.allow_pickle)
     if options.cache_layout is not None:
         model.use_cache_layout(options.cache_layout)
+    source = manifest_source(checkpoint_dir)  # a GGUF's file, sha256 and tensor types; {} for a folder
     return Loaded(
         cfg=cfg,
         model=model,
-        model_info={"type": cfg.model_type, "source_model_type": cfg.source_model_type, "config": cfg.to_json()},
+        model_info={
+            "type": cfg.model_type,
+            "source_model_type": cfg.source_model_type,
+            "config": cfg.to_json(),
+            **source,
+        },
         export=trace.export_decoder,
         # no closure over `model`: it would keep the weights alive through the artifact's half of verify
         # the artifact in a child process that never imports torch (verify.ArtifactInChild)

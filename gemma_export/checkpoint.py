@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
+from gemma_export import gguf_checkpoint
 from gemma_export.errors import BadInput
 
 SINGLE_FILE = "model.safetensors"
@@ -53,7 +54,12 @@ def read_tensors(checkpoint_dir: Path, *, allow_pickle: bool = False) -> dict[st
 
     `model.safetensors.index.json` wins over `model.safetensors` when both exist, as in transformers, and
     safetensors wins over pickled weights. Tensors are returned in the dtype stored on disk; the caller casts.
+    A GGUF file (or a folder's one GGUF) gives float32 tensors under Hugging Face names, each dequantized when
+    looked up (gguf_checkpoint.GgufTensors, a read-only mapping).
     """
+    gguf = gguf_checkpoint.find_gguf(checkpoint_dir)
+    if gguf is not None:
+        return gguf_checkpoint.read_tensors(gguf)  # a read-only Mapping, used like the dict
     root = Path(checkpoint_dir)
     if not root.is_dir():
         raise BadInput(f"{root}: checkpoint directory does not exist")

@@ -45,7 +45,11 @@ def _emit(result: dict[str, Any], as_json: bool, text: str) -> None:
 @app.command()
 def build(
     checkpoint: Annotated[
-        Path | None, typer.Argument(help="Hugging Face-format checkpoint folder (or --recipe NAME --random).")
+        Path | None,
+        typer.Argument(
+            help="Hugging Face-format checkpoint folder, a llama.cpp GGUF file (or a folder holding one), or "
+            "--recipe NAME --random."
+        ),
     ] = None,
     out: Annotated[Path | None, typer.Option("-o", "--out", help="Artifact folder to create.")] = None,
     recipe: Annotated[
@@ -67,13 +71,20 @@ def build(
     precision: Annotated[str | None, typer.Option(help="Weights and activations: fp32.")] = None,
     tolerance: Annotated[
         float | None,
-        typer.Option(help="Parity gate vs the reference: max abs logit (default 1e-4) or embedding (1e-5) error."),
+        typer.Option(
+            help="Parity gate vs the reference: max abs logit error relative to the logit scale (default 2e-5) or "
+            "max abs embedding error (1e-5)."
+        ),
     ] = None,
     dim: Annotated[
         int | None, typer.Option(help="Embedding models: output dimension (Matryoshka: 768, 512, 256, 128).")
     ] = None,
     quant: Annotated[
-        str | None, typer.Option(help="Weight-only quantization (MatMulNBits): none, int8 or int4. Default: none.")
+        str | None,
+        typer.Option(
+            help="Weight-only quantization (MatMulNBits): none, int8, int4 (int4 projections, int8 embedding) or "
+            "int4-plain (int4 everywhere). Default: none."
+        ),
     ] = None,
     block_size: Annotated[
         int | None, typer.Option(help="With --quant: input features per scale, a power of two >= 16 (default 32).")
@@ -325,7 +336,18 @@ def bench(
     compare: Annotated[bool, typer.Option(help="Also run the other systems (see --systems) in the same run.")] = True,
     systems: Annotated[
         str | None,
-        typer.Option(help="Other systems, comma-separated: transformers, genai (default: every one available)."),
+        typer.Option(
+            help="Other systems, comma-separated: transformers, genai, llama.cpp (default: every one available; "
+            "llama.cpp when --gguf is given)."
+        ),
+    ] = None,
+    gguf: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--gguf",
+            help="llama.cpp's model: a GGUF file (repeatable or comma-separated, e.g. Q4_K_M and its F32 "
+            "conversion); a row per file.",
+        ),
     ] = None,
     timeout: Annotated[float, typer.Option(help="Seconds allowed per measurement.")] = 3600.0,
     workdir: Annotated[
@@ -338,8 +360,8 @@ def bench(
     as_json: JsonFlag = False,
 ) -> None:
     """Speed and memory of an artifact beside the alternatives in the same run: decoders against transformers
-    eager and onnxruntime-genai's own build of the checkpoint (prefill, first token, decode tokens/s, peak
-    RSS), embedding artifacts (sentences/s) against sentence-transformers."""
+    eager, onnxruntime-genai's own build of the checkpoint and llama.cpp on GGUF files (prefill, first token,
+    decode tokens/s, peak RSS), embedding artifacts (sentences/s) against sentence-transformers."""
     from gemma_export import bench as bench_mod
     from gemma_export.generation import check_threads
     from gemma_export.progress import Stages
@@ -350,6 +372,7 @@ def bench(
     if batch_sizes is not None:
         bench_mod.parse_sizes(batch_sizes, "--batch-sizes")
     others = bench_mod.parse_systems(systems, compare)
+    ggufs = bench_mod.parse_ggufs(gguf, others)
     check_threads(threads)
     if quant is not None and random is None:
         raise BadInput("--quant applies to --random (an artifact's quantization is read from its manifest)")
@@ -363,12 +386,14 @@ def bench(
         raise BadInput("give an ARTIFACT folder or --random NAME")
     if bench_mod.is_embedding_artifact(artifact):
         sizes = bench_mod.parse_sizes(batch_sizes or "1,8,32", "--batch-sizes")
-        result = bench_mod.run_embedding_bench(artifact, checkpoint, sizes, lengths, threads, others, timeout, stages)
+        result = bench_mod.run_embedding_bench(
+            artifact, checkpoint, sizes, lengths, threads, others, timeout, stages, ggufs=ggufs
+        )
     else:
         result = bench_mod.run_bench(
             artifact, checkpoint, batch_sizes=bench_mod.parse_sizes(batch_sizes or "1", "--batch-sizes"),
             prompt_tokens=prompts, new_tokens=counts, threads=threads, systems=others, repeat=repeat,
-            timeout=timeout, workdir=workdir, stages=stages,
+            timeout=timeout, workdir=workdir, stages=stages, ggufs=ggufs,
         )  # fmt: skip
     if build_info is not None:
         result["build"] = build_info

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from gemma_export import gguf_checkpoint
 from gemma_export.errors import BadInput
 
 SLIDING = "sliding_attention"
@@ -285,7 +286,10 @@ def read_json(path: Path) -> Any:
 
 
 def load_config(checkpoint_dir: Path) -> GemmaConfig | GriffinConfig:
-    """Read and validate `checkpoint_dir/config.json`."""
+    """Read and validate `checkpoint_dir/config.json`, or the metadata of a GGUF file (or of a folder's one GGUF)."""
+    gguf = gguf_checkpoint.find_gguf(checkpoint_dir)
+    if gguf is not None:
+        return parse_config(gguf_checkpoint.read_config(gguf), source=str(gguf))
     path = Path(checkpoint_dir) / "config.json"
     if not Path(checkpoint_dir).is_dir():
         raise BadInput(f"{checkpoint_dir}: checkpoint directory does not exist")

@@ -24,7 +24,7 @@ from typing import Any
 import onnx
 import onnx_ir as ir
 
-from gemma_export import __version__, memory
+from gemma_export import __version__, gguf_checkpoint, memory
 from gemma_export.config import GemmaConfig, GriffinConfig, read_json
 from gemma_export.errors import BadInput
 
@@ -204,6 +204,11 @@ def graph_proto(folder: Path) -> onnx.ModelProto:
 
 
 def copy_tokenizer(checkpoint_dir: Path, folder: Path) -> list[str]:
+    """The checkpoint's tokenizer files copied into the artifact; for a GGUF, tokenizer.json (and
+    tokenizer_config.json) built from the vocabulary it carries. Returns the names written."""
+    gguf = gguf_checkpoint.find_gguf(checkpoint_dir)
+    if gguf is not None:
+        return gguf_checkpoint.write_tokenizer(gguf, folder)
     copied = []
     for name in TOKENIZER_FILES:
         src = Path(checkpoint_dir) / name

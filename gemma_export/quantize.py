@@ -39,35 +39,91 @@ from onnx import helper, numpy_helper
 
 from gemma_export import memory
 
-QUANTS = ("none", "int8", "int4")
+QUANTS = ("none", "int8", "int4", "int4-plain")
 MS_DOMAIN = "com.microsoft"
 
 
 @dataclass(frozen=True)
-class QuantSpec:
-    bits: int
+class Width:
+    """How one weight is stored by MatMulNBits."""
+
+    bits: int  # 4 or 8
     block_size: int  # input features per scale; a power of two >= 16 (MatMulNBits' constraint)
     symmetric: bool  # False: a zero point per block (1/64 more bytes at int4, block 32)
+
+    def with_block(self, block_size: int | None) -> Width:
+        return self if block_size is None else Width(self.bits, block_size, self.symmetric)
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """Which width each weight gets. Projections are named by their module (`layers.3.mlp.down_proj`, as the
+    trace stage names their MatMul nodes); `wider` lists the roles (`down_proj`) stored at `wide` instead."""
+
+    projections: Width
+    embedding: Width  # the tied embedding: the LM head and the lookup, one copy
     accuracy_level: int  # MatMulNBits: 0 = float32 activations, 4 = int8 activations (the fast CPU path)
+    wider: tuple[str, ...] = ()
+    wide: Width | None = None
+
+    def width_of(self, node_name: str) -> Width:
+        role = node_name.rsplit(".", 1)[-1]
+        return self.wide if self.wide is not None and role in self.wider else self.projections
+
+    @property
+    def bits(self) -> int:  # the projections' (the manifest's summary; `widths` has the rest)
+        return self.projections.bits
+
+    @property
+    def block_size(self) -> int:
+        return self.projections.block_size
+
+    def with_block(self, block_size: int | None) -> QuantSpec:
+        wide = self.wide.with_block(block_size) if self.wide else None
+        return QuantSpec(self.projections.with_block(block_size), self.embedding.with_block(block_size),
+                         self.accuracy_level, self.wider, wide)  # fmt: skip
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return {
+            "bits": self.bits,
+            "block_size": self.block_size,
+            "symmetric": self.projections.symmetric,
+            "accuracy_level": self.accuracy_level,
+            "widths": {
+                "projections": asdict(self.projections),
+                **({role: asdict(self.wide) for role in self.wider} if self.wide else {}),
+                "embedding": asdict(self.embedding),
+            },
+        }
 
+
+INT4_B32 = Width(bits=4, block_size=32, symmetric=False)
+INT8_B32 = Width(bits=8, block_size=32, symmetric=False)
+INT8_B128 = Width(bits=8, block_size=128, symmetric=False)
 
 # Defaults per --quant. Block 32 and int8 activations are what onnxruntime-genai's CPU int4 builds use; without
-# int8 activations, 8-bit weights decoded >20x slower (Gemma-3-270M shape, 2 threads). Asymmetric: lower KL to
-# the fp32 reference than symmetric on most models measured (int4 prefill, tiny gemma3_text 0.057 vs 0.062,
-# recurrent_gemma 0.036 vs 0.047), at no measurable decode cost; blocks of 64 or 128 decoded no faster
-# (within the noise) and block 128 gave higher KL (0.073 vs 0.057).
+# int8 activations, 8-bit weights decoded >20x slower (Gemma-3-270M shape, 2 threads). Asymmetric int4: lower KL
+# to the fp32 reference than symmetric on most models measured, at no measurable decode cost.
+#
+# `int4` is a mix, as llama.cpp's k-quants are, chosen on the real Gemma-3-270M (README "Real checkpoints"),
+# measured as perplexity on GPL-2's text, not the text the tests hold out (fp32 13.58): int4 everywhere 19.22
+# (+42%); the embedding alone at int4 costs +7%, at int8 (block 128: 1.04 bytes a weight) nothing measurable
+# (13.57). Each projection role alone at int4: up +8.5%, down +6.9%, gate +4.9%, v +2.7%, q +2.1%, k +1.9%,
+# o 0%. Within the bytes of llama.cpp's Q4_K_M file of the same model (241 MiB), the int8 embedding leaves room
+# for ~36M of the 100M projection weights at int8: up, k and v (ROLES_KEPT_AT_INT8), 15.67 (+15%).
+# `int4-plain` is int4 everywhere (the smallest and fastest).
+ROLES_KEPT_AT_INT8 = ("up_proj", "k_proj", "v_proj")
 DEFAULTS: dict[str, QuantSpec] = {
-    "int8": QuantSpec(bits=8, block_size=32, symmetric=False, accuracy_level=4),
-    "int4": QuantSpec(bits=4, block_size=32, symmetric=False, accuracy_level=4),
+    "int8": QuantSpec(projections=INT8_B32, embedding=INT8_B32, accuracy_level=4),
+    "int4": QuantSpec(
+        projections=INT4_B32, embedding=INT8_B128, accuracy_level=4, wider=ROLES_KEPT_AT_INT8, wide=INT8_B128
+    ),
+    "int4-plain": QuantSpec(projections=INT4_B32, embedding=INT4_B32, accuracy_level=4),
 }
 
 
 def spec_for(quant: str, block_size: int | None = None) -> QuantSpec:
-    base = DEFAULTS[quant]
-    return base if block_size is None else QuantSpec(base.bits, block_size, base.symmetric, base.accuracy_level)
+    return DEFAULTS[quant].with_block(block_size)
 
 
 def is_valid_block_size(block_size: int) -> bool:
@@ -81,19 +137,26 @@ def quantize(model: ir.Model, spec: QuantSpec) -> tuple[ir.Model, dict[str, Any]
     proto = ir.to_proto(model)
     # the proto holds a copy now: the checkpoint's pages it was read from need not stay resident (memory.py)
     memory.drop_resident(getattr(v.const_value, "raw", None) for v in model.graph.initializers.values())
-    matmuls = sum(1 for n in proto.graph.node if n.op_type == "MatMul" and n.domain in ("", "ai.onnx"))
-    quantizer = _ort_quantizer().MatMulNBitsQuantizer(
-        proto,
-        bits=spec.bits,
-        block_size=spec.block_size,
-        is_symmetric=spec.symmetric,
-        accuracy_level=spec.accuracy_level,
-        op_types_to_quantize=("MatMul",),
-    )
-    quantizer.process()
-    proto = quantizer.model.model
+    inits = {t.name for t in proto.graph.initializer}
+    matmuls = [n.name for n in proto.graph.node
+               if n.op_type == "MatMul" and n.domain in ("", "ai.onnx") and n.input[1] in inits]  # fmt: skip
+    widths = sorted({spec.width_of(name) for name in matmuls}, key=lambda w: (w.bits, w.block_size, w.symmetric))
+    for width in widths:  # one pass of onnxruntime's quantizer per width, every other MatMul left alone
+        others = [name for name in matmuls if spec.width_of(name) != width]
+        quantizer = _ort_quantizer().MatMulNBitsQuantizer(
+            proto,
+            bits=width.bits,
+            block_size=width.block_size,
+            is_symmetric=width.symmetric,
+            accuracy_level=spec.accuracy_level,
+            nodes_to_exclude=others,
+            op_types_to_quantize=("MatMul",),
+        )
+        quantizer.process()
+        proto = quantizer.model.model
     quantized_matmuls = sum(1 for n in proto.graph.node if n.op_type == "MatMulNBits")
-    tied = quantize_tied_embedding(proto, spec)
+    matmuls_total = sum(1 for n in proto.graph.node if n.op_type in ("MatMul", "MatMulNBits"))
+    tied = quantize_tied_embedding(proto, spec.embedding, spec.accuracy_level)
     out = ir.from_proto(proto)
     after = _initializer_bytes(out.graph)
     record = {
@@ -101,7 +164,7 @@ def quantize(model: ir.Model, spec: QuantSpec) -> tuple[ir.Model, dict[str, Any]
         **spec.to_json(),
         "quantized": {
             "matmul": quantized_matmuls,
-            "matmul_kept_float": matmuls - quantized_matmuls,  # a MatMul whose weight is not a constant
+            "matmul_kept_float": matmuls_total - quantized_matmuls,  # a MatMul whose weight is not a constant
             "lm_head": "MatMulNBits on the tied embedding" if tied else "float32 (no tied Gemm head found)",
             "embedding": "GatherBlockQuantized on the LM head's quantized weight" if tied else "float32",
         },
@@ -111,7 +174,7 @@ def quantize(model: ir.Model, spec: QuantSpec) -> tuple[ir.Model, dict[str, Any]
     return out, record
 
 
-def quantize_tied_embedding(proto: onnx.ModelProto, spec: QuantSpec) -> bool:
+def quantize_tied_embedding(proto: onnx.ModelProto, spec: Width, accuracy_level: int) -> bool:
     """Gemm(x, E, transB=1) -> MatMulNBits(x, Q(E)) and Gather(E, ids) -> GatherBlockQuantized(Q(E), ids).
 
     Returns whether a tied head was found. E stays float32 when the head is not the plain Gemm that
@@ -134,7 +197,7 @@ def quantize_tied_embedding(proto: onnx.ModelProto, spec: QuantSpec) -> bool:
     weight = numpy_helper.to_array(inits[name])  # [vocab, hidden]
     vocab, hidden = weight.shape
     config = ort_quantizer.DefaultWeightOnlyQuantConfig(
-        block_size=spec.block_size, is_symmetric=spec.symmetric, accuracy_level=spec.accuracy_level, bits=spec.bits
+        block_size=spec.block_size, is_symmetric=spec.symmetric, accuracy_level=accuracy_level, bits=spec.bits
     )
     # B = E^T is [K=hidden, N=vocab]; the kernel wants it C-contiguous (a transient copy, freed on return).
     kernel = ort_quantizer.DefaultWeightOnlyQuantizer(config)
@@ -149,8 +212,8 @@ def quantize_tied_embedding(proto: onnx.ModelProto, spec: QuantSpec) -> bool:
         quant_inputs.append(z_name)
 
     attrs: dict[str, Any] = {"K": hidden, "N": vocab, "bits": spec.bits, "block_size": spec.block_size}
-    if spec.accuracy_level:
-        attrs["accuracy_level"] = spec.accuracy_level
+    if accuracy_level:
+        attrs["accuracy_level"] = accuracy_level
     matmul = helper.make_node("MatMulNBits", [head.input[0], *quant_inputs], list(head.output), head.name + "_nbits",
                               domain=MS_DOMAIN, **attrs)  # fmt: skip
     replacements = {id(head): [matmul]}

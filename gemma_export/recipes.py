@@ -86,7 +86,7 @@ class QuantGate(_Strict):
 
 
 class ParitySection(_Strict):
-    tolerance: Annotated[float, Field(gt=0)]  # fp32: max abs logit (decoders) or embedding component error
+    tolerance: Annotated[float, Field(gt=0)]  # fp32: logit error relative to the logit scale, or embedding error
     int8: QuantGate | None = None
     int4: QuantGate | None = None
 

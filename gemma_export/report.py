@@ -100,8 +100,8 @@ def run_demo(workdir: Path, prompt: str, max_new_tokens: int, as_json: bool = Fa
     console.print(table)
     parity = manifest["parity"]
     console.print(
-        f"parity vs PyTorch reference (max abs logit error): prefill {parity['prefill']:.2e}, "
-        f"decode {parity['decode']:.2e} (gate {parity['tolerance']:g}) on prompts of "
+        f"parity vs PyTorch reference (max abs logit error / logit scale {parity['logit_scale']:.3g}): prefill "
+        f"{parity['prefill']:.2e}, decode {parity['decode']:.2e} (gate {parity['tolerance']:g}) on prompts of "
         f"{sorted({n for c in parity['cases'] for n in c['prompt_lengths']})} tokens"
     )
     console.print(

@@ -17,6 +17,7 @@ windows are attributes of the ops, never traced constants.
 
 from __future__ import annotations
 
+import ast
 import logging
 import warnings
 
@@ -80,6 +81,7 @@ def export_decoder(model: nn.Module) -> ir.Model:
     # The IR model references the torch weights; a ModelProto would copy every one (a second 10 GB at 2B).
     graph = program.model
     _name_output_dims(graph, specs)
+    name_projections(graph)
     return graph
 
 
@@ -110,6 +112,19 @@ def export_encoder(model: nn.Module) -> ir.Model:
             dims[axis] = ir.SymbolicDim(name)
         out.shape = ir.Shape(dims)
     return graph
+
+
+def name_projections(model: ir.Model) -> None:
+    """Name each projection's MatMul after its module (`layers.3.self_attn.v_proj`), from the exporter's
+    name-scope metadata, which the optimizer drops later: the quantize stage chooses widths by role (k-quant
+    style, quantize.py), and an integrator reading the graph sees which weight each MatMul holds."""
+    for node in model.graph:
+        scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes")
+        hierarchy = node.metadata_props.get("pkg.torch.onnx.class_hierarchy", "")
+        if node.op_type != "MatMul" or not scopes or "torch.nn.modules.linear.Linear" not in hierarchy:
+            continue
+        module = ast.literal_eval(scopes)[-2]  # [..., "model.layers.0.self_attn.q_proj", "linear"]
+        node.name = module.removeprefix("model.")
 
 
 def _example_state(spec: StateSpec, batch: int, past: int) -> torch.Tensor:

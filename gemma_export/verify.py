@@ -29,7 +29,17 @@ import numpy as np
 from gemma_export.config import GemmaConfig
 from gemma_export.runtime import Decoder, OrtEncoder, TorchEncoder, left_pad, positions, prefill_slices
 
-DEFAULT_TOLERANCE = 1e-4  # max abs logit error, float32
+# The fp32 gate: max abs logit error relative to the reference's logit scale (its largest |logit| over every
+# compared position), plus top-1 agreement wherever the reference's choice is decisive. An absolute tolerance
+# is wrong both ways: real Gemma logits reach +-50, where float32 rounding alone is ~2e-4 (Gemma-3-270M:
+# 2.1e-4 absolute, 4e-6 relative, with greedy tokens and perplexity identical to transformers), while a tiny
+# random model's logits are ~0.5, where 1e-4 would hide a real bug. Measured relative errors of correct
+# artifacts: real Gemma-3-270M <= 5e-6; tiny random checkpoints ~1e-7. Real bugs measured (tests/test_gate.py):
+# >= 1e-2 on both (a swapped local/global layer, a dropped softcap, a norm without its +1).
+DEFAULT_TOLERANCE = 2e-5
+# ... and top-1 agreement: rounding can flip only near-ties (a flip needs the reference margin <= 2x the row's
+# error), which are rare among a real vocabulary's choices; a bug flips many.
+MIN_TOP1 = 0.99
 DECODE_STEPS = 6
 VERIFY_LOGITS_BUDGET_BYTES = 32 << 20  # float32 logits per forward pass (runtime.LOGITS_BUDGET_BYTES: 512 MiB)
 
@@ -37,43 +47,117 @@ Opened = Decoder | Callable[[], Decoder]  # a decoder, or a factory: called when
 
 
 @dataclass
+class Closeness:
+    """How close the artifact's logits are to the reference's over some positions (one pass, or several)."""
+
+    positions: int = 0
+    max_abs_error: float = 0.0
+    max_abs_reference: float = 0.0  # the logit scale: the reference's largest |logit|
+    top1_matches: int = 0
+    # The reference's margin (top-1 minus runner-up logit) at the most decisive position whose top-1 differs:
+    # a tie broken the other way by rounding has a margin near 0; a real bug flips clear choices.
+    max_flipped_margin: float = 0.0
+
+    @classmethod
+    def of(cls, ref: np.ndarray, art: np.ndarray) -> Closeness:
+        """Of [positions, vocab] logits, a few rows at a time (no full-size temporaries)."""
+        out = cls()
+        for i in range(0, len(ref), KL_ROWS):
+            r, a = ref[i : i + KL_ROWS], art[i : i + KL_ROWS]
+            top2 = np.partition(r, -2, axis=-1)[:, -2:]
+            flipped = r.argmax(-1) != a.argmax(-1)
+            margins = (top2[:, 1] - top2[:, 0])[flipped]
+            out.add(cls(len(r), float(np.abs(r - a).max()), float(np.abs(r).max()), int((~flipped).sum()),
+                        float(margins.max()) if len(margins) else 0.0))  # fmt: skip
+        return out
+
+    def add(self, other: Closeness) -> None:
+        self.positions += other.positions
+        self.top1_matches += other.top1_matches
+        for name in ("max_abs_error", "max_abs_reference", "max_flipped_margin"):
+            setattr(self, name, max(getattr(self, name), getattr(other, name)))
+
+
+@dataclass
 class Case:
+    """One sample prompt (or padded batch) of the fp32 gate: its lengths and each phase's closeness."""
+
     name: str
     prompt_lengths: list[int]
-    prefill_max_abs_error: float = 0.0
-    decode_max_abs_error: float = 0.0
+    phases: dict[str, Closeness] = field(default_factory=lambda: {"prefill": Closeness(), "decode": Closeness()})
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "prompt_lengths": self.prompt_lengths,
+                **{phase: _closeness_json(c) for phase, c in self.phases.items()}}  # fmt: skip
 
 
 @dataclass
 class ParityReport:
+    """The fp32 gate: in each phase, max abs logit error <= tolerance x the logit scale (DEFAULT_TOLERANCE), and
+    top-1 agreement >= MIN_TOP1."""
+
     tolerance: float
+    phases: dict[str, Closeness] = field(default_factory=lambda: {"prefill": Closeness(), "decode": Closeness()})
     cases: list[Case] = field(default_factory=list)
 
     @property
     def prefill_max_abs_error(self) -> float:
-        return max(c.prefill_max_abs_error for c in self.cases)
+        return self.phases["prefill"].max_abs_error
 
     @property
     def decode_max_abs_error(self) -> float:
-        return max(c.decode_max_abs_error for c in self.cases)
+        return self.phases["decode"].max_abs_error
+
+    @property
+    def logit_scale(self) -> float:
+        return max(c.max_abs_reference for c in self.phases.values())
+
+    def relative_error(self, phase: str) -> float:
+        return self.phases[phase].max_abs_error / self.logit_scale if self.logit_scale else 0.0
+
+    @property
+    def prefill_error(self) -> float:
+        return self.relative_error("prefill")
+
+    @property
+    def decode_error(self) -> float:
+        return self.relative_error("decode")
+
+    def top1(self, phase: str) -> float:
+        c = self.phases[phase]
+        return c.top1_matches / c.positions if c.positions else 1.0
 
     @property
     def passed(self) -> bool:
-        return max(self.prefill_max_abs_error, self.decode_max_abs_error) <= self.tolerance
+        close = max(self.prefill_error, self.decode_error) <= self.tolerance
+        return close and min(self.top1("prefill"), self.top1("decode")) >= MIN_TOP1
 
     def summary(self) -> str:
-        return (f"max abs logit error prefill {self.prefill_max_abs_error:.3g}, decode "
-                f"{self.decode_max_abs_error:.3g} (tolerance {self.tolerance:g})")  # fmt: skip
+        return (f"logit error relative to the logit scale {self.logit_scale:.3g}: prefill {self.prefill_error:.3g}, "
+                f"decode {self.decode_error:.3g} (max abs {self.phases['prefill'].max_abs_error:.3g} / "
+                f"{self.phases['decode'].max_abs_error:.3g}; tolerance {self.tolerance:g}); top-1 prefill "
+                f"{self.top1('prefill'):.4f}, decode {self.top1('decode'):.4f} (gate >= {MIN_TOP1:g})")  # fmt: skip
 
     def to_json(self) -> dict:
         return {
-            "metric": "max_abs_logit_error",
+            "metric": "relative_logit_error",
             "tolerance": self.tolerance,
-            "prefill": self.prefill_max_abs_error,
-            "decode": self.decode_max_abs_error,
+            "min_top1": MIN_TOP1,
+            "logit_scale": self.logit_scale,
+            "prefill": self.prefill_error,
+            "decode": self.decode_error,
+            **{
+                f"{phase}_{key}": value for phase, c in self.phases.items() for key, value in _closeness_json(c).items()
+            },
             "passed": self.passed,
-            "cases": [asdict(c) for c in self.cases],
+            "cases": [c.to_json() for c in self.cases],
         }
+
+
+def _closeness_json(c: Closeness) -> dict[str, Any]:
+    top1 = c.top1_matches / c.positions if c.positions else 1.0
+    return {"max_abs_error": c.max_abs_error, "top1": top1, "max_flipped_margin": c.max_flipped_margin,
+            "positions": c.positions}  # fmt: skip
 
 
 def sample_prompts(cfg: GemmaConfig, seed: int = 0) -> dict[str, list[list[int]]]:
@@ -178,7 +262,7 @@ def max_abs_error(ref: np.ndarray, art: np.ndarray) -> float:
 # What a build's verify stage measures per pass, in the ONNX Runtime process (verify_worker.py): the max abs
 # logit error (fp32 gate), or the agreement statistics (quantized builds' gate); JSON-able values.
 MEASURES: dict[str, Callable[[np.ndarray, np.ndarray], Any]] = {
-    "max_abs_error": max_abs_error,
+    "closeness": lambda ref, art: asdict(Closeness.of(ref, art)),
     "agreement": lambda ref, art: asdict(Agreement.of(ref, art)),
 }
 
@@ -259,31 +343,28 @@ def compare(
     *,
     spill_dir: Path | None = None,
 ) -> ParityReport:
-    """Max abs logit error per case and phase (paired_measures: the decoders, or factories of them, or the
-    artifact in a child process)."""
+    """Closeness per case and phase (paired_measures: the decoders, or factories of them, or the artifact in a
+    child process), gated relative to the logit scale (ParityReport)."""
     report = ParityReport(tolerance=tolerance)
-    for name, lengths, phase, err in paired_measures(reference, artifact, cfg, decode_steps, "max_abs_error",
-                                                     spill_dir=spill_dir):  # fmt: skip
+    for name, prompt_lengths, phase, stats in paired_measures(reference, artifact, cfg, decode_steps, "closeness",
+                                                              spill_dir=spill_dir):  # fmt: skip
         if not report.cases or report.cases[-1].name != name:
-            report.cases.append(Case(name=name, prompt_lengths=lengths))
-        case = report.cases[-1]
-        if phase == "prefill":
-            case.prefill_max_abs_error = max(case.prefill_max_abs_error, err)
-        else:
-            case.decode_max_abs_error = max(case.decode_max_abs_error, err)
+            report.cases.append(Case(name=name, prompt_lengths=prompt_lengths))
+        step = Closeness(**stats)
+        report.phases[phase].add(step)
+        report.cases[-1].phases[phase].add(step)
     return report
 
 
 # --- weight-quantized artifacts: agreement with the float32 reference, not equality ---------------------------
 
-# (min top-1, max mean KL) per quantization when neither a recipe nor the options set them. Measured with
-# the defaults (block 32, asymmetric, int8 activations) on random-weight checkpoints (std 1/sqrt(fan_in)):
-# tiny gemma3_text / gemma2 / recurrent_gemma and Gemma-3-270M-shaped; int8 KL <= 5.1e-4, top-1 >= 0.94;
-# int4 KL <= 0.073, top-1 >= 0.45 (random weights give close runner-up tokens: top-1 is a floor for
-# blatant breakage, KL is the gate). Broken quantizations of the tiny ones measured KL >= 0.086 (int8 scales
-# off by 25%), >= 0.2 (scales of the wrong rows), >= 0.3 (zero points dropped). Trained models have peakier
-# distributions (larger KL for the same weight error, higher top-1): set them per recipe.
-AGREEMENT_GATES = {"int8": (0.9, 0.01), "int4": (0.3, 0.15)}
+# (min top-1, max mean KL) per quantization when neither a recipe nor the options set them, measured on the real
+# Gemma-3-270M (tests/test_real_checkpoint.py) with the defaults, on the sample prompts (random token ids, where
+# a trained model's runner-up tokens are close): int8 top-1 0.88 / KL 0.0105 (prefill), int4 (the mix) 0.48 /
+# 0.56, int4-plain KL 0.99 (issue 11's measurement). Random-weight checkpoints measure far lower KL (int4 0.073)
+# and their broken quantizations KL >= 0.086 (int8 scales off by 25%), >= 0.2 (scales of the wrong rows), >= 0.3
+# (zero points dropped): tests on them pass their own, tighter gates, as a recipe would.
+AGREEMENT_GATES = {"int8": (0.8, 0.03), "int4": (0.3, 1.0), "int4-plain": (0.2, 2.0)}
 AGREEMENT_DECODE_STEPS = 16  # more decode positions than the fp32 gate: top-1 is a fraction of them
 KL_ROWS = 8  # positions per chunk of a comparison: a 262144-token vocabulary makes 1 MiB rows (2 MiB in float64)
 
@@ -461,5 +542,6 @@ def describe_parity(parity: dict) -> str:
                 f"{parity['decode']['top1']:.4f}; KL prefill {parity['prefill']['kl']:.2e}, decode "
                 f"{parity['decode']['kl']:.2e} (gate top-1 >= {parity['min_top1']:g}, "
                 f"KL <= {parity['max_kl']:g})")  # fmt: skip
-    return (f"prefill max |dlogit| {parity['prefill']:.2e}, decode {parity['decode']:.2e} "
-            f"(tolerance {parity['tolerance']:g})")  # fmt: skip
+    return (f"logit error relative to the scale {parity['logit_scale']:.3g}: prefill {parity['prefill']:.2e}, "
+            f"decode {parity['decode']:.2e} (tolerance {parity['tolerance']:g}); top-1 prefill "
+            f"{parity['prefill_top1']:.4f}, decode {parity['decode_top1']:.4f}")  # fmt: skip

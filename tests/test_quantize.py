@@ -17,7 +17,7 @@ import onnx_ir as ir
 import pytest
 from onnx import helper, numpy_helper
 
-from gemma_export import generation, load, package, quantize, random_checkpoint, trace, verify
+from gemma_export import generation, load, package, quantize, random_checkpoint, trace
 from gemma_export.build import BuildOptions, build
 from gemma_export.cli import main
 from gemma_export.config import GriffinConfig
@@ -27,6 +27,9 @@ from tests.genai_client import genai_greedy
 
 MODEL_TYPES = ("gemma3_text", "gemma2", "recurrent_gemma")
 QUANTS = ("int8", "int4")
+# Random-weight gates (min top-1, max KL): these checkpoints' good builds measure int8 KL <= 5.1e-4, int4 <= 0.073,
+# their broken ones >= 0.086; verify.AGREEMENT_GATES are set for real weights, whose KL is far larger.
+RANDOM_GATES = {"int8": (0.9, 0.01), "int4": (0.3, 0.15), "int4-plain": (0.3, 0.15)}
 # ort-cpu lowers attention to ONNX Runtime's kernels first; onnx keeps the ai.gemma ops (RecurrentGemma: both)
 TARGETS = {"gemma3_text": "ort-cpu", "gemma2": "ort-cpu", "recurrent_gemma": "onnx"}
 
@@ -75,7 +78,8 @@ def built(checkpoints, tmp_path_factory):
     def get(model_type: str, quant: str) -> Path:
         if (model_type, quant) not in cache:
             out = tmp_path_factory.mktemp("quant-artifacts") / f"{model_type}-{quant}"
-            options = BuildOptions(quant=quant, target=TARGETS[model_type])
+            min_top1, max_kl = RANDOM_GATES[quant]
+            options = BuildOptions(quant=quant, target=TARGETS[model_type], min_top1=min_top1, max_kl=max_kl)
             build(checkpoints[model_type], out, options, Stages(quiet=True))
             cache[model_type, quant] = out
         return cache[model_type, quant]
@@ -83,22 +87,27 @@ def built(checkpoints, tmp_path_factory):
     return get
 
 
-def linear_shapes(cfg) -> list[tuple[int, int]]:
-    """(in, out) features of every projection the quantizer must rewrite, from the config alone."""
+def linear_roles(cfg) -> list[tuple[str, int, int]]:
+    """(role, in, out features) of every projection the quantizer must rewrite, from the config alone."""
     h, d = cfg.hidden_size, cfg.head_dim
     q, kv = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
-    attention = [(h, q), (h, kv), (h, kv), (q, h)]
+    attention = [("q_proj", h, q), ("k_proj", h, kv), ("v_proj", h, kv), ("o_proj", q, h)]
     if isinstance(cfg, GriffinConfig):
         mlp, lru = cfg.intermediate_size // 2, cfg.lru_width
-        recurrent = [(h, lru), (h, lru), (lru, h)]
+        recurrent = [("linear_x", h, lru), ("linear_y", h, lru), ("linear_out", lru, h)]
         per_layer = [recurrent if kind == "recurrent" else attention for kind in cfg.block_types]
     else:
         mlp = cfg.intermediate_size
         per_layer = [attention] * cfg.num_hidden_layers
-    return [shape for layer in per_layer for shape in [*layer, (h, mlp), (h, mlp), (mlp, h)]]
+    ffn = [("gate_proj", h, mlp), ("up_proj", h, mlp), ("down_proj", mlp, h)]
+    return [linear for layer in per_layer for linear in [*layer, *ffn]]
 
 
-def packed_bytes(k: int, n: int, spec: quantize.QuantSpec) -> int:
+def linear_shapes(cfg) -> list[tuple[int, int]]:
+    return [(k, n) for _, k, n in linear_roles(cfg)]
+
+
+def packed_bytes(k: int, n: int, spec: quantize.Width) -> int:
     """MatMulNBits' bytes for a [k, n] weight: packed blocks, float32 scales, packed zero points."""
     blocks = -(-k // spec.block_size)
     zero_points = 0 if spec.symmetric else n * -(-blocks * spec.bits // 8)
@@ -121,10 +130,12 @@ def test_quantized_build_rewrites_every_projection_and_records_its_agreement(bui
     # The bytes: each projection and the tied embedding replaced by exactly MatMulNBits' layout.
     v, h = cfg.vocab_size, cfg.hidden_size
     fp32 = 4 * (sum(k * n for k, n in linears) + v * h)
-    packed = sum(packed_bytes(k, n, spec) for k, n in linears) + packed_bytes(h, v, spec)
+    packed = sum(packed_bytes(k, n, spec.width_of(role)) for role, k, n in linear_roles(cfg))
+    packed += packed_bytes(h, v, spec.embedding)
     rows_shape = 16  # the int64 [vocab, bytes per row] the embedding lookup reshapes the packed head with
+    unpad = 24 if h % spec.embedding.block_size else 0  # int64 Slice starts/ends/axes cutting the padded rows
     sizes = record["weight_bytes"]
-    assert sizes["after"] == sizes["before"] - fp32 + packed + rows_shape
+    assert sizes["after"] == sizes["before"] - fp32 + packed + rows_shape + unpad
 
     # The graph: one MatMulNBits per projection + the head, the lookup on the head's bytes, custom ops intact.
     proto = onnx.load(str(artifact / package.MODEL_FILE), load_external_data=False)
@@ -146,7 +157,7 @@ def test_quantized_build_rewrites_every_projection_and_records_its_agreement(bui
     # The gate: recorded, passed, and measuring a real (non-zero) difference from the fp32 reference.
     parity = manifest["parity"]
     assert parity["metric"] == "agreement" and parity["passed"] and parity["quant"] == quant
-    assert (parity["min_top1"], parity["max_kl"]) == verify.AGREEMENT_GATES[quant]
+    assert (parity["min_top1"], parity["max_kl"]) == RANDOM_GATES[quant]
     for phase in ("prefill", "decode"):
         assert parity[phase]["positions"] > 0
         assert parity[phase]["top1"] >= parity["min_top1"] and 0 < parity[phase]["kl"] <= parity["max_kl"]
@@ -158,12 +169,14 @@ def test_quantized_build_rewrites_every_projection_and_records_its_agreement(bui
     assert 1 <= len(new) <= 5 and all(0 <= t < v for t in new)
 
 
-@pytest.mark.parametrize("quant", QUANTS)
+@pytest.mark.parametrize("quant", ["int8", "int4-plain"])
 def test_weights_file_shrinks_by_the_expected_ratio(built, checkpoints, quant):
+    """The uniform quantizations: every weight at one width (the mixed int4 is counted weight by weight above)."""
     art = built("gemma3_text", quant)
     cfg, _ = load.load_model(checkpoints["gemma3_text"])
     sizes = package.read_manifest(art)["quantization"]["weight_bytes"]
-    spec = quantize.DEFAULTS[quant]
+    spec = quantize.DEFAULTS[quant].projections
+    assert quantize.DEFAULTS[quant].embedding == spec
     # float32 -> bits per weight, plus a float32 scale and a (bits-wide) zero point per block
     expected = 32 / (spec.bits + (32 + spec.bits) / spec.block_size)
     quantized = 4 * (sum(k * n for k, n in linear_shapes(cfg)) + cfg.vocab_size * cfg.hidden_size)
@@ -193,7 +206,7 @@ def inline_and_external(artifact: Path, proto: onnx.ModelProto) -> int:
 def test_same_inputs_give_byte_identical_quantized_artifacts(built, checkpoints, tmp_path) -> None:
     first = built("gemma3_text", "int4")
     second = tmp_path / "again"
-    build(checkpoints["gemma3_text"], second, BuildOptions(quant="int4"), Stages(quiet=True))
+    build(checkpoints["gemma3_text"], second, BuildOptions(quant="int4", min_top1=0.3, max_kl=0.15), Stages(quiet=True))
     for name in (package.MODEL_FILE, package.WEIGHTS_FILE, package.MANIFEST, package.GENAI_CONFIG):
         assert (first / name).read_bytes() == (second / name).read_bytes(), name
 
@@ -227,7 +240,9 @@ def test_a_broken_quantization_fails_the_gate(checkpoints, tmp_path, monkeypatch
     monkeypatch.setattr(quantize, "quantize", broken)
     out = tmp_path / "broken"
     with pytest.raises(ParityError, match=f"{quant} vs fp32 reference.*KL"):
-        build(checkpoints["gemma3_text"], out, BuildOptions(quant=quant), Stages(quiet=True))
+        min_top1, max_kl = RANDOM_GATES[quant]
+        build(checkpoints["gemma3_text"], out, BuildOptions(quant=quant, min_top1=min_top1, max_kl=max_kl),
+              Stages(quiet=True))  # fmt: skip
     assert not out.exists()
 
 
@@ -291,8 +306,8 @@ def _dequantize(model: onnx.ModelProto, name: str, bits: int, block: int, hidden
     return ((q - zero[..., None]) * scales[..., None]).reshape(vocab, -1)[:, :hidden]
 
 
-@pytest.mark.parametrize("bits", [8, 4])
-def test_tied_embedding_lookup_and_head_read_the_same_quantized_rows(bits) -> None:
+@pytest.mark.parametrize(("bits", "symmetric"), [(8, False), (4, False)])
+def test_tied_embedding_lookup_and_head_read_the_same_quantized_rows(bits, symmetric) -> None:
     """Gather(E) and Gemm(x, E, transB=1) on one E, with a hidden size that is not a multiple of the block
     (the lookup's padded rows are sliced back): both compute with the same dequantized E, which is E rounded."""
     vocab, hidden, block = 300, 80, 32
@@ -311,8 +326,8 @@ def test_tied_embedding_lookup_and_head_read_the_same_quantized_rows(bits) -> No
     outputs = [helper.make_tensor_value_info(name, float32, None) for name in ("emb", "logits")]
     graph = helper.make_graph(nodes, "tied", inputs, outputs, [numpy_helper.from_array(table, "E")])
     model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)], ir_version=10))
-    spec = quantize.QuantSpec(bits=bits, block_size=block, symmetric=False, accuracy_level=0)
-    quantized, record = quantize.quantize(model, spec)
+    width = quantize.Width(bits=bits, block_size=block, symmetric=symmetric)
+    quantized, record = quantize.quantize(model, quantize.QuantSpec(width, width, accuracy_level=0))
     proto = ir.to_proto(quantized)
     assert record["quantized"]["lm_head"].startswith("MatMulNBits")
     assert "E" not in {t.name for t in proto.graph.initializer}  # no float32 copy left
