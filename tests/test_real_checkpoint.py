@@ -23,8 +23,9 @@ from gemma_export import load, package, real_checkpoint, verify
 from gemma_export.build import BuildOptions, build
 from gemma_export.perplexity import perplexity
 from gemma_export.progress import Stages
-from gemma_export.runtime import OrtDecoder, TorchDecoder, generate, left_pad
+from gemma_export.runtime import OrtDecoder, TorchDecoder, generate
 from tests.test_gate import bugs
+from tests.test_reference import hf_greedy
 
 pytestmark = [
     pytest.mark.slow,
@@ -115,16 +116,7 @@ def test_greedy_tokens_match_transformers(real_artifacts, hf_model, real_hf) -> 
     prompts = [e.ids for e in tokenizer.encode_batch(PROMPTS)]
     artifact = real_artifacts("none")
     ours = generate(OrtDecoder(artifact, package.read_manifest(artifact)), prompts, GREEDY_TOKENS, pad_id=0)
-    ids, mask = left_pad(prompts, 0)
-    with torch.no_grad():
-        out = hf_model.generate(
-            input_ids=torch.from_numpy(ids),
-            attention_mask=torch.from_numpy(mask),
-            max_new_tokens=GREEDY_TOKENS,
-            min_new_tokens=GREEDY_TOKENS,
-            do_sample=False,
-        )
-    theirs = out[:, ids.shape[1] :].tolist()
+    theirs = hf_greedy(hf_model, prompts, GREEDY_TOKENS, pad_id=0)
     assert ours == theirs
     assert "France" in tokenizer.decode(ours[0])  # real weights: a continuation on topic, not noise
 
