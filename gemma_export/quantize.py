@@ -5,7 +5,8 @@ What is quantized, and what is not:
 
 * every MatMul with a constant weight (q/k/v/o, gate/up/down; RecurrentGemma's linear_x/y/out and MLP): by
   onnxruntime's own `MatMulNBitsQuantizer` (round-to-nearest per block of `block_size` input features, one
-  float32 scale and, when asymmetric, one zero point per block);
+  float32 scale and, when asymmetric, one zero point per block), at the width its role gets (`QuantSpec`:
+  one pass of the quantizer per width, the other MatMuls excluded);
 * the tied LM head `Gemm(x, embedding, transB=1)`: the ORT quantizer only rewrites MatMul and would leave the
   largest tensor (262144 x 640 on Gemma-3-270M, 63% of its weights) in float32. Its packed layout is
   [N, k_blocks, blob] of B = embedding^T, i.e. the embedding's own rows cut into blocks along hidden: the
