@@ -39,7 +39,6 @@ import json
 import os
 import re
 import shutil
-import struct
 import subprocess
 import sys
 import tarfile
@@ -225,61 +224,22 @@ def vendored_commit(source: Path) -> str | None:
 # GGUF files: their type, and an F32 conversion of the same tensors
 # ---------------------------------------------------------------------------------------------------------
 
-# llama.h's llama_ftype (general.file_type) -> the name llama-quantize takes and model cards use.
-FILE_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K", 11: "Q3_K_S",
-              12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S", 17: "Q5_K_M", 18: "Q6_K",
-              19: "IQ2_XXS", 20: "IQ2_XS", 21: "Q2_K_S", 22: "IQ3_XS", 23: "IQ3_XXS", 24: "IQ1_S", 25: "IQ4_NL",
-              26: "IQ3_S", 27: "IQ3_M", 28: "IQ2_S", 29: "IQ2_M", 30: "IQ4_XS", 31: "IQ1_M", 32: "BF16",
-              36: "TQ1_0", 37: "TQ2_0", 38: "MXFP4_MOE"}  # fmt: skip
-# GGUF value types with a fixed size (gguf.h): uint8 .. float64, by type id.
-_FIXED = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
-_STRING, _ARRAY = 8, 9
-
 
 def gguf_file_type(path: Path) -> str | None:
-    """The GGUF's type ("Q4_K_M", "F32", ...) from its header's general.file_type; None when it has none.
+    """The GGUF's type ("Q4_K_M", "F32", ...) from its header's general.file_type (llama.h's llama_ftype, as the
+    `gguf` package names it); None when it has none. The header is read and checked by gguf_checkpoint (a file
+    that is not GGUF is its one-line error)."""
+    import gguf
 
-    A reader of the header's key-value section only (the `gguf` package is not a dependency); it stops at the
-    key, which llama.cpp's writers put among the first. A file that is not GGUF is a one-line error.
-    """
+    from gemma_export.gguf_checkpoint import read_header
+
+    value = read_header(path).metadata.get("general.file_type")
+    if not isinstance(value, int):
+        return None
     try:
-        with open(path, "rb") as f:
-            magic, version = f.read(4), struct.unpack("<I", f.read(4))[0]
-            if magic != b"GGUF" or version < 2:
-                raise BadInput(f"{path}: not a GGUF file (v2 or later)")
-            _tensors, count = struct.unpack("<QQ", f.read(16))
-            for _ in range(count):
-                key = _read_string(f)
-                (kind,) = struct.unpack("<I", f.read(4))
-                if key == "general.file_type" and kind in (4, 5):
-                    value = struct.unpack("<I" if kind == 4 else "<i", f.read(4))[0]
-                    return FILE_TYPES.get(value, f"ftype {value}")
-                _skip_value(f, kind)
-    except (OSError, struct.error, UnicodeDecodeError) as e:
-        raise BadInput(f"{path}: cannot read its GGUF header ({e})") from None
-    return None
-
-
-def _read_string(f: Any) -> str:
-    (n,) = struct.unpack("<Q", f.read(8))
-    return f.read(n).decode()
-
-
-def _skip_value(f: Any, kind: int) -> None:
-    if kind in _FIXED:
-        f.seek(_FIXED[kind], os.SEEK_CUR)
-    elif kind == _STRING:
-        (n,) = struct.unpack("<Q", f.read(8))
-        f.seek(n, os.SEEK_CUR)
-    elif kind == _ARRAY:
-        item, n = struct.unpack("<IQ", f.read(12))
-        if item in _FIXED:
-            f.seek(n * _FIXED[item], os.SEEK_CUR)
-        else:
-            for _ in range(n):
-                _skip_value(f, item)
-    else:
-        raise struct.error(f"unknown value type {kind}")
+        return gguf.LlamaFileType(value).name.removeprefix("MOSTLY_").removeprefix("ALL_")
+    except ValueError:
+        return f"ftype {value}"
 
 
 def file_sha256(path: Path) -> str:

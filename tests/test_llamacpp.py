@@ -304,7 +304,7 @@ def test_bad_options_are_exit_code_2(capsys, tmp_path: Path, args: list[str], me
     inputs = tmp_path / "inputs"
     inputs.mkdir()
     write_gguf(inputs / "m.gguf", 15)
-    (inputs / "text.gguf").write_text("not a model")
+    (inputs / "text.gguf").write_text("not a model, only text long enough to hold a header")
     workdir = tmp_path / "work"
     args = [a.replace("{tmp}", str(inputs)) for a in args]
     assert main(["bench", "--random", "gemma-3-270m", *args, "--workdir", str(workdir), "--json"]) == 2
