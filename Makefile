@@ -64,11 +64,11 @@ bench-embeddinggemma: install
 
 # llama.cpp's llama-bench, llama-perplexity and llama-quantize, built once (about 5 min on 2 cores) from the
 # llama.cpp that the pinned llama-cpp-python sdist vendors, into ~/.cache/gemma-export/llama.cpp-VERSION/bin
-# (gemma_export/llamacpp.py; GEMMA_EXPORT_LLAMA_CPP=DIR uses tools built elsewhere instead).
+# (gemma_export/bench/llamacpp.py; GEMMA_EXPORT_LLAMA_CPP=DIR uses tools built elsewhere instead).
 llama-cpp: install
-	$(BIN)/python -m gemma_export.llamacpp
+	$(BIN)/python -m gemma_export.bench.llamacpp
 
-# bench-real: the real google/gemma-3-270m (gemma_export/real_checkpoint.py: its Q4_K_M GGUF, fetched, and the
+# bench-real: the real google/gemma-3-270m (gemma_export/dev/real_checkpoint.py: its Q4_K_M GGUF, fetched, and the
 # HF float32 folder converted from it), our artifact built from that folder vs transformers, onnxruntime-genai's
 # builder and llama.cpp, same run, prompts 128 and 1024, 128 new tokens, 2 threads, median of 3: our fp32
 # artifact beside llama.cpp on an F32 GGUF of the same tensors (llama-quantize), then our int4 artifact beside
@@ -76,9 +76,9 @@ llama-cpp: install
 BENCH_REAL_ARGS = --prompt-tokens 128,1024 --new-tokens 128 --threads $(BENCH_THREADS) --repeat $(BENCH_REPEAT)
 bench-real: install llama-cpp
 	set -e; \
-	hf=$$($(BIN)/python -m gemma_export.real_checkpoint --print-hf-folder); \
-	gguf=$$($(BIN)/python -m gemma_export.real_checkpoint --print-gguf); \
-	f32=$$($(BIN)/python -m gemma_export.llamacpp --f32 "$$gguf"); \
+	hf=$$($(BIN)/python -m gemma_export.dev.real_checkpoint --print-hf-folder); \
+	gguf=$$($(BIN)/python -m gemma_export.dev.real_checkpoint --print-gguf); \
+	f32=$$($(BIN)/python -m gemma_export.bench.llamacpp --f32 "$$gguf"); \
 	$(BIN)/gemma-export build "$$hf" -o build/real/artifact --force; \
 	$(BIN)/gemma-export bench build/real/artifact --checkpoint "$$hf" --gguf "$$f32" $(BENCH_REAL_ARGS) \
 		--workdir build/bench --json-out build/bench/real-gemma-3-270m-fp32.json; \

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gemma_export import random_checkpoint
+from gemma_export.dev import random_checkpoint
 
 MODEL_TYPES = ("gemma", "gemma2", "gemma3_text")
 
@@ -71,8 +71,8 @@ def artifacts(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def artifact(artifacts, checkpoint, model_type, tmp_path_factory) -> Path:
-    from gemma_export.build import BuildOptions, build
-    from gemma_export.progress import Stages
+    from gemma_export.pipeline.build import BuildOptions, build
+    from gemma_export.pipeline.progress import Stages
 
     if model_type not in artifacts:
         out = tmp_path_factory.mktemp("artifacts") / model_type

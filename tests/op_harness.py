@@ -7,7 +7,7 @@ import onnxruntime as ort
 from onnx import FunctionProto, NodeProto, ValueInfoProto, helper
 
 from gemma_export.ops.attention import DOMAIN, DOMAIN_VERSION
-from gemma_export.trace import OPSET
+from gemma_export.pipeline.trace import OPSET
 
 IR_VERSION = 10  # onnx.helper writes IR 14 by default; onnxruntime 1.31 reads up to 10 (ONNX 1.16 era)
 

@@ -7,10 +7,13 @@ import json
 import onnx
 import pytest
 
-from gemma_export import load, package, verify
-from gemma_export.build import BuildOptions, build
-from gemma_export.progress import Stages
-from gemma_export.runtime import OrtDecoder, TorchDecoder, generate
+from gemma_export.checkpoint import load
+from gemma_export.pipeline import package
+from gemma_export.pipeline.build import BuildOptions, build
+from gemma_export.pipeline.progress import Stages
+from gemma_export.runtime.session import OrtDecoder, TorchDecoder, generate
+from gemma_export.verify import gate as verify
+from gemma_export.verify import passes
 from tests.genai_client import genai_greedy
 from tests.test_reference import hf_greedy, long_and_padded
 
@@ -116,14 +119,14 @@ def test_same_inputs_give_byte_identical_artifacts(checkpoints, tmp_path) -> Non
 
 def test_chunked_prefill_through_the_cache_matches_one_pass(artifact, checkpoint, monkeypatch) -> None:
     """Long prompts of large vocabularies are prefilled in chunks (bounded logits memory): same result."""
-    from gemma_export import runtime
+    from gemma_export.runtime import session as runtime
 
     cfg, model = load.load_model(checkpoint)
     manifest = package.read_manifest(artifact)
     prompts = long_and_padded(cfg)
     whole = generate(OrtDecoder(artifact, manifest), prompts, 8, pad_id=cfg.pad_token_id)
     monkeypatch.setattr(runtime, "LOGITS_BUDGET_BYTES", 4 * len(prompts) * cfg.vocab_size * 7)  # 7 tokens a pass
-    monkeypatch.setattr(verify, "VERIFY_LOGITS_BUDGET_BYTES", runtime.LOGITS_BUDGET_BYTES)  # verify's own budget
+    monkeypatch.setattr(passes, "VERIFY_LOGITS_BUDGET_BYTES", runtime.LOGITS_BUDGET_BYTES)  # verify's own budget
     assert len(runtime.prefill_slices(len(prompts[0]), len(prompts), cfg.vocab_size)) > 2
     assert generate(OrtDecoder(artifact, manifest), prompts, 8, pad_id=cfg.pad_token_id) == whole
     report = verify.compare(TorchDecoder(model), OrtDecoder(artifact, manifest), cfg, TOL)
@@ -131,7 +134,7 @@ def test_chunked_prefill_through_the_cache_matches_one_pass(artifact, checkpoint
 
 
 def test_inspect_shows_the_contract(artifact, capsys) -> None:
-    from gemma_export.cli import main
+    from gemma_export.cli.main import main
 
     assert main(["inspect", str(artifact), "--json"]) == 0
     shown = json.loads(capsys.readouterr().out)

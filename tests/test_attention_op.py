@@ -29,8 +29,8 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
 from gemma_export.ops import attention as attention_op
-from gemma_export.optimize import attach_functions
-from gemma_export.trace import OPSET
+from gemma_export.pipeline.optimize import attach_functions
+from gemma_export.pipeline.trace import OPSET
 from tests import op_harness as harness
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,9 +17,12 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
-from gemma_export import bench, cli, genai_builder, random_checkpoint
-from gemma_export.bench_workers import GENAI
-from gemma_export.cli import main
+from gemma_export.bench import genai_builder
+from gemma_export.bench import run as bench
+from gemma_export.bench.workers import GENAI
+from gemma_export.cli.build import build as build_command
+from gemma_export.cli.main import main
+from gemma_export.dev import random_checkpoint
 
 DECODER, EMBEDDER = "tiny-gemma3", "tiny-embeddinggemma"
 # The tiny Gemma 3 with default RoPE on both layer types, as Gemma 3 270M and 1B have. The tiny config's linear
@@ -122,7 +125,7 @@ def test_reruns_reuse_the_builds(capsys, workdir: Path) -> None:
 
 def test_quantized_artifact_is_compared_at_its_precision(capsys, workdir: Path) -> None:
     """An int4 artifact: onnxruntime-genai's model is built at int4 with our block size and accuracy level."""
-    if "quant" not in inspect.signature(cli.build).parameters:
+    if "quant" not in inspect.signature(build_command).parameters:
         pytest.skip("gemma-export build has no --quant yet")
     if not bench.genai_installed():
         pytest.skip("onnxruntime-genai is not installed")

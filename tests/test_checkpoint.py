@@ -13,8 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from gemma_export.checkpoint import DTYPE_BYTES, read_tensors, select_weights
-from gemma_export.config import WEIGHT_PREFIXES
+from gemma_export.checkpoint.files import DTYPE_BYTES, read_tensors, select_weights
+from gemma_export.config.model_config import WEIGHT_PREFIXES
 from gemma_export.errors import BadInput
 
 

@@ -1,6 +1,6 @@
 """Every bad input to the `gemma-export` CLI is one clear line on stderr, exit code 2, and no OUT_DIR.
 
-The contract (gemma_export/cli.py): 0 ok, 1 a parity gate failed, 2 bad input, 3 internal error, 130
+The contract (gemma_export/cli/app.py): 0 ok, 1 a parity gate failed, 2 bad input, 3 internal error, 130
 interrupted. Errors are one line `gemma-export: error: ...` naming the fault; a failed or interrupted build
 leaves neither OUT_DIR nor its `.OUT.partial-*` staging sibling behind. Broken checkpoints are made from a
 fresh `write_random_checkpoint` (no transformers, milliseconds); one artifact is built for the module, over
@@ -26,9 +26,9 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from safetensors.torch import load_file, save_file
 
-from gemma_export import optimize, package, trace
-from gemma_export.cli import main
-from gemma_export.random_checkpoint import TINY_CONFIGS, write_random_checkpoint
+from gemma_export.cli.main import main
+from gemma_export.dev.random_checkpoint import TINY_CONFIGS, write_random_checkpoint
+from gemma_export.pipeline import optimize, package, trace
 
 MODEL_TYPE = "gemma3_text"
 VOCAB = TINY_CONFIGS[MODEL_TYPE]["vocab_size"]  # 512
@@ -449,7 +449,7 @@ def test_internal_error_is_one_line_exit_3(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A bug of ours (not bad input): exit 3, still one line, even when the exception's text is not."""
-    from gemma_export import load
+    from gemma_export.checkpoint import load
 
     def crash(checkpoint_dir: Path, **options: object) -> None:
         raise ValueError("first line\n  second line")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gemma_export.config import GLOBAL, SLIDING, parse_config
+from gemma_export.config.model_config import GLOBAL, SLIDING, parse_config
 from gemma_export.errors import BadInput
 
 # As the hub's files are written (transformers 4): fields equal to the defaults are omitted.

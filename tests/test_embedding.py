@@ -9,10 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from gemma_export import embedding, load, package, random_checkpoint
-from gemma_export.build import BuildOptions, build
-from gemma_export.cli import main
-from gemma_export.progress import Stages
+from gemma_export.checkpoint import load
+from gemma_export.cli.main import main
+from gemma_export.dev import random_checkpoint
+from gemma_export.pipeline import package
+from gemma_export.pipeline.build import BuildOptions, build
+from gemma_export.pipeline.progress import Stages
+from gemma_export.runtime import embed as embedding
 from tests.conftest import hf_config
 
 PROMPTS = {"query": "task: search result | query: ", "document": "title: none | text: "}

@@ -14,10 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-from gemma_export import load, verify
-from gemma_export.config import GemmaConfig
+from gemma_export.checkpoint import load
+from gemma_export.config.model_config import GemmaConfig
 from gemma_export.models.gemma import GemmaModel
-from gemma_export.runtime import TorchDecoder
+from gemma_export.runtime.session import TorchDecoder
+from gemma_export.verify import gate as verify
+from gemma_export.verify.measures import Closeness
 
 
 def variant(model: GemmaModel, **changes) -> GemmaModel:
@@ -80,7 +82,7 @@ def test_gate_is_relative_to_the_logit_scale() -> None:
     art = ref + rng.normal(size=ref.shape).astype(np.float32) * 1e-6
     for scale in (0.5, 50.0):
         report = verify.ParityReport(tolerance=1e-5)
-        report.phases["prefill"].add(verify.Closeness.of(ref * scale, art * scale))
+        report.phases["prefill"].add(Closeness.of(ref * scale, art * scale))
         assert report.passed and report.logit_scale == pytest.approx(np.abs(ref).max() * scale)
         # (the same up to float32 rounding of the scaled differences, ~1e-6 apart)
         assert report.prefill_error == pytest.approx(np.abs(ref - art).max() / np.abs(ref).max(), rel=0.05)
@@ -94,11 +96,11 @@ def test_top1_flips_fail_even_when_the_error_looks_small() -> None:
     art = ref.copy()
     art[1:3, 4] = 1.5  # flips 2 of 100 rows
     report = verify.ParityReport(tolerance=1e-5)
-    report.phases["prefill"].add(verify.Closeness.of(ref, art))
+    report.phases["prefill"].add(Closeness.of(ref, art))
     assert report.prefill_error < 1e-5 and report.top1("prefill") == 0.98 and not report.passed
     assert report.phases["prefill"].max_flipped_margin == 1.0
     assert "top-1 prefill 0.9800" in report.summary()
     art[2, 4] = 0.0  # one flip in 100: within the gate (a near-tie's rounding may do that)
     report = verify.ParityReport(tolerance=1e-5)
-    report.phases["prefill"].add(verify.Closeness.of(ref, art))
+    report.phases["prefill"].add(Closeness.of(ref, art))
     assert report.passed

@@ -1,4 +1,4 @@
-"""GGUF input (gemma_export/gguf_checkpoint.py): llama.cpp's files build like Hugging Face folders.
+"""GGUF input (gemma_export/checkpoint/gguf.py): llama.cpp's files build like Hugging Face folders.
 
 Tiny GGUFs are written here the way llama.cpp's converter writes Gemma (`convert_hf_to_gguf.py`: its metadata
 keys, its tensor names from gguf's own name map, every `*norm.weight` stored as 1 + w, a SentencePiece
@@ -23,15 +23,16 @@ from gguf import GGMLQuantizationType as Q
 from safetensors.numpy import load_file
 from tokenizers import Tokenizer
 
-from gemma_export import gguf_checkpoint, memory, package
-from gemma_export.build import BuildOptions, build
-from gemma_export.checkpoint import read_tensors
-from gemma_export.cli import main
-from gemma_export.config import load_config, parse_config
+from gemma_export.checkpoint import gguf as gguf_checkpoint
+from gemma_export.checkpoint.files import read_tensors
+from gemma_export.cli.main import main
+from gemma_export.config.model_config import load_config, parse_config
+from gemma_export.dev.random_checkpoint import BYTE_TOKENS, SPECIAL_TOKENS, TINY_CONFIGS, write_random_checkpoint
 from gemma_export.errors import BadInput
-from gemma_export.progress import Stages
-from gemma_export.random_checkpoint import BYTE_TOKENS, SPECIAL_TOKENS, TINY_CONFIGS, write_random_checkpoint
-from gemma_export.runtime import OrtDecoder
+from gemma_export.pipeline import memory, package
+from gemma_export.pipeline.build import BuildOptions, build
+from gemma_export.pipeline.progress import Stages
+from gemma_export.runtime.session import OrtDecoder
 from tests.conftest import FIXTURE_OVERRIDES, save_hf_checkpoint
 
 MODEL_TYPES = ("gemma", "gemma2", "gemma3_text")

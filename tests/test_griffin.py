@@ -15,11 +15,14 @@ import onnx
 import pytest
 import torch
 
-from gemma_export import load, package, random_checkpoint, verify
-from gemma_export.build import BuildOptions, build
+from gemma_export.checkpoint import load
+from gemma_export.dev import random_checkpoint
 from gemma_export.ops import rglru as rglru_op
-from gemma_export.progress import Stages
-from gemma_export.runtime import OrtDecoder, TorchDecoder, generate, left_pad, positions
+from gemma_export.pipeline import package
+from gemma_export.pipeline.build import BuildOptions, build
+from gemma_export.pipeline.progress import Stages
+from gemma_export.runtime.session import OrtDecoder, TorchDecoder, generate, left_pad, positions
+from gemma_export.verify import gate as verify
 
 TOL = 1e-4
 WINDOW = 8
@@ -191,7 +194,7 @@ def test_rglru_normalisation_and_reset_matter(griffin_checkpoint, hf_griffin, mo
 
 
 def test_inspect_and_verify_a_griffin_artifact(griffin_artifact, griffin_checkpoint, capsys) -> None:
-    from gemma_export.cli import main
+    from gemma_export.cli.main import main
 
     assert main(["inspect", str(griffin_artifact)]) == 0
     text = capsys.readouterr().out

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from gemma_export.load import load_model
-from gemma_export.runtime import TorchDecoder, generate, left_pad, positions
+from gemma_export.checkpoint.load import load_model
+from gemma_export.runtime.session import TorchDecoder, generate, left_pad, positions
 from tests.deepmind_oracle import import_deepmind, to_deepmind
 
 WINDOW = 8

@@ -1,4 +1,4 @@
-"""llama.cpp as a compared system of `gemma-export bench` (gemma_export/llamacpp.py).
+"""llama.cpp as a compared system of `gemma-export bench` (gemma_export/bench/llamacpp.py).
 
 The default run never builds llama.cpp (5 minutes on 2 cores): it checks the parsing of llama-bench's JSON
 and llama-perplexity's output on samples captured from real runs (the real Gemma 3 270M Q4_K_M GGUF, 2
@@ -19,10 +19,12 @@ from pathlib import Path
 
 import pytest
 
-from gemma_export import bench, llamacpp, random_checkpoint
-from gemma_export.cli import main
+from gemma_export.bench import llamacpp
+from gemma_export.bench import run as bench
+from gemma_export.cli.main import main
+from gemma_export.dev import random_checkpoint
 from gemma_export.errors import BadInput
-from gemma_export.progress import Stages
+from gemma_export.pipeline.progress import Stages
 
 # --- captured from llama.cpp 0c1e570 (vendored by llama-cpp-python 0.3.36) on the real Gemma 3 270M Q4_K_M GGUF,
 # 2 threads (a busy machine: the speeds are not figures), the model's path shortened to its name:
@@ -214,7 +216,7 @@ def test_not_a_gguf_is_one_line(tmp_path: Path, content: bytes) -> None:
     assert "\n" not in str(e.value)
 
 
-@pytest.mark.skipif(not REAL_GGUF.is_file(), reason=f"{REAL_GGUF} is not here (gemma_export.real_checkpoint)")
+@pytest.mark.skipif(not REAL_GGUF.is_file(), reason=f"{REAL_GGUF} is not here (gemma_export.dev.real_checkpoint)")
 def test_real_gguf_is_q4_k_m() -> None:
     assert llamacpp.gguf_file_type(REAL_GGUF) == "Q4_K_M"
 
@@ -397,7 +399,7 @@ def _real_tools_or_skip() -> None:
     if missing:
         pytest.skip(f"llama.cpp's tools are not built ({', '.join(missing)}): make llama-cpp")
     if not REAL_GGUF.is_file():
-        pytest.skip(f"{REAL_GGUF} is not here: python -m gemma_export.real_checkpoint --print-gguf")
+        pytest.skip(f"{REAL_GGUF} is not here: python -m gemma_export.dev.real_checkpoint --print-gguf")
 
 
 @pytest.mark.slow

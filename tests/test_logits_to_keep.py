@@ -1,4 +1,4 @@
-"""The optional input `logits_to_keep` (gemma_export/logits_to_keep.py): the LM head on the last k rows only.
+"""The optional input `logits_to_keep` (gemma_export/pipeline/logits_to_keep.py): the LM head on the last k rows only.
 
 For Gemma 3 (both targets, and int4), Gemma 2 (final soft-cap; windowed cache) and RecurrentGemma, each artifact
 against the same pipeline without the pass ("today's" graph, in memory): k = 0 and the input left out give
@@ -21,10 +21,13 @@ import onnxruntime as ort
 import pytest
 from onnx import helper
 
-from gemma_export import load, logits_to_keep, lower, optimize, package, quantize, random_checkpoint, trace
-from gemma_export.build import BuildOptions, build
-from gemma_export.progress import Stages
-from gemma_export.runtime import left_pad, positions, session_options
+from gemma_export.checkpoint import load
+from gemma_export.dev import random_checkpoint
+from gemma_export.pipeline import logits_to_keep, optimize, package, quantize, trace
+from gemma_export.pipeline.build import BuildOptions, build
+from gemma_export.pipeline.progress import Stages
+from gemma_export.runtime.session import left_pad, positions, session_options
+from gemma_export.targets import ort_cpu as lower
 
 LAYERS = {"gemma3_text": 2, "gemma2": 2, "recurrent_gemma": 3}  # every kind of layer of each once, no more
 # name -> (model type, build options)

@@ -1,4 +1,4 @@
-"""`--target ort-cpu` lowering (gemma_export/lower.py) and the windowed KV cache (models/gemma.py).
+"""`--target ort-cpu` lowering (gemma_export/targets/ort_cpu.py) and the windowed KV cache (models/gemma.py).
 
 - each op-level conformance vector through the lowered attention (GroupQueryAttention under an If, with
   Attention-23 for what GroupQueryAttention refuses), both paths;
@@ -23,15 +23,21 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-from gemma_export import load, lower, package, random_checkpoint, runtime, verify
-from gemma_export.build import BuildOptions, build
-from gemma_export.config import parse_config, parse_griffin_config
+from gemma_export.checkpoint import load
+from gemma_export.config.model_config import parse_config, parse_griffin_config
+from gemma_export.dev import random_checkpoint
 from gemma_export.errors import BadInput
 from gemma_export.models.gemma import GemmaModel, kv_cache_bytes
 from gemma_export.models.griffin import GriffinModel
 from gemma_export.ops import attention as attention_op
-from gemma_export.progress import Stages
-from gemma_export.runtime import OrtDecoder, TorchDecoder, left_pad, positions
+from gemma_export.pipeline import package
+from gemma_export.pipeline.build import BuildOptions, build
+from gemma_export.pipeline.progress import Stages
+from gemma_export.runtime import session as runtime
+from gemma_export.runtime.session import OrtDecoder, TorchDecoder, left_pad, positions
+from gemma_export.targets import ort_cpu as lower
+from gemma_export.verify import gate as verify
+from gemma_export.verify import passes
 from tests import op_harness as harness
 from tests.test_attention_op import VECTORS, load_vector, row_error
 
@@ -177,8 +183,8 @@ def test_lowered_artifact_matches_reference_through_both_kernels(artifact, check
     cfg, model = load.load_model(checkpoint)
     manifest = package.read_manifest(artifact)
     one_pass = verify.compare(TorchDecoder(model), OrtDecoder(artifact, manifest), cfg, TOL)
-    monkeypatch.setattr(verify, "VERIFY_LOGITS_BUDGET_BYTES", 4 * 2 * cfg.vocab_size * 5)
-    assert len(runtime.prefill_slices(20, 2, cfg.vocab_size, verify.VERIFY_LOGITS_BUDGET_BYTES)) == 4
+    monkeypatch.setattr(passes, "VERIFY_LOGITS_BUDGET_BYTES", 4 * 2 * cfg.vocab_size * 5)
+    assert len(runtime.prefill_slices(20, 2, cfg.vocab_size, passes.VERIFY_LOGITS_BUDGET_BYTES)) == 4
     chunked = verify.compare(TorchDecoder(model), OrtDecoder(artifact, manifest), cfg, TOL)
     for report in (one_pass, chunked):
         assert report.prefill_max_abs_error <= TOL and report.decode_max_abs_error <= TOL
@@ -274,7 +280,7 @@ def test_windowed_artifact_matches_reference(windowed, monkeypatch) -> None:
     model.use_cache_layout("windowed")
     manifest = package.read_manifest(artifact)
     reports = [verify.compare(TorchDecoder(model), OrtDecoder(artifact, manifest), cfg, TOL, decode_steps=8)]
-    monkeypatch.setattr(verify, "VERIFY_LOGITS_BUDGET_BYTES", 4 * 2 * cfg.vocab_size * 7)
+    monkeypatch.setattr(passes, "VERIFY_LOGITS_BUDGET_BYTES", 4 * 2 * cfg.vocab_size * 7)
     reports.append(verify.compare(TorchDecoder(model), OrtDecoder(artifact, manifest), cfg, TOL))
     for report in reports:
         assert max(len(c.prompt_lengths) for c in report.cases) == 2

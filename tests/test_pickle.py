@@ -26,9 +26,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from gemma_export.checkpoint import PICKLE_FILE, PICKLE_INDEX_FILE, read_tensors
+from gemma_export.checkpoint.files import PICKLE_FILE, PICKLE_INDEX_FILE, read_tensors
+from gemma_export.dev.random_checkpoint import write_tokenizer
 from gemma_export.errors import BadInput
-from gemma_export.random_checkpoint import write_tokenizer
 from tests.conftest import hf_config, randomize
 from tests.test_cli_errors import assert_no_output, error_line, run
 
@@ -96,7 +96,7 @@ def built(pickled: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) ->
 
 
 def main_ok(*argv: object) -> bool:
-    from gemma_export.cli import main
+    from gemma_export.cli.main import main
 
     return main([str(a) for a in argv]) == 0
 

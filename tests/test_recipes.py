@@ -15,16 +15,16 @@ import tomli_w
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gemma_export import recipes
-from gemma_export.cli import main
-from gemma_export.config import parse_config
-from gemma_export.errors import BadInput
-from gemma_export.random_checkpoint import (
+from gemma_export.cli.main import main
+from gemma_export.config import recipes
+from gemma_export.config.model_config import parse_config
+from gemma_export.dev.random_checkpoint import (
     EMBEDDINGGEMMA_HEAD,
     PUBLISHED_CONFIGS,
     TINY_CONFIGS,
     write_random_checkpoint,
 )
+from gemma_export.errors import BadInput
 
 SHIPPED = (
     "gemma-2b", "gemma-7b", "codegemma-7b", "gemma-2-2b", "gemma-2-9b", "gemma-2-27b", "gemma-3-270m", "gemma-3-1b",

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from gemma_export import load
+from gemma_export.checkpoint import load
 from gemma_export.models.gemma import GemmaModel
-from gemma_export.runtime import TorchDecoder, generate, left_pad, positions
-from gemma_export.verify import sample_prompts
+from gemma_export.runtime.session import TorchDecoder, generate, left_pad, positions
+from gemma_export.verify.passes import sample_prompts
 
 TOL = 1e-4
 
@@ -81,8 +81,8 @@ def test_embedding_scale_is_rounded_to_compute_dtype() -> None:
 
 
 def _tiny_cfg(model_type: str):
-    from gemma_export import random_checkpoint
-    from gemma_export.config import parse_config
+    from gemma_export.config.model_config import parse_config
+    from gemma_export.dev import random_checkpoint
 
     return parse_config(random_checkpoint.TINY_CONFIGS[model_type])
 
@@ -118,7 +118,7 @@ def test_gemma3_multimodal_checkpoint_text_part(tmp_path) -> None:
     """A Gemma3ForConditionalGeneration checkpoint: we export its language model, as HF runs it on text."""
     import transformers
 
-    from gemma_export import random_checkpoint
+    from gemma_export.dev import random_checkpoint
     from tests.conftest import hf_config, randomize
 
     text = hf_config("gemma3_text")

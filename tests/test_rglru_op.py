@@ -33,8 +33,8 @@ from onnx import TensorProto, helper
 
 from gemma_export.models.griffin import causal_conv1d
 from gemma_export.ops import rglru as rglru_op
-from gemma_export.optimize import attach_functions
-from gemma_export.trace import OPSET
+from gemma_export.pipeline.optimize import attach_functions
+from gemma_export.pipeline.trace import OPSET
 from tests import op_harness as harness
 
 ROOT = Path(__file__).resolve().parents[1]

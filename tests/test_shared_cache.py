@@ -16,8 +16,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from gemma_export import load, package
-from gemma_export.runtime import OrtDecoder, TorchDecoder, left_pad, positions
+from gemma_export.checkpoint import load
+from gemma_export.pipeline import package
+from gemma_export.runtime.session import OrtDecoder, TorchDecoder, left_pad, positions
 
 
 def stream(vocab: int, pad: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:

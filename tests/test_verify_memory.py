@@ -17,13 +17,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gemma_export import load, progress, verify, verify_worker
-from gemma_export.build import BuildOptions, build
-from gemma_export.config import parse_config
+from gemma_export.checkpoint import load
+from gemma_export.config.model_config import parse_config
+from gemma_export.dev.random_checkpoint import TINY_CONFIGS
 from gemma_export.errors import BadInput, GemmaExportError
-from gemma_export.progress import Stages
-from gemma_export.random_checkpoint import TINY_CONFIGS
-from gemma_export.runtime import OrtDecoder
+from gemma_export.pipeline import progress
+from gemma_export.pipeline.build import BuildOptions, build
+from gemma_export.pipeline.progress import Stages
+from gemma_export.runtime.session import OrtDecoder
+from gemma_export.verify import child as verify_worker
+from gemma_export.verify import gate as verify
 
 
 class _Echo:
@@ -74,7 +77,8 @@ def test_reference_runs_first_and_is_dropped_before_the_artifact_opens(tmp_path)
 # argument, whether torch was ever imported in it and how its session was made.
 CHILD = """
 import json, sys
-from gemma_export import runtime, verify_worker
+from gemma_export.runtime import session as runtime
+from gemma_export.verify import child as verify_worker
 report = sys.argv.pop(1)
 seen = {}
 real = runtime.OrtDecoder
@@ -115,7 +119,7 @@ def test_build_runs_the_artifact_in_a_child_without_torch_after_unmapping_the_ch
             "checkpoint_mapped": str(checkpoint.resolve()) in Path("/proc/self/maps").read_text(),
         })  # fmt: skip
         python, _, module, parent = command()
-        assert module == "gemma_export.verify_worker"
+        assert module == "gemma_export.verify.child"
         return [python, "-c", CHILD, str(report), parent]
 
     monkeypatch.setattr(load, "load_model", tracked_load)
@@ -242,7 +246,8 @@ def test_package_writes_mapped_weights_without_keeping_them_resident(tmp_path) -
     import torch
     from safetensors.torch import save_file
 
-    from gemma_export import checkpoint, package
+    from gemma_export.checkpoint import files as checkpoint
+    from gemma_export.pipeline import package
 
     path = tmp_path / "model.safetensors"
     gen = torch.Generator().manual_seed(0)
@@ -271,7 +276,8 @@ def test_drop_after_forward_keeps_about_one_module_of_weights_resident(tmp_path)
     import torch
     from safetensors.torch import save_file
 
-    from gemma_export import checkpoint, memory
+    from gemma_export.checkpoint import files as checkpoint
+    from gemma_export.pipeline import memory
 
     path = tmp_path / "model.safetensors"
     layers, width = 6, 512  # 1 MiB of weights per layer

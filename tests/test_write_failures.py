@@ -8,7 +8,7 @@ written into the checkpoint folder.
 
 The trace stage is the slow one, so the module traces its one-layer checkpoint once: in-process cases reuse
 that graph, and so do the subprocesses that need a later stage (SIGINT during verify, the tmpfs) through a
-wrapper that runs `gemma_export.cli.main` with the trace stage replaced by loading it. SIGINT during trace runs
+wrapper that runs `gemma_export.cli.main.main` with the trace stage replaced by loading it. SIGINT during trace runs
 the real `gemma-export` console script.
 """
 
@@ -29,8 +29,8 @@ from pathlib import Path
 import onnx_ir as ir
 import pytest
 
-from gemma_export import optimize, package, trace
-from gemma_export.random_checkpoint import TINY_CONFIGS, write_random_checkpoint
+from gemma_export.dev.random_checkpoint import TINY_CONFIGS, write_random_checkpoint
+from gemma_export.pipeline import optimize, package, trace
 from tests.test_cli_errors import assert_no_output, error_line, run
 
 CONFIG = {**TINY_CONFIGS["gemma"], "num_hidden_layers": 1}  # the smallest decoder: its trace takes ~3 s
@@ -49,7 +49,9 @@ def listing(folder: Path) -> list[str]:
 WRAPPER = """
 import sys
 import onnx_ir as ir
-from gemma_export import cli, optimize, trace
+from gemma_export.cli import main as cli
+from gemma_export.pipeline import optimize
+from gemma_export.pipeline import trace
 traced = sys.argv.pop(1)
 trace.export_decoder = lambda model: ir.load(traced)
 optimize.optimize = lambda graph: graph
@@ -125,7 +127,7 @@ def test_unwritable_out_dir_is_refused_before_loading(
 @pytest.fixture(scope="module")
 def traced_file(ckpt: Path) -> Path:
     """The checkpoint's traced and optimized graph, made once (weights inline: it is small)."""
-    from gemma_export import load
+    from gemma_export.checkpoint import load
 
     _, model = load.load_model(ckpt)
     graph = optimize.attach_functions(optimize.optimize(trace.export_decoder(model)), trace.OPSET)
@@ -362,7 +364,7 @@ def test_sigint_mid_build_leaves_nothing(stage: str, ckpt: Path, traced_file: Pa
 # argv[1] once it has its request, then sleeps; the test interrupts the build while the child runs.
 SLOW_CHILD = """
 import os, sys, time
-from gemma_export import verify_worker
+from gemma_export.verify import child as verify_worker
 ready = sys.argv.pop(1)
 def slow(request):
     with open(ready + ".tmp", "w") as f:
@@ -374,7 +376,7 @@ sys.exit(verify_worker.main(sys.argv[1:]))
 """
 WRAPPER_SLOW_CHILD = WRAPPER.replace(
     "traced = sys.argv.pop(1)\n",
-    "traced = sys.argv.pop(1)\nready = sys.argv.pop(1)\nfrom gemma_export import verify_worker\n"
+    "traced = sys.argv.pop(1)\nready = sys.argv.pop(1)\nfrom gemma_export.verify import child as verify_worker\n"
     "verify_worker.command = lambda: [sys.executable, '-c', " + repr(SLOW_CHILD) + ", ready, str(os.getpid())]\n",
 ).replace("import sys\n", "import os, sys\n", 1)
 

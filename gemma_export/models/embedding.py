@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gemma_export.config import GemmaConfig, read_json
+from gemma_export.config.model_config import GemmaConfig, read_json
 from gemma_export.errors import BadInput
 from gemma_export.models.gemma import GemmaModel
 

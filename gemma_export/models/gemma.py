@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gemma_export.config import GemmaConfig, Rope
+from gemma_export.config.model_config import GemmaConfig, Rope
 from gemma_export.errors import BadInput
 from gemma_export.models.state import StateSpec
 from gemma_export.ops import attention as _attention_op  # noqa: F401 - registers torch.ops.gemma.attention

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gemma_export.config import GriffinConfig
+from gemma_export.config.model_config import GriffinConfig
 from gemma_export.errors import BadInput
 from gemma_export.models.gemma import RMSNorm, tied_lm_head
 from gemma_export.models.state import StateSpec

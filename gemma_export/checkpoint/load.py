@@ -1,0 +1,88 @@
+"""Load stage: a checkpoint folder -> (config, reference PyTorch model with its weights)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from gemma_export.checkpoint.files import read_tensors, select_weights
+from gemma_export.config.model_config import WEIGHT_PREFIXES, GemmaConfig, GriffinConfig, load_config
+from gemma_export.errors import BadInput
+from gemma_export.models.embedding import EmbeddingGemma, HeadConfig, is_sentence_transformers_folder, read_head
+from gemma_export.models.gemma import CHECKPOINT_RENAMES, GemmaModel
+from gemma_export.models.griffin import GriffinModel
+
+Decoder = GemmaModel | GriffinModel
+
+# Tensors a checkpoint may carry that the text decoder does not use: the (tied) LM head, and the vision
+# tower and projector of a multimodal Gemma 3.
+IGNORED_PREFIXES = ("lm_head.", "vision_tower.", "multi_modal_projector.")
+
+
+def load_model(
+    checkpoint_dir: Path, dtype: torch.dtype = torch.float32, *, allow_pickle: bool = False
+) -> tuple[GemmaConfig | GriffinConfig, Decoder]:
+    """`allow_pickle`: read pickled weights (`pytorch_model.bin`, ...) with torch.load(weights_only=True)."""
+    cfg = load_config(checkpoint_dir)
+    if is_sentence_transformers_folder(checkpoint_dir):
+        raise BadInput(f"{checkpoint_dir}: a sentence-transformers (embedding) folder; it builds an encoder")
+    with torch.device("meta"):
+        model = GriffinModel(cfg) if isinstance(cfg, GriffinConfig) else GemmaModel(cfg)
+    return cfg, _load_weights(checkpoint_dir, cfg, model, dtype, allow_pickle=allow_pickle)
+
+
+def _load_weights(
+    checkpoint_dir: Path,
+    cfg: GemmaConfig | GriffinConfig,
+    model: Decoder,
+    dtype: torch.dtype = torch.float32,
+    *,
+    allow_pickle: bool = False,
+) -> Decoder:
+    """Fill a meta-device model with the checkpoint's (memory-mapped) tensors, validated by name and shape."""
+    tensors = read_tensors(checkpoint_dir, allow_pickle=allow_pickle)
+    renames = CHECKPOINT_RENAMES.get(cfg.model_type, {})
+    to_checkpoint = {name: _rename(name, renames) for name, _ in model.named_parameters()}
+    expected = {to_checkpoint[name]: (tuple(p.shape), None) for name, p in model.named_parameters()}
+    found = select_weights(
+        tensors, expected, WEIGHT_PREFIXES, source=str(checkpoint_dir), ignore_prefixes=IGNORED_PREFIXES
+    )
+    state = {name: found[ckpt].to(dtype) for name, ckpt in to_checkpoint.items()}
+    model.load_state_dict(state, strict=True, assign=True)  # the meta model takes the tensors as they are
+    model.init_rope()
+    return model.eval()
+
+
+def _rename(name: str, renames: dict[str, str]) -> str:
+    for ours, theirs in renames.items():
+        name = name.replace(f".{ours}.", f".{theirs}.")
+    return name
+
+
+def load_embedding(
+    folder: Path, dim: int | None = None, *, allow_pickle: bool = False
+) -> tuple[GemmaConfig, HeadConfig, EmbeddingGemma]:
+    """A sentence-transformers EmbeddingGemma folder -> (backbone config, head, model truncated to `dim`)."""
+    cfg = load_config(folder)
+    if not isinstance(cfg, GemmaConfig) or cfg.model_type != "gemma3_text":
+        raise BadInput(f"{folder}: a sentence-transformers folder must hold a gemma3_text backbone")
+    head = read_head(folder, cfg.hidden_size)
+    model = EmbeddingGemma(cfg, head, dim or head.full_dim or cfg.hidden_size)
+    backbone = _load_weights(folder, cfg, model.backbone, allow_pickle=allow_pickle)
+    model.backbone = backbone
+    for spec, layer in zip(head.dense, model.dense, strict=True):
+        expected = {"linear.weight": ((spec.out_features, spec.in_features), None)}
+        if spec.bias:
+            expected["linear.bias"] = ((spec.out_features,), None)
+        found = select_weights(
+            read_tensors(folder / spec.path, allow_pickle=allow_pickle),
+            expected,
+            ("",),
+            source=str(folder / spec.path),
+            anchor="linear.weight",
+        )
+        layer.weight.data = found["linear.weight"].float()
+        if spec.bias:
+            layer.bias.data = found["linear.bias"].float()
+    return cfg, head, model.eval()

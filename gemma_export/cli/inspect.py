@@ -1,0 +1,27 @@
+"""`gemma-export inspect`: an artifact's manifest, summarised."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from gemma_export.cli.app import JsonFlag, app
+
+
+@app.command()
+def inspect(
+    artifact: Annotated[Path, typer.Argument(help="Artifact folder made by `build`.")],
+    as_json: JsonFlag = False,
+) -> None:
+    """Show an artifact's contract: model, inputs/outputs, carried state, files, parity."""
+    from gemma_export.cli.report import describe_manifest
+    from gemma_export.pipeline import package
+
+    manifest = package.read_manifest(artifact)
+    if as_json:
+        print(json.dumps({"ok": True, "manifest": manifest}, indent=2))
+    else:
+        describe_manifest(manifest)

@@ -1,0 +1,65 @@
+"""`gemma-export verify`: an artifact's files against its manifest, and its parity re-measured."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from gemma_export.cli.app import AllowPickleFlag, JsonFlag, app, emit
+from gemma_export.errors import BadInput, ParityError
+
+
+@app.command()
+def verify(
+    artifact: Annotated[Path, typer.Argument(help="Artifact folder made by `build`.")],
+    checkpoint: Annotated[
+        Path | None, typer.Option(help="Checkpoint to re-run parity against (else: only file hashes).")
+    ] = None,
+    tolerance: Annotated[float | None, typer.Option(help="Default: the tolerance the artifact was built with.")] = None,
+    allow_pickle: AllowPickleFlag = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Re-check an artifact: file hashes against its manifest, and parity against CHECKPOINT."""
+    from gemma_export.checkpoint import load
+    from gemma_export.pipeline import package
+    from gemma_export.runtime.session import OrtDecoder, OrtEncoder, TorchDecoder, TorchEncoder
+    from gemma_export.verify import gate as verify_stage
+
+    manifest = package.read_manifest(artifact)
+    changed = package.changed_files(artifact, manifest)
+    if changed:
+        raise ParityError(f"{artifact}: files changed since the build: {', '.join(changed)}")
+    result: dict[str, Any] = {"artifact": str(artifact), "files": "unchanged"}
+    text = f"{artifact}: {len(manifest['files'])} files match their manifest hashes"
+    if checkpoint is not None:
+        embedding = manifest["model"].get("task") == "sentence-embedding"
+        if embedding:
+            cfg, _, model = load.load_embedding(checkpoint, manifest["model"]["dim"], allow_pickle=allow_pickle)
+        else:
+            cfg, model = load.load_model(checkpoint, allow_pickle=allow_pickle)
+            if "cache_layout" in manifest["build"]:  # the reference carries its state as the artifact does
+                model.use_cache_layout(manifest["build"]["cache_layout"])
+        if cfg.to_json() != manifest["model"]["config"]:
+            raise BadInput(f"{checkpoint}: config differs from the one the artifact was built from")
+        parity = manifest["parity"]
+        if parity["metric"] == "agreement":  # a quantized artifact: the agreement gate it was built with
+            if tolerance is not None:
+                raise BadInput(f"--tolerance gates fp32 artifacts; this one is {parity['quant']} (agreement gate)")
+            report = verify_stage.compare_agreement(TorchDecoder(model), OrtDecoder(artifact, manifest), cfg,
+                                                    parity["quant"], parity["min_top1"], parity["max_kl"])  # fmt: skip
+        elif embedding:
+            tol = tolerance if tolerance is not None else parity["tolerance"]
+            report = verify_stage.compare_embeddings(TorchEncoder(model), OrtEncoder(artifact, manifest), cfg, tol)
+        else:
+            tol = tolerance if tolerance is not None else parity["tolerance"]
+            report = verify_stage.compare(TorchDecoder(model), OrtDecoder(artifact, manifest), cfg, tol)
+        result["parity"] = report.to_json()
+        text += f"\nparity: {report.summary()}"
+        if not report.passed:
+            if as_json:
+                print(json.dumps({"ok": False, **result}, indent=2))
+            raise ParityError(text.replace("\n", "; "))
+    emit(result, as_json, text)

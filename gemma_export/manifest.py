@@ -1,0 +1,365 @@
+"""The artifact's manifest (`manifest.json`): the contract every runtime reads (Python here; C++ and Java mirror it).
+
+One module defines it; the build writes it (`Manifest.write`), every reader gets the typed object
+(`Manifest.read`). Torch-free: only pydantic.
+
+Format and compatibility rule: `format` is `gemma-export/manifest-vMAJOR.MINOR`.
+  * A MINOR release only adds optional fields: a reader of MAJOR.N reads every MAJOR.M with M <= N, and
+    refuses M > N (it would not know the new fields) with "written by a newer gemma-export".
+  * A MAJOR release changes or removes a field: readers refuse other majors ("rebuild the artifact").
+  * Within the versions a reader knows, an unknown or missing field is an error naming it (a typo, a
+    truncated file or a hand edit is never read as a default).
+The README's "Manifest fields" table is generated from these classes (`field_table`) and checked by a test.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from gemma_export.errors import BadInput
+
+MANIFEST = "manifest.json"
+FORMAT_PREFIX = "gemma-export/manifest-v"
+VERSION = (2, 0)  # 2.0: the first typed manifest (1: the untyped dict of gemma-export 0.1)
+FORMAT = f"{FORMAT_PREFIX}{VERSION[0]}.{VERSION[1]}"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TensorSpec(_Strict):
+    """A graph input or output."""
+
+    name: str = Field(description="the ONNX value name")
+    dtype: str = Field(description="float32 | int64 | float16 | ...")
+    shape: list[int | str] = Field(description="ints, or symbolic names (batch, sequence_length, ...)")
+    optional: bool = Field(False, description="an input with a default (`logits_to_keep`): may be left out")
+    default: Any = Field(None, description="the value an optional input takes when left out")
+
+
+class StateEntry(_Strict):
+    """A cache tensor carried from one call to the next: `output` of a call feeds `input` of the next."""
+
+    input: str = Field(description="the graph input (`past_key_values.0.key`)")
+    output: str = Field(description="the graph output that feeds it (`present.0.key`)")
+    shape: list[int | str] = Field(description="its initial shape; 0 marks the dimension that grows")
+    dtype: str = Field(description="float32")
+    shared_buffer: bool = Field(False, description="ort-cpu: the output may be written into the input's buffer")
+
+
+class FileEntry(_Strict):
+    path: str = Field(description="relative to the artifact folder")
+    sha256: str = Field(description="hex digest of the file's bytes")
+    bytes: int = Field(description="its size")
+
+
+class ModelConfig(BaseModel):
+    """The normalised model config (`config/model_config.py`'s `to_json`): the fields every runtime needs are
+    checked; the family's architecture fields (Gemma's `layer_types`, Griffin's `block_types`, ...) ride along."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    bos_token_id: int
+    eos_token_ids: list[int]
+    pad_token_id: int
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.to_json().get(key, default)
+
+    def to_json(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+class GgufSource(_Strict):
+    format: Literal["gguf"]
+    file: str
+    sha256: str
+    bytes: int
+    architecture: str
+    tensor_types: dict[str, int] = Field(description="tensor count per GGUF type (Q4_K, F32, ...)")
+
+
+class EmbeddingHead(_Strict):
+    pooling: Literal["mean"]
+    dense: list[dict[str, Any]] = Field(description="in_features, out_features, bias, activation per layer")
+    normalize: bool
+    prompts: dict[str, str] = Field(description="task name -> prompt prefix")
+    default_prompt_name: str | None
+    max_seq_length: int | None
+
+
+class ModelInfo(_Strict):
+    type: str = Field(description="our model type: gemma, gemma2, gemma3_text, recurrent_gemma, ...")
+    source_model_type: str = Field(description="the checkpoint's own model_type")
+    config: ModelConfig = Field(description="the normalised config (vocab, ids, architecture)")
+    source: GgufSource | None = Field(None, description="a GGUF checkpoint's file, sha256 and tensor types")
+    task: Literal["sentence-embedding"] | None = Field(None, description="embedding models only")
+    head: EmbeddingHead | None = Field(None, description="embedding models: pooling, Dense layers, prompts")
+    dim: int | None = Field(None, description="embedding models: the output width (Matryoshka)")
+
+
+class BuildInfo(_Strict):
+    target: str = Field(description="the target it was lowered for (onnx, ort-cpu)")
+    precision: str = Field(description="fp32")
+    quant: str = Field(description="none | int8 | int4 | int4-plain")
+    opset: int = Field(description="the default-domain ONNX opset")
+    domains: dict[str, int] = Field(description="every opset import: domain -> version")
+    max_length: int = Field(description="the longest sequence (prompt + generated) it serves")
+    cache_layout: Literal["full", "windowed"] | None = Field(None, description="decoders' KV cache layout")
+
+
+class Width(_Strict):
+    bits: int
+    block_size: int
+    symmetric: bool
+
+
+class Quantization(_Strict):
+    method: str
+    bits: int = Field(description="the projections' width (`widths` has every role's)")
+    block_size: int
+    symmetric: bool
+    accuracy_level: int = Field(description="MatMulNBits: 0 float32 activations, 4 int8")
+    widths: dict[str, Width] = Field(description="per role: projections, embedding, and the roles kept wider")
+    quantized: dict[str, int | str] = Field(description="what was rewritten: MatMul count, LM head, embedding")
+    kept_float32: str
+    weight_bytes: dict[Literal["before", "after"], int]
+
+
+class RandomCheckpoint(_Strict):
+    seed: int
+    layers: int | None
+
+
+class RecipeRecord(_Strict):
+    name: str
+    file: str
+    sha256: str = Field(description="of the recipe file's bytes")
+    content: dict[str, Any] = Field(description="the validated recipe (config/recipes.py's schema)")
+    random_checkpoint: RandomCheckpoint | None = Field(None, description="--random: the seed and depth")
+
+
+class Closeness(_Strict):
+    max_abs_error: float
+    top1: float
+    max_flipped_margin: float
+    positions: int
+
+
+class LogitCase(_Strict):
+    name: str
+    prompt_lengths: list[int]
+    prefill: Closeness
+    decode: Closeness
+
+
+class LogitParity(_Strict):
+    """The fp32 gate: max abs logit error relative to the logit scale, and top-1 agreement (verify/gate.py)."""
+
+    metric: Literal["relative_logit_error"]
+    tolerance: float
+    min_top1: float
+    logit_scale: float
+    prefill: float
+    decode: float
+    prefill_max_abs_error: float
+    prefill_top1: float
+    prefill_max_flipped_margin: float
+    prefill_positions: int
+    decode_max_abs_error: float
+    decode_top1: float
+    decode_max_flipped_margin: float
+    decode_positions: int
+    passed: bool
+    cases: list[LogitCase]
+
+
+class Agreement(_Strict):
+    top1: float
+    kl: float
+    max_abs_logit_error: float
+    positions: int
+
+
+class AgreementCase(_Strict):
+    name: str
+    prompt_lengths: list[int]
+    prefill: Agreement
+    decode: Agreement
+
+
+class AgreementParity(_Strict):
+    """A quantized build's gate: top-1 agreement and mean KL against the fp32 reference."""
+
+    metric: Literal["agreement"]
+    quant: str
+    min_top1: float
+    max_kl: float
+    prefill: Agreement
+    decode: Agreement
+    passed: bool
+    cases: list[AgreementCase]
+
+
+class EmbeddingParity(_Strict):
+    """An embedding model's gate: max abs difference per sentence-embedding component."""
+
+    metric: Literal["max_abs_embedding_error"]
+    tolerance: float
+    prompt_lengths: list[int]
+    sentence_max_abs_error: float
+    sentence_min_cosine: float
+    token_max_abs_error: float
+    passed: bool
+
+
+Parity = Annotated[LogitParity | AgreementParity | EmbeddingParity, Field(discriminator="metric")]
+
+
+class Manifest(_Strict):
+    format: str = Field(description=f"`{FORMAT}`: the compatibility rule is in the module's docstring")
+    model: ModelInfo = Field(description="what was exported")
+    build: BuildInfo = Field(description="how it was built")
+    inputs: list[TensorSpec] = Field(description="the graph's inputs, in order")
+    outputs: list[TensorSpec] = Field(description="the graph's outputs, in order")
+    state: list[StateEntry] = Field(description="cache pairs carried between calls (empty for encoders)")
+    files: dict[str, FileEntry] = Field(description="role (model, weights, genai_config, tokenizer.json, ...) -> file")
+    quantization: Quantization | None = Field(None, description="quantized builds: widths and what was rewritten")
+    recipe: RecipeRecord | None = Field(None, description="the recipe it was built from, if any")
+    versions: dict[str, str] = Field(description="gemma-export and its toolchain (torch, onnx, onnxruntime, ...)")
+    parity: Parity = Field(description="the gate it passed, and what was measured (`metric` says which)")
+
+    @field_validator("format")
+    @classmethod
+    def _known_format(cls, value: str) -> str:
+        check_format(value)
+        return value
+
+    # --- reading and writing -----------------------------------------------------------------------------
+
+    @classmethod
+    def from_json(cls, data: Any, source: str = MANIFEST) -> Manifest:
+        """The typed manifest of a parsed JSON document; one line naming the first bad field otherwise."""
+        if isinstance(data, dict):
+            check_format(data.get("format"), source)  # before the fields: another version has other fields
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            raise BadInput(f"{source}: {describe(e)}") from None
+
+    @classmethod
+    def read(cls, artifact_dir: Path) -> Manifest:
+        artifact_dir = Path(artifact_dir)
+        path = artifact_dir / MANIFEST
+        if not artifact_dir.is_dir():
+            raise BadInput(f"{artifact_dir}: artifact directory does not exist")
+        if not path.is_file():
+            raise BadInput(f"{artifact_dir}: no {MANIFEST}; not a gemma-export artifact")
+        try:
+            data = json.loads(path.read_bytes())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise BadInput(f"{path}: not readable JSON ({e})") from None
+        return cls.from_json(data, str(path))
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON document: fields left at their default (None, False) are omitted."""
+        return self.model_dump(mode="json", exclude_defaults=True)
+
+    def write(self, folder: Path) -> Path:
+        path = Path(folder) / MANIFEST
+        path.write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        return path
+
+    @property
+    def is_embedding(self) -> bool:
+        return self.model.task == "sentence-embedding"
+
+    @property
+    def quantization_label(self) -> str:
+        return self.build.quant if self.quantization is not None else self.build.precision
+
+
+def check_format(value: Any, source: str = MANIFEST) -> tuple[int, int]:
+    """(major, minor) of a format string this reader can read, or one line saying why it cannot."""
+    match = re.fullmatch(re.escape(FORMAT_PREFIX) + r"(\d+)(?:\.(\d+))?", value) if isinstance(value, str) else None
+    if match is None:
+        raise BadInput(f"{source}: format: unknown manifest format {value!r} (expected {FORMAT!r})")
+    major, minor = int(match[1]), int(match[2] or 0)
+    if major != VERSION[0]:
+        newer = "a newer gemma-export: upgrade to read it" if major > VERSION[0] else "an older gemma-export"
+        raise BadInput(f"{source}: format: manifest {major}.{minor} was written by {newer}; this reader knows "
+                       f"{VERSION[0]}.x (rebuild the artifact)")  # fmt: skip
+    if minor > VERSION[1]:
+        raise BadInput(f"{source}: format: manifest {major}.{minor} was written by a newer gemma-export (this "
+                       f"reader knows up to {VERSION[0]}.{VERSION[1]}); upgrade gemma-export")  # fmt: skip
+    return major, minor
+
+
+def describe(error: ValidationError) -> str:
+    """The first problem of a validation error, as `field.path: what is wrong`."""
+    first = error.errors()[0]
+    where = ".".join(str(p) for p in first["loc"] if not str(p).endswith("Parity")) or "(top level)"
+    kind = first["type"]
+    if kind == "missing":
+        return f"{where}: missing field"
+    if kind == "extra_forbidden":
+        return f"{where}: unknown field"
+    return f"{where}: {first['msg']}"
+
+
+# --- the README's table ------------------------------------------------------------------------------------
+
+
+def field_table() -> list[str]:
+    """Markdown rows `| field | type | meaning |` of every field, nested ones dotted (README "Manifest fields")."""
+    rows = ["| field | type | meaning |", "| --- | --- | --- |"]
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, info in model.model_fields.items():
+            annotation = info.annotation
+            nested = _nested_model(annotation)
+            required = "" if info.is_required() else " (optional)"
+            rows.append(f"| `{prefix}{name}` | {_type_name(annotation)}{required} | {info.description or ''} |")
+            if nested is not None and nested is not ModelConfig:
+                walk(nested, f"{prefix}{name}{'[]' if _is_list(annotation) else ''}.")
+
+    walk(Manifest, "")
+    return rows
+
+
+def _args(annotation: Any) -> tuple[Any, ...]:
+    return getattr(annotation, "__args__", ())
+
+
+def _is_list(annotation: Any) -> bool:
+    return getattr(annotation, "__origin__", None) is list or any(_is_list(a) for a in _args(annotation))
+
+
+def _nested_model(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if getattr(annotation, "__origin__", None) is dict:
+        return None
+    for arg in _args(annotation):
+        found = _nested_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _type_name(annotation: Any) -> str:
+    text = getattr(annotation, "__name__", None) if isinstance(annotation, type) else None
+    if text is None:
+        text = str(annotation).replace("typing.", "").replace("gemma_export.manifest.", "")
+        text = re.sub(r"Annotated\[(.*), FieldInfo\(.*\)\]", r"\1", text)
+    return f"`{text}`".replace("NoneType", "None").replace("|", "\\|")
