@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -109,7 +109,8 @@ class ModelInfo(_Strict):
 
 
 class BuildInfo(_Strict):
-    target: str = Field(description="the target it was lowered for (onnx, ort-cpu)")
+    target: str = Field(description="the target it was lowered for (targets/: onnx, ort-cpu)")
+    providers: list[str] = Field(description="ONNX Runtime execution providers that run it, in order")
     precision: str = Field(description="fp32")
     quant: str = Field(description="none | int8 | int4 | int4-plain")
     opset: int = Field(description="the default-domain ONNX opset")
@@ -226,8 +227,11 @@ class EmbeddingParity(_Strict):
 Parity = Annotated[LogitParity | AgreementParity | EmbeddingParity, Field(discriminator="metric")]
 
 
-class Manifest(_Strict):
-    format: str = Field(description=f"`{FORMAT}`: the compatibility rule is in the module's docstring")
+class ArtifactSpec(_Strict):
+    """What the artifact is, before its verification: everything a runtime needs to open and run it (the build's
+    verify stage opens the artifact with this). `Manifest` adds the verification's result."""
+
+    format: str = Field(description=f"`{FORMAT}`: the compatibility rule is in manifest.py's docstring")
     model: ModelInfo = Field(description="what was exported")
     build: BuildInfo = Field(description="how it was built")
     inputs: list[TensorSpec] = Field(description="the graph's inputs, in order")
@@ -237,7 +241,6 @@ class Manifest(_Strict):
     quantization: Quantization | None = Field(None, description="quantized builds: widths and what was rewritten")
     recipe: RecipeRecord | None = Field(None, description="the recipe it was built from, if any")
     versions: dict[str, str] = Field(description="gemma-export and its toolchain (torch, onnx, onnxruntime, ...)")
-    parity: Parity = Field(description="the gate it passed, and what was measured (`metric` says which)")
 
     @field_validator("format")
     @classmethod
@@ -248,7 +251,7 @@ class Manifest(_Strict):
     # --- reading and writing -----------------------------------------------------------------------------
 
     @classmethod
-    def from_json(cls, data: Any, source: str = MANIFEST) -> Manifest:
+    def from_json(cls, data: Any, source: str = MANIFEST) -> Self:
         """The typed manifest of a parsed JSON document; one line naming the first bad field otherwise."""
         if isinstance(data, dict):
             check_format(data.get("format"), source)  # before the fields: another version has other fields
@@ -258,7 +261,7 @@ class Manifest(_Strict):
             raise BadInput(f"{source}: {describe(e)}") from None
 
     @classmethod
-    def read(cls, artifact_dir: Path) -> Manifest:
+    def read(cls, artifact_dir: Path) -> Self:
         artifact_dir = Path(artifact_dir)
         path = artifact_dir / MANIFEST
         if not artifact_dir.is_dir():
@@ -275,18 +278,15 @@ class Manifest(_Strict):
         """The JSON document: fields left at their default (None, False) are omitted."""
         return self.model_dump(mode="json", exclude_defaults=True)
 
-    def write(self, folder: Path) -> Path:
-        path = Path(folder) / MANIFEST
-        path.write_text(json.dumps(self.to_json(), indent=2) + "\n")
-        return path
-
     @property
-    def is_embedding(self) -> bool:
+    def is_embedding_model(self) -> bool:
         return self.model.task == "sentence-embedding"
 
-    @property
-    def quantization_label(self) -> str:
-        return self.build.quant if self.quantization is not None else self.build.precision
+
+class Manifest(ArtifactSpec):
+    """The whole manifest: the artifact (`ArtifactSpec`) and the parity gate it passed."""
+
+    parity: Parity = Field(description="the gate it passed, and what was measured (`metric` says which)")
 
 
 def check_format(value: Any, source: str = MANIFEST) -> tuple[int, int]:
@@ -324,14 +324,16 @@ def field_table() -> list[str]:
     """Markdown rows `| field | type | meaning |` of every field, nested ones dotted (README "Manifest fields")."""
     rows = ["| field | type | meaning |", "| --- | --- | --- |"]
 
-    def walk(model: type[BaseModel], prefix: str) -> None:
+    def walk(model: type[BaseModel], prefix: str, variant: str = "") -> None:
         for name, info in model.model_fields.items():
             annotation = info.annotation
-            nested = _nested_model(annotation)
             required = "" if info.is_required() else " (optional)"
-            rows.append(f"| `{prefix}{name}` | {_type_name(annotation)}{required} | {info.description or ''} |")
-            if nested is not None and nested is not ModelConfig:
-                walk(nested, f"{prefix}{name}{'[]' if _is_list(annotation) else ''}.")
+            meaning = variant + (info.description or "").replace("|", "\\|")
+            rows.append(f"| `{prefix}{name}` | {_type_name(annotation)}{required} | {meaning} |")
+            nested = _nested_models(annotation)
+            for model_type in nested if nested != [ModelConfig] else []:
+                label = f"[{model_type.__name__}] " if len(nested) > 1 else variant
+                walk(model_type, f"{prefix}{name}{'[]' if _is_list(annotation) else ''}.", label)
 
     walk(Manifest, "")
     return rows
@@ -345,16 +347,13 @@ def _is_list(annotation: Any) -> bool:
     return getattr(annotation, "__origin__", None) is list or any(_is_list(a) for a in _args(annotation))
 
 
-def _nested_model(annotation: Any) -> type[BaseModel] | None:
+def _nested_models(annotation: Any) -> list[type[BaseModel]]:
+    """The models a field holds (several for a union), not those inside a dict's values."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
+        return [annotation]
     if getattr(annotation, "__origin__", None) is dict:
-        return None
-    for arg in _args(annotation):
-        found = _nested_model(arg)
-        if found is not None:
-            return found
-    return None
+        return []
+    return [m for arg in _args(annotation) for m in _nested_models(arg)]
 
 
 def _type_name(annotation: Any) -> str:

@@ -8,12 +8,15 @@ import onnx
 import pytest
 
 from gemma_export.checkpoint import load
+from gemma_export.manifest import MANIFEST, Manifest
 from gemma_export.pipeline import package
 from gemma_export.pipeline.build import BuildOptions, build
 from gemma_export.pipeline.progress import Stages
-from gemma_export.runtime.session import OrtDecoder, TorchDecoder, generate
+from gemma_export.runtime.session import OrtDecoder, generate
+from gemma_export.targets.genai_config import GENAI_CONFIG
 from gemma_export.verify import gate as verify
 from gemma_export.verify import passes
+from gemma_export.verify.reference import TorchDecoder
 from tests.genai_client import genai_greedy
 from tests.test_reference import hf_greedy, long_and_padded
 
@@ -22,7 +25,7 @@ TOL = 1e-4
 
 def test_artifact_matches_reference_prefill_and_decode(artifact, checkpoint) -> None:
     cfg, model = load.load_model(checkpoint)
-    manifest = package.read_manifest(artifact)
+    manifest = Manifest.read(artifact)
     report = verify.compare(TorchDecoder(model), OrtDecoder(artifact, manifest), cfg, TOL, decode_steps=8)
     lengths = [n for c in report.cases for n in c.prompt_lengths]
     assert max(lengths) > 2 * cfg.max_window
@@ -30,14 +33,14 @@ def test_artifact_matches_reference_prefill_and_decode(artifact, checkpoint) -> 
     assert report.prefill_max_abs_error <= TOL
     assert report.decode_max_abs_error <= TOL
     # the build recorded its own run of the same gate
-    assert manifest["parity"]["passed"] and manifest["parity"]["prefill"] <= TOL and manifest["parity"]["decode"] <= TOL
+    assert manifest.parity.passed and manifest.parity.prefill <= TOL and manifest.parity.decode <= TOL
 
 
 def test_artifact_greedy_tokens_match_transformers(artifact, checkpoint, hf_model) -> None:
     cfg, _ = load.load_model(checkpoint)
     prompts = long_and_padded(cfg)
     expected = hf_greedy(hf_model, prompts, 20, cfg.pad_token_id)
-    ours = generate(OrtDecoder(artifact, package.read_manifest(artifact)), prompts, 20, pad_id=cfg.pad_token_id)
+    ours = generate(OrtDecoder(artifact, Manifest.read(artifact)), prompts, 20, pad_id=cfg.pad_token_id)
     assert ours == expected
 
 
@@ -113,7 +116,7 @@ def test_same_inputs_give_byte_identical_artifacts(checkpoints, tmp_path) -> Non
     first, second = tmp_path / "a", tmp_path / "b"
     for out in (first, second):
         build(checkpoints["gemma3_text"], out, BuildOptions(), Stages(quiet=True))
-    for name in (package.MODEL_FILE, package.WEIGHTS_FILE, package.MANIFEST, package.GENAI_CONFIG):
+    for name in (package.MODEL_FILE, package.WEIGHTS_FILE, MANIFEST, GENAI_CONFIG):
         assert (first / name).read_bytes() == (second / name).read_bytes(), name
 
 
@@ -122,7 +125,7 @@ def test_chunked_prefill_through_the_cache_matches_one_pass(artifact, checkpoint
     from gemma_export.runtime import session as runtime
 
     cfg, model = load.load_model(checkpoint)
-    manifest = package.read_manifest(artifact)
+    manifest = Manifest.read(artifact)
     prompts = long_and_padded(cfg)
     whole = generate(OrtDecoder(artifact, manifest), prompts, 8, pad_id=cfg.pad_token_id)
     monkeypatch.setattr(runtime, "LOGITS_BUDGET_BYTES", 4 * len(prompts) * cfg.vocab_size * 7)  # 7 tokens a pass
@@ -138,7 +141,7 @@ def test_inspect_shows_the_contract(artifact, capsys) -> None:
 
     assert main(["inspect", str(artifact), "--json"]) == 0
     shown = json.loads(capsys.readouterr().out)
-    assert shown["ok"] and shown["manifest"] == package.read_manifest(artifact)
+    assert shown["ok"] and shown["manifest"] == Manifest.read(artifact)
     assert main(["inspect", str(artifact)]) == 0
     text = capsys.readouterr().out
     for expected in ("input_ids", "past_key_values.{i}.key", "present.{i}.value", "model.onnx.data", "parity"):

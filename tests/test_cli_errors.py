@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from gemma_export.cli.main import main
 from gemma_export.dev.random_checkpoint import TINY_CONFIGS, write_random_checkpoint
+from gemma_export.manifest import MANIFEST
 from gemma_export.pipeline import optimize, package, trace
 
 MODEL_TYPE = "gemma3_text"
@@ -554,7 +555,7 @@ def test_force_replaces_out_dir(built: tuple[Path, Path]) -> None:
     _, out = built
     names = {p.name for p in out.iterdir()}
     assert "stale.txt" not in names
-    assert {package.MANIFEST, package.MODEL_FILE, package.WEIGHTS_FILE} <= names
+    assert {MANIFEST, package.MODEL_FILE, package.WEIGHTS_FILE} <= names
     assert [p.name for p in out.parent.iterdir() if p.name.startswith(".")] == []
 
 
@@ -613,7 +614,7 @@ def test_generate_refuses_a_folder_that_is_not_an_artifact(
         assert stdout == ""
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
-    (corrupt / package.MANIFEST).write_text("{not json")
+    (corrupt / MANIFEST).write_text("{not json")
     code, _, stderr = run(capsys, "generate", corrupt, "--token-ids", "2,3")
     assert code == 2
     error_line(stderr, "manifest.json", "not valid JSON")

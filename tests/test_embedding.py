@@ -12,7 +12,7 @@ import torch
 from gemma_export.checkpoint import load
 from gemma_export.cli.main import main
 from gemma_export.dev import random_checkpoint
-from gemma_export.pipeline import package
+from gemma_export.manifest import Manifest
 from gemma_export.pipeline.build import BuildOptions, build
 from gemma_export.pipeline.progress import Stages
 from gemma_export.runtime import embed as embedding
@@ -114,15 +114,15 @@ def test_prompts_matter_and_are_applied(st_model, artifacts) -> None:
 
 
 def test_build_records_parity_and_prompts(artifacts, st_folder) -> None:
-    manifest = package.read_manifest(artifacts[32])
-    assert manifest["model"]["task"] == "sentence-embedding" and manifest["model"]["dim"] == 32
-    assert manifest["model"]["head"]["prompts"] == PROMPTS
-    parity = manifest["parity"]
-    assert parity["passed"] and parity["sentence_max_abs_error"] <= 1e-5
-    assert max(parity["prompt_lengths"]) > 2 * 2 * (WINDOW // 2 + 1)
-    outputs = {v["name"]: v for v in manifest["outputs"]}
-    assert outputs["sentence_embedding"]["shape"] == ["batch", 32]
-    assert outputs["token_embeddings"]["shape"] == ["batch", "sequence_length", HIDDEN]
+    manifest = Manifest.read(artifacts[32])
+    assert manifest.model.task == "sentence-embedding" and manifest.model.dim == 32
+    assert manifest.model.head.prompts == PROMPTS
+    parity = manifest.parity
+    assert parity.passed and parity.sentence_max_abs_error <= 1e-5
+    assert max(parity.prompt_lengths) > 2 * 2 * (WINDOW // 2 + 1)
+    outputs = {v.name: v for v in manifest.outputs}
+    assert outputs["sentence_embedding"].shape == ["batch", 32]
+    assert outputs["token_embeddings"].shape == ["batch", "sequence_length", HIDDEN]
     cfg, _, _ = load.load_embedding(st_folder)
     assert cfg.sliding_window == WINDOW // 2 + 1  # transformers' bidirectional window
 

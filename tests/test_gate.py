@@ -17,9 +17,9 @@ import torch
 from gemma_export.checkpoint import load
 from gemma_export.config.model_config import GemmaConfig
 from gemma_export.models.gemma import GemmaModel
-from gemma_export.runtime.session import TorchDecoder
 from gemma_export.verify import gate as verify
 from gemma_export.verify.measures import Closeness
+from gemma_export.verify.reference import TorchDecoder
 
 
 def variant(model: GemmaModel, **changes) -> GemmaModel:

@@ -29,7 +29,8 @@ from gemma_export.cli.main import main
 from gemma_export.config.model_config import load_config, parse_config
 from gemma_export.dev.random_checkpoint import BYTE_TOKENS, SPECIAL_TOKENS, TINY_CONFIGS, write_random_checkpoint
 from gemma_export.errors import BadInput
-from gemma_export.pipeline import memory, package
+from gemma_export.manifest import Manifest
+from gemma_export.pipeline import memory
 from gemma_export.pipeline.build import BuildOptions, build
 from gemma_export.pipeline.progress import Stages
 from gemma_export.runtime.session import OrtDecoder
@@ -275,8 +276,8 @@ def test_build_passes_its_gate_and_matches_transformers_on_a_long_prompt(
     model_type, sources, ggufs, gguf_artifacts, tmp_path_factory
 ) -> None:
     art = artifact_of(model_type, ggufs, gguf_artifacts, tmp_path_factory.mktemp("built"))
-    manifest = package.read_manifest(art)
-    assert manifest["parity"]["passed"]
+    manifest = Manifest.read(art)
+    assert manifest.parity.passed
     oracle = (source_oracle(sources[model_type]) if model_type == "gemma"
               else transformers_oracle(model_type, ggufs[model_type], sources[model_type]))  # fmt: skip
     ids = np.random.default_rng(0).integers(5, TINY_CONFIGS[model_type]["vocab_size"], (1, PROMPT_LENGTH))
@@ -292,14 +293,14 @@ def test_build_passes_its_gate_and_matches_transformers_on_a_long_prompt(
 def test_manifest_records_the_gguf_source(ggufs, gguf_artifacts, tmp_path_factory) -> None:
     art = artifact_of("gemma3_text", ggufs, gguf_artifacts, tmp_path_factory.mktemp("built"))
     path = ggufs["gemma3_text"]
-    source = package.read_manifest(art)["model"]["source"]
+    source = Manifest.read(art)["model"]["source"]
     layers = TINY_CONFIGS["gemma3_text"]["num_hidden_layers"]
     types = {"F32": 7 * layers + 1, "Q8_0": 1, "Q4_0": layers, "Q5_0": layers, "Q5_1": layers,
              "Q4_1": layers, "F16": layers, "BF16": layers}  # fmt: skip
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     assert source == {"format": "gguf", "file": path.name, "sha256": digest, "bytes": path.stat().st_size,
                       "architecture": "gemma3", "tensor_types": dict(sorted(types.items()))}  # fmt: skip
-    assert {"tokenizer.json", "tokenizer_config.json"} <= set(package.read_manifest(art)["files"])
+    assert {"tokenizer.json", "tokenizer_config.json"} <= set(Manifest.read(art)["files"])
 
 
 def test_tokenizer_matches_transformers_gguf_tokenizer(ggufs, gguf_artifacts, tmp_path_factory) -> None:

@@ -17,12 +17,14 @@ import torch
 
 from gemma_export.checkpoint import load
 from gemma_export.dev import random_checkpoint
+from gemma_export.manifest import Manifest
 from gemma_export.ops import rglru as rglru_op
 from gemma_export.pipeline import package
 from gemma_export.pipeline.build import BuildOptions, build
 from gemma_export.pipeline.progress import Stages
-from gemma_export.runtime.session import OrtDecoder, TorchDecoder, generate, left_pad, positions
+from gemma_export.runtime.session import OrtDecoder, generate, left_pad, positions
 from gemma_export.verify import gate as verify
+from gemma_export.verify.reference import TorchDecoder
 
 TOL = 1e-4
 WINDOW = 8
@@ -102,7 +104,7 @@ def test_greedy_tokens_match_transformers_generate(griffin_checkpoint, hf_griffi
         )
     expected = out[:, ids.shape[1] :].tolist()
     assert generate(TorchDecoder(model), batch, 20) == expected
-    assert generate(OrtDecoder(griffin_artifact, package.read_manifest(griffin_artifact)), batch, 20) == expected
+    assert generate(OrtDecoder(griffin_artifact, Manifest.read(griffin_artifact)), batch, 20) == expected
 
 
 def test_left_padded_rows_compute_what_they_compute_alone(griffin_checkpoint) -> None:
@@ -117,7 +119,7 @@ def test_left_padded_rows_compute_what_they_compute_alone(griffin_checkpoint) ->
 
 def test_artifact_matches_reference_across_the_window(griffin_checkpoint, griffin_artifact) -> None:
     cfg, model = load.load_model(griffin_checkpoint)
-    artifact = OrtDecoder(griffin_artifact, package.read_manifest(griffin_artifact))
+    artifact = OrtDecoder(griffin_artifact, Manifest.read(griffin_artifact))
     report = verify.compare(TorchDecoder(model), artifact, cfg, TOL, decode_steps=2 * WINDOW)
     assert max(n for c in report.cases for n in c.prompt_lengths) > 2 * WINDOW
     assert report.prefill_max_abs_error <= TOL
@@ -127,7 +129,7 @@ def test_artifact_matches_reference_across_the_window(griffin_checkpoint, griffi
 def test_decode_state_is_constant_in_length(griffin_checkpoint, griffin_artifact) -> None:
     """Generate past 4x the window: every carried tensor keeps its shape, and the tokens stay right."""
     _, model = load.load_model(griffin_checkpoint)
-    manifest = package.read_manifest(griffin_artifact)
+    manifest = Manifest.read(griffin_artifact)
     artifact = OrtDecoder(griffin_artifact, manifest)
     shapes: list[list[tuple[int, ...]]] = []
     step = artifact.step
@@ -145,7 +147,7 @@ def test_decode_state_is_constant_in_length(griffin_checkpoint, griffin_artifact
     assert len(shapes) == new_tokens and all(s == shapes[0] for s in shapes)
     initial = [c.shape for c in artifact.empty_cache(2)]
     assert shapes[0] == initial
-    assert all("past_sequence_length" not in str(v["shape"]) for v in manifest["inputs"])
+    assert all("past_sequence_length" not in str(v.shape) for v in manifest.inputs)
 
 
 def test_graph_has_one_op_per_block_and_no_unrolled_time_loop(griffin_checkpoint, griffin_artifact) -> None:

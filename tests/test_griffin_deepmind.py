@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from gemma_export.checkpoint.load import load_model
-from gemma_export.runtime.session import TorchDecoder, generate, left_pad, positions
+from gemma_export.runtime.session import generate, left_pad, positions
+from gemma_export.verify.reference import TorchDecoder
 from tests.deepmind_oracle import import_deepmind, to_deepmind
 
 WINDOW = 8

@@ -23,6 +23,7 @@ from onnx import helper
 
 from gemma_export.checkpoint import load
 from gemma_export.dev import random_checkpoint
+from gemma_export.manifest import Manifest
 from gemma_export.pipeline import logits_to_keep, optimize, package, quantize, trace
 from gemma_export.pipeline.build import BuildOptions, build
 from gemma_export.pipeline.progress import Stages
@@ -111,26 +112,26 @@ class Runner:
     """The artifact's session and today's, fed the contract's inputs (state from the manifest)."""
 
     def __init__(self, artifact: Path, before: onnx.ModelProto) -> None:
-        self.manifest = package.read_manifest(artifact)
+        self.manifest = Manifest.read(artifact)
         self.now, self.before = session(artifact / package.MODEL_FILE), session(before)
-        self.state = self.manifest["state"]
-        self.outputs = [o["name"] for o in self.manifest["outputs"]]
-        mask = next(v for v in self.manifest["inputs"] if v["name"] == "attention_mask")
-        self.mask_covers_past = mask["shape"][1] != "sequence_length"
+        self.state = self.manifest.state
+        self.outputs = [o.name for o in self.manifest.outputs]
+        mask = next(v for v in self.manifest.inputs if v.name == "attention_mask")
+        self.mask_covers_past = mask.shape[1] != "sequence_length"
 
     def empty(self, batch: int) -> list[np.ndarray]:
-        return [np.zeros([batch if d == "batch" else d for d in s["shape"]], s["dtype"]) for s in self.state]
+        return [np.zeros([batch if d == "batch" else d for d in s.shape], s.dtype) for s in self.state]
 
     def feed(self, ids, mask, pos, cache) -> dict[str, np.ndarray]:
         if not self.mask_covers_past:
             mask = mask[:, -ids.shape[1] :]
         feed = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
-        return {**feed, **{s["input"]: c for s, c in zip(self.state, cache, strict=True)}}
+        return {**feed, **{s.input: c for s, c in zip(self.state, cache, strict=True)}}
 
     def check_step(self, ids, mask, pos, cache) -> tuple[np.ndarray, list[np.ndarray]]:
         """Every k against today's graph; returns today's (logits, state)."""
         feed = self.feed(ids, mask, pos, cache)
-        names = {s["output"] for s in self.state}
+        names = {s.output for s in self.state}
         base = dict(zip(self.outputs, self.before.run(self.outputs, feed), strict=True))
         seq = ids.shape[1]
         for k in (None, 0, 1, 3, seq, seq + 5):
@@ -143,7 +144,7 @@ class Runner:
                 np.testing.assert_array_equal(got["logits"], base["logits"])  # today's, bit for bit
             for name in names:  # the carried state does not depend on k
                 np.testing.assert_array_equal(got[name], base[name], err_msg=f"{name} k={k}")
-        return base["logits"], [base[s["output"]] for s in self.state]
+        return base["logits"], [base[s.output] for s in self.state]
 
 
 @pytest.mark.parametrize("name", sorted(BUILDS))
@@ -151,7 +152,7 @@ def test_kept_rows_are_the_last_rows_of_todays_logits(built, name) -> None:
     """Prefill of a left-padded batch of 2, then steps with a past: a chunk of 4 tokens (several new tokens with
     a past: Attention-23 in ort-cpu graphs) and a decode step of one token."""
     runner = Runner(*built(name))
-    pad = runner.manifest["model"]["config"]["pad_token_id"]
+    pad = runner.manifest.model.config.pad_token_id
     ids, mask = left_pad([[2, 17, 31, 5, 99, 123, 7, 8, 40], [2, 45, 6, 77, 12]], pad)
     pos = positions(mask)
     logits, cache = runner.check_step(ids, mask, pos, runner.empty(2))
@@ -166,20 +167,20 @@ def test_kept_rows_are_the_last_rows_of_todays_logits(built, name) -> None:
 @pytest.mark.parametrize("name", sorted(BUILDS))
 def test_manifest_lists_the_optional_input_and_the_head_is_one_node(built, name) -> None:
     artifact, before = built(name)
-    manifest = package.read_manifest(artifact)
-    vocab = manifest["model"]["config"]["vocab_size"]
-    inputs = {v["name"]: v for v in manifest["inputs"]}
-    assert inputs[logits_to_keep.INPUT] == {
+    manifest = Manifest.read(artifact)
+    vocab = manifest.model.config.vocab_size
+    inputs = {v.name: v for v in manifest.inputs}
+    assert inputs[logits_to_keep.INPUT].model_dump() == {
         "name": "logits_to_keep",
         "dtype": "int64",
         "shape": [],
         "optional": True,
         "default": 0,
     }
-    assert all("optional" not in v for n, v in inputs.items() if n != logits_to_keep.INPUT)
-    logits = next(o for o in manifest["outputs"] if o["name"] == "logits")
-    assert logits["shape"] == ["batch", "logits_length", vocab]
-    assert manifest["parity"]["passed"]
+    assert all(not v.optional for n, v in inputs.items() if n != logits_to_keep.INPUT)
+    logits = next(o for o in manifest.outputs if o.name == "logits")
+    assert logits.shape == ["batch", "logits_length", vocab]
+    assert manifest.parity.passed
     # ONNX Runtime sees an overridable initializer: not a required input
     runner = session(artifact / package.MODEL_FILE)
     assert logits_to_keep.INPUT not in {i.name for i in runner.get_inputs()}
@@ -202,7 +203,7 @@ def test_manifest_lists_the_optional_input_and_the_head_is_one_node(built, name)
         value = consumer.output[0]
     if heads[0].op_type == "Gemm":
         assert chain.pop(0) == "Reshape"  # --target onnx keeps the traced [batch * rows, vocab] -> 3-D Reshape
-    cfg = manifest["model"]["config"]
+    cfg = manifest.model.config
     softcap = cfg.get("final_logit_softcapping") or cfg.get("logits_soft_cap")  # Gemma 2, RecurrentGemma
     assert chain == (["Div", "Tanh", "Mul"] if softcap else [])
     kind = BUILDS[name][1]

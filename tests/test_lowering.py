@@ -27,6 +27,7 @@ from gemma_export.checkpoint import load
 from gemma_export.config.model_config import parse_config, parse_griffin_config
 from gemma_export.dev import random_checkpoint
 from gemma_export.errors import BadInput
+from gemma_export.manifest import Manifest
 from gemma_export.models.gemma import GemmaModel, kv_cache_bytes
 from gemma_export.models.griffin import GriffinModel
 from gemma_export.ops import attention as attention_op
@@ -34,10 +35,12 @@ from gemma_export.pipeline import package
 from gemma_export.pipeline.build import BuildOptions, build
 from gemma_export.pipeline.progress import Stages
 from gemma_export.runtime import session as runtime
-from gemma_export.runtime.session import OrtDecoder, TorchDecoder, left_pad, positions
+from gemma_export.runtime.session import OrtDecoder, left_pad, positions
 from gemma_export.targets import ort_cpu as lower
+from gemma_export.targets.genai_config import GENAI_CONFIG
 from gemma_export.verify import gate as verify
 from gemma_export.verify import passes
+from gemma_export.verify.reference import TorchDecoder
 from tests import op_harness as harness
 from tests.test_attention_op import VECTORS, load_vector, row_error
 
@@ -143,7 +146,7 @@ def test_lowered_attention_reproduces_vector(path: Path) -> None:
 
 def test_lowered_artifact_has_no_ai_gemma_node_and_a_truthful_manifest(artifact, checkpoint) -> None:
     cfg, _ = load.load_model(checkpoint)
-    manifest = package.read_manifest(artifact)
+    manifest = Manifest.read(artifact)
     proto = graph_of(artifact)
     found = kernels(proto)
     layers = cfg.num_hidden_layers
@@ -159,16 +162,16 @@ def test_lowered_artifact_has_no_ai_gemma_node_and_a_truthful_manifest(artifact,
     assert not [n for n in proto.graph.node if n.op_type == "Transpose"]
     assert found[("", "Transpose")] == 4 * layers
     imports = {imp.domain or "ai.onnx": imp.version for imp in proto.opset_import}
-    assert manifest["build"]["target"] == "ort-cpu"
-    assert manifest["build"]["domains"] == imports == {"ai.onnx": 23, "com.microsoft": 1}
-    assert manifest["build"]["cache_layout"] == "full"
+    assert manifest.build.target == "ort-cpu"
+    assert manifest.build.domains == imports == {"ai.onnx": 23, "com.microsoft": 1}
+    assert manifest.build.cache_layout == "full"
     # each layer's GroupQueryAttention has its layer's window and the model's softcap and scale
     gqa = [n for n in _branch_nodes(proto) if n.op_type == "GroupQueryAttention"]
     attrs = [{a.name: helper.get_attribute_value(a) for a in n.attribute} for n in gqa]
     assert [max(a["local_window_size"], 0) for a in attrs] == [cfg.window_of(i) for i in range(layers)]
     assert all(a["softcap"] == pytest.approx(cfg.attn_logit_softcapping) for a in attrs)
     assert all(a["scale"] == pytest.approx(cfg.attention_scale) for a in attrs)
-    assert manifest["parity"]["passed"] and max(manifest["parity"]["prefill"], manifest["parity"]["decode"]) <= TOL
+    assert manifest.parity.passed and max(manifest.parity.prefill, manifest.parity.decode) <= TOL
 
 
 def _branch_nodes(proto: onnx.ModelProto) -> list[onnx.NodeProto]:
@@ -181,7 +184,7 @@ def test_lowered_artifact_matches_reference_through_both_kernels(artifact, check
     """One-pass prefill (GroupQueryAttention) and prefill in chunks of 5 tokens: a padded batch with a past takes
     Attention-23, the single long row GroupQueryAttention with a past; decoding crosses the window."""
     cfg, model = load.load_model(checkpoint)
-    manifest = package.read_manifest(artifact)
+    manifest = Manifest.read(artifact)
     one_pass = verify.compare(TorchDecoder(model), OrtDecoder(artifact, manifest), cfg, TOL)
     monkeypatch.setattr(passes, "VERIFY_LOGITS_BUDGET_BYTES", 4 * 2 * cfg.vocab_size * 5)
     assert len(runtime.prefill_slices(20, 2, cfg.vocab_size, passes.VERIFY_LOGITS_BUDGET_BYTES)) == 4
@@ -217,41 +220,41 @@ def windowed(request, checkpoints) -> tuple[Path, Path]:
 
 def test_onnx_target_keeps_the_portable_graph(portable_windowed, checkpoints) -> None:
     cfg, _ = load.load_model(checkpoints["gemma2"])
-    manifest = package.read_manifest(portable_windowed)
+    manifest = Manifest.read(portable_windowed)
     proto = graph_of(portable_windowed)
     attention_nodes = [n for n in proto.graph.node if n.domain == attention_op.DOMAIN]
     assert [n.op_type for n in attention_nodes] == ["Attention"] * cfg.num_hidden_layers
     assert [(f.domain, f.name) for f in proto.functions] == [(attention_op.DOMAIN, "Attention")]
     assert not any(domain == "com.microsoft" for domain, _ in kernels(proto))
-    assert manifest["build"]["target"] == "onnx"
-    assert manifest["build"]["domains"] == {"ai.onnx": 23, "ai.gemma": 1}
+    assert manifest.build.target == "onnx"
+    assert manifest.build.domains == {"ai.onnx": 23, "ai.gemma": 1}
     onnx.checker.check_model(str(portable_windowed / package.MODEL_FILE))
 
 
 def test_windowed_manifest_describes_fixed_local_buffers(windowed) -> None:
     artifact, checkpoint = windowed
     cfg, _ = load.load_model(checkpoint)
-    manifest = package.read_manifest(artifact)
-    assert manifest["build"]["cache_layout"] == "windowed"
+    manifest = Manifest.read(artifact)
+    assert manifest.build.cache_layout == "windowed"
     kv, d = cfg.num_key_value_heads, cfg.head_dim
     for i in range(cfg.num_hidden_layers):
         slots = cfg.window_of(i) - 1 if cfg.window_of(i) else 0
-        key = next(s for s in manifest["state"] if s["input"] == f"past_key_values.{i}.key")
-        assert key["shape"] == ["batch", kv, slots, d], i
-        out = next(o for o in manifest["outputs"] if o["name"] == f"present.{i}.key")
-        lowered = manifest["build"]["target"] == "ort-cpu"  # its growing caches may be shared buffers
+        key = next(s for s in manifest.state if s.input == f"past_key_values.{i}.key")
+        assert key.shape == ["batch", kv, slots, d], i
+        out = next(o for o in manifest.outputs if o.name == f"present.{i}.key")
+        lowered = manifest.build.target == "ort-cpu"  # its growing caches may be shared buffers
         grows = "present_sequence_length" if lowered else "total_sequence_length"
-        assert out["shape"] == ["batch", kv, slots if cfg.window_of(i) else grows, d]
-        assert key.get("shared_buffer", False) == (lowered and not cfg.window_of(i)), i
+        assert out.shape == ["batch", kv, slots if cfg.window_of(i) else grows, d]
+        assert key.shared_buffer == (lowered and not cfg.window_of(i)), i
     # onnxruntime-genai's sliding-window cache is another layout: no genai_config rather than a wrong one
-    assert "genai_config" not in manifest["files"] and not (artifact / package.GENAI_CONFIG).exists()
-    assert manifest["parity"]["passed"]
+    assert "genai_config" not in manifest.files and not (artifact / GENAI_CONFIG).exists()
+    assert manifest.parity.passed
 
 
 def test_windowed_state_stays_fixed_past_the_window_and_weighs_kv_cache_bytes(windowed) -> None:
     artifact, checkpoint = windowed
     cfg, _ = load.load_model(checkpoint)
-    decoder = OrtDecoder(artifact, package.read_manifest(artifact))
+    decoder = OrtDecoder(artifact, Manifest.read(artifact))
     ids, mask = left_pad([[2, 5, 6, 7, 8], [2, 9]], cfg.pad_token_id)
     pos = positions(mask)
     cache = decoder.empty_cache(2)
@@ -278,7 +281,7 @@ def test_windowed_artifact_matches_reference(windowed, monkeypatch) -> None:
     artifact, checkpoint = windowed
     cfg, model = load.load_model(checkpoint)
     model.use_cache_layout("windowed")
-    manifest = package.read_manifest(artifact)
+    manifest = Manifest.read(artifact)
     reports = [verify.compare(TorchDecoder(model), OrtDecoder(artifact, manifest), cfg, TOL, decode_steps=8)]
     monkeypatch.setattr(passes, "VERIFY_LOGITS_BUDGET_BYTES", 4 * 2 * cfg.vocab_size * 7)
     reports.append(verify.compare(TorchDecoder(model), OrtDecoder(artifact, manifest), cfg, TOL))
@@ -300,7 +303,7 @@ def test_windowed_reference_computes_what_the_full_one_does(checkpoints, model_t
 
 def test_kv_cache_bytes_weighs_the_full_cache(artifact, checkpoint) -> None:
     cfg, _ = load.load_model(checkpoint)
-    decoder = OrtDecoder(artifact, package.read_manifest(artifact))
+    decoder = OrtDecoder(artifact, Manifest.read(artifact))
     ids, mask = left_pad([[2, 5, 6, 7, 8, 9, 10]], cfg.pad_token_id)
     _, cache = decoder.step(ids, mask, positions(mask), decoder.empty_cache(1))
     assert sum(c.nbytes for c in cache) == kv_cache_bytes(cfg, ids.shape[1], batch=1, layout="full")

@@ -22,10 +22,12 @@ from gemma_export.cli.main import main
 from gemma_export.config.model_config import GriffinConfig
 from gemma_export.dev import random_checkpoint
 from gemma_export.errors import BadInput, ParityError
+from gemma_export.manifest import MANIFEST, Manifest
 from gemma_export.pipeline import package, quantize, trace
 from gemma_export.pipeline.build import BuildOptions, build
 from gemma_export.pipeline.progress import Stages
 from gemma_export.runtime import generation
+from gemma_export.targets.genai_config import GENAI_CONFIG
 from tests.genai_client import genai_greedy
 
 MODEL_TYPES = ("gemma3_text", "gemma2", "recurrent_gemma")
@@ -122,10 +124,10 @@ def packed_bytes(k: int, n: int, spec: quantize.Width) -> int:
 def test_quantized_build_rewrites_every_projection_and_records_its_agreement(built, checkpoints, model_type, quant):
     artifact = built(model_type, quant)
     cfg, _ = load.load_model(checkpoints[model_type])
-    manifest = package.read_manifest(artifact)
+    manifest = Manifest.read(artifact)
     spec = quantize.DEFAULTS[quant]
-    record = manifest["quantization"]
-    assert manifest["build"]["quant"] == quant and record["bits"] == spec.bits
+    record = manifest.quantization.model_dump()
+    assert manifest.build.quant == quant and record["bits"] == spec.bits
     assert record["block_size"] == spec.block_size == 32
     linears = linear_shapes(cfg)
     assert record["quantized"]["matmul"] == len(linears) and record["quantized"]["matmul_kept_float"] == 0
@@ -158,13 +160,13 @@ def test_quantized_build_rewrites_every_projection_and_records_its_agreement(bui
     assert (v, h) not in float_shapes  # no float32 copy of the embedding kept
 
     # The gate: recorded, passed, and measuring a real (non-zero) difference from the fp32 reference.
-    parity = manifest["parity"]
-    assert parity["metric"] == "agreement" and parity["passed"] and parity["quant"] == quant
-    assert (parity["min_top1"], parity["max_kl"]) == RANDOM_GATES[quant]
+    parity = manifest.parity
+    assert parity.metric == "agreement" and parity.passed and parity.quant == quant
+    assert (parity.min_top1, parity.max_kl) == RANDOM_GATES[quant]
     for phase in ("prefill", "decode"):
-        assert parity[phase]["positions"] > 0
-        assert parity[phase]["top1"] >= parity["min_top1"] and 0 < parity[phase]["kl"] <= parity["max_kl"]
-        assert parity[phase]["max_abs_logit_error"] > 0
+        assert getattr(parity, phase).positions > 0
+        assert getattr(parity, phase).top1 >= parity.min_top1 and 0 < getattr(parity, phase).kl <= parity.max_kl
+        assert getattr(parity, phase).max_abs_logit_error > 0
 
     # It runs: generate through the artifact contract, as for an fp32 artifact.
     result = generation.run(artifact, prompts=[], token_ids="2,17,31,5", max_new_tokens=5)
@@ -177,7 +179,7 @@ def test_weights_file_shrinks_by_the_expected_ratio(built, checkpoints, quant):
     """The uniform quantizations: every weight at one width (the mixed int4 is counted weight by weight above)."""
     art = built("gemma3_text", quant)
     cfg, _ = load.load_model(checkpoints["gemma3_text"])
-    sizes = package.read_manifest(art)["quantization"]["weight_bytes"]
+    sizes = Manifest.read(art)["quantization"]["weight_bytes"]
     spec = quantize.DEFAULTS[quant].projections
     assert quantize.DEFAULTS[quant].embedding == spec
     # float32 -> bits per weight, plus a float32 scale and a (bits-wide) zero point per block
@@ -210,7 +212,7 @@ def test_same_inputs_give_byte_identical_quantized_artifacts(built, checkpoints,
     first = built("gemma3_text", "int4")
     second = tmp_path / "again"
     build(checkpoints["gemma3_text"], second, BuildOptions(quant="int4", min_top1=0.3, max_kl=0.15), Stages(quiet=True))
-    for name in (package.MODEL_FILE, package.WEIGHTS_FILE, package.MANIFEST, package.GENAI_CONFIG):
+    for name in (package.MODEL_FILE, package.WEIGHTS_FILE, MANIFEST, GENAI_CONFIG):
         assert (first / name).read_bytes() == (second / name).read_bytes(), name
 
 
@@ -253,7 +255,7 @@ def test_verify_reruns_the_agreement_gate(built, checkpoints, capsys) -> None:
     artifact = built("gemma2", "int4")
     assert main(["verify", str(artifact), "--checkpoint", str(checkpoints["gemma2"]), "--json"]) == 0
     shown = json.loads(capsys.readouterr().out)
-    recorded = package.read_manifest(artifact)["parity"]
+    recorded = Manifest.read(artifact)["parity"]
     assert shown["parity"]["metric"] == "agreement" and shown["parity"]["passed"]
     assert shown["parity"]["prefill"] == recorded["prefill"] and shown["parity"]["decode"] == recorded["decode"]
     assert main(["inspect", str(artifact)]) == 0

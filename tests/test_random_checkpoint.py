@@ -45,7 +45,8 @@ from gemma_export.dev.random_checkpoint import (
 from gemma_export.errors import BadInput
 from gemma_export.runtime import embed as embedding
 from gemma_export.runtime.generation import load_tokenizer
-from gemma_export.runtime.session import TorchDecoder, TorchEncoder, left_pad, positions
+from gemma_export.runtime.session import left_pad, positions
+from gemma_export.verify.reference import TorchDecoder, TorchEncoder
 
 transformers = pytest.importorskip("transformers")
 

@@ -21,12 +21,13 @@ import torch
 
 from gemma_export.checkpoint import load
 from gemma_export.dev import real_checkpoint
-from gemma_export.pipeline import package
+from gemma_export.manifest import Manifest
 from gemma_export.pipeline.build import BuildOptions, build
 from gemma_export.pipeline.progress import Stages
-from gemma_export.runtime.session import OrtDecoder, TorchDecoder, generate
+from gemma_export.runtime.session import OrtDecoder, generate
 from gemma_export.verify import gate as verify
 from gemma_export.verify import perplexity
+from gemma_export.verify.reference import TorchDecoder
 from tests.test_gate import bugs
 from tests.test_reference import hf_greedy
 
@@ -97,18 +98,18 @@ def perplexities(real_artifacts, text_ids) -> dict[str, float]:
     class Lazy(dict):
         def __missing__(self, quant: str) -> float:
             artifact = real_artifacts(quant)
-            cache[quant] = perplexity(OrtDecoder(artifact, package.read_manifest(artifact)), text_ids)
+            cache[quant] = perplexity(OrtDecoder(artifact, Manifest.read(artifact)), text_ids)
             return cache[quant]
 
     return Lazy()
 
 
 def test_fp32_build_passes_its_gate_by_a_margin(real_artifacts) -> None:
-    parity = package.read_manifest(real_artifacts("none"))["parity"]
-    assert parity["passed"] and parity["metric"] == "relative_logit_error"
-    assert parity["logit_scale"] > 10  # real logits: the scale an absolute tolerance got wrong
-    assert max(parity["prefill"], parity["decode"]) < parity["tolerance"] / 2
-    assert min(parity["prefill_top1"], parity["decode_top1"]) >= 0.99
+    parity = Manifest.read(real_artifacts("none"))["parity"]
+    assert parity.passed and parity.metric == "relative_logit_error"
+    assert parity.logit_scale > 10  # real logits: the scale an absolute tolerance got wrong
+    assert max(parity.prefill, parity.decode) < parity.tolerance / 2
+    assert min(parity.prefill_top1, parity.decode_top1) >= 0.99
 
 
 def test_greedy_tokens_match_transformers(real_artifacts, hf_model, real_hf) -> None:
@@ -118,7 +119,7 @@ def test_greedy_tokens_match_transformers(real_artifacts, hf_model, real_hf) -> 
     tokenizer = Tokenizer.from_file(str(real_hf / "tokenizer.json"))
     prompts = [e.ids for e in tokenizer.encode_batch(PROMPTS)]
     artifact = real_artifacts("none")
-    ours = generate(OrtDecoder(artifact, package.read_manifest(artifact)), prompts, GREEDY_TOKENS, pad_id=0)
+    ours = generate(OrtDecoder(artifact, Manifest.read(artifact)), prompts, GREEDY_TOKENS, pad_id=0)
     theirs = hf_greedy(hf_model, prompts, GREEDY_TOKENS, pad_id=0)
     assert ours == theirs
     assert "France" in tokenizer.decode(ours[0])  # real weights: a continuation on topic, not noise
@@ -135,12 +136,12 @@ def test_perplexity_matches_transformers(perplexities, hf_model, text_ids) -> No
 
 @pytest.mark.parametrize("quant", ["int8", "int4"])
 def test_quantized_builds_keep_the_model(real_artifacts, perplexities, quant) -> None:
-    manifest = package.read_manifest(real_artifacts(quant))
-    assert manifest["parity"]["passed"] and manifest["parity"]["metric"] == "agreement"
+    manifest = Manifest.read(real_artifacts(quant))
+    assert manifest.parity.passed and manifest.parity.metric == "agreement"
     ratio = perplexities[quant] / perplexities["none"]
     assert ratio <= PPL_RATIO[quant], f"{quant} perplexity {perplexities[quant]:.3f} vs fp32 {perplexities['none']:.3f}"
     if quant == "int4":
-        assert manifest["files"]["weights"]["bytes"] <= Q4_K_M_BYTES
+        assert manifest.files["weights"].bytes <= Q4_K_M_BYTES
 
 
 @pytest.mark.xfail(strict=True, reason="int4 at <= 241 MiB measures 1.136x fp32 perplexity (README 'Real checkpoints')")

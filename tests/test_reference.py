@@ -10,8 +10,9 @@ import torch
 
 from gemma_export.checkpoint import load
 from gemma_export.models.gemma import GemmaModel
-from gemma_export.runtime.session import TorchDecoder, generate, left_pad, positions
+from gemma_export.runtime.session import generate, left_pad, positions
 from gemma_export.verify.passes import sample_prompts
+from gemma_export.verify.reference import TorchDecoder
 
 TOL = 1e-4
 

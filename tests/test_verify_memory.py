@@ -21,6 +21,7 @@ from gemma_export.checkpoint import load
 from gemma_export.config.model_config import parse_config
 from gemma_export.dev.random_checkpoint import TINY_CONFIGS
 from gemma_export.errors import BadInput, GemmaExportError
+from gemma_export.manifest import FORMAT, ArtifactSpec
 from gemma_export.pipeline import progress
 from gemma_export.pipeline.build import BuildOptions, build
 from gemma_export.pipeline.progress import Stages
@@ -127,7 +128,7 @@ def test_build_runs_the_artifact_in_a_child_without_torch_after_unmapping_the_ch
     monkeypatch.setattr(progress, "CHILDREN", [])
     stages = Stages(quiet=True)
     manifest = build(checkpoint, tmp_path / "out", BuildOptions(), stages)
-    assert manifest["parity"]["passed"] and params
+    assert manifest.parity.passed and params
     assert at_spawn == [{"parameters_alive": 0, "checkpoint_mapped": False}]
     assert json.loads(report.read_text()) == {"prepacking": False, "arena": False, "torch_imported": False}
 
@@ -163,9 +164,27 @@ def test_stage_peak_is_the_max_over_the_process_tree(monkeypatch) -> None:
 
 
 def _artifact_in_child(folder: Path) -> verify.ArtifactInChild:
-    manifest = {"files": {"model": {"path": "model.onnx"}}, "state": [], "model": {"config": {"vocab_size": 8}},
-                "inputs": [{"name": "attention_mask", "shape": ["batch", "total_sequence_length"]}]}  # fmt: skip
-    return verify.ArtifactInChild(folder, manifest)
+    config = {"model_type": "gemma", "vocab_size": 8, "hidden_size": 8, "num_hidden_layers": 1, "bos_token_id": 2,
+              "eos_token_ids": [1], "pad_token_id": 0}  # fmt: skip
+    spec = ArtifactSpec(
+        format=FORMAT,
+        model={"type": "gemma", "source_model_type": "gemma", "config": config},
+        build={
+            "target": "onnx",
+            "providers": ["CPUExecutionProvider"],
+            "precision": "fp32",
+            "quant": "none",
+            "opset": 23,
+            "domains": {"ai.onnx": 23},
+            "max_length": 16,
+        },
+        inputs=[{"name": "attention_mask", "dtype": "int64", "shape": ["batch", "total_sequence_length"]}],
+        outputs=[],
+        state=[],
+        files={"model": {"path": "model.onnx", "sha256": "0" * 64, "bytes": 11}},
+        versions={},
+    )
+    return verify.ArtifactInChild(folder, spec)
 
 
 def test_an_error_in_the_child_is_raised_again_as_it_was(tmp_path, monkeypatch) -> None:
@@ -196,7 +215,7 @@ def test_a_child_killed_by_a_signal_is_one_error(tmp_path, monkeypatch) -> None:
 def test_a_child_dies_with_its_parent(tmp_path) -> None:
     """A build killed outright (SIGKILL: no cleanup runs) takes its ONNX Runtime child with it."""
     ready = tmp_path / "child.pid"
-    child = f"from gemma_export import memory; import os, sys, time; memory.die_with_parent({{parent}}); " \
+    child = f"from gemma_export.pipeline import memory; import os, sys, time; memory.die_with_parent({{parent}}); " \
             f"open({str(ready)!r}, 'w').write(str(os.getpid())); time.sleep(60)"  # fmt: skip
     parent = f"import os, subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {child!r}.format(" \
              f"parent=os.getpid())]); time.sleep(60)"  # fmt: skip

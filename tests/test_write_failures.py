@@ -30,7 +30,9 @@ import onnx_ir as ir
 import pytest
 
 from gemma_export.dev.random_checkpoint import TINY_CONFIGS, write_random_checkpoint
+from gemma_export.manifest import MANIFEST
 from gemma_export.pipeline import optimize, package, trace
+from gemma_export.targets.genai_config import GENAI_CONFIG
 from tests.test_cli_errors import assert_no_output, error_line, run
 
 CONFIG = {**TINY_CONFIGS["gemma"], "num_hidden_layers": 1}  # the smallest decoder: its trace takes ~3 s
@@ -188,11 +190,11 @@ def inject_write_failure(monkeypatch: pytest.MonkeyPatch, where: str, code: int)
 WRITE_FAILURES = {
     "no space, mid-weights": (package.WEIGHTS_FILE, errno.ENOSPC),
     "no space, numpy's short write": (package.WEIGHTS_FILE, NUMPY_SHORT_WRITE),
-    "no space, genai_config": (package.GENAI_CONFIG, errno.ENOSPC),
-    "no space, manifest (after verify)": (package.MANIFEST, errno.ENOSPC),
-    "quota exceeded": (package.MANIFEST, errno.EDQUOT),
+    "no space, genai_config": (GENAI_CONFIG, errno.ENOSPC),
+    "no space, manifest (after verify)": (MANIFEST, errno.ENOSPC),
+    "quota exceeded": (MANIFEST, errno.EDQUOT),
     "read-only filesystem": (package.WEIGHTS_FILE, errno.EROFS),
-    "I/O error": (package.GENAI_CONFIG, errno.EIO),
+    "I/O error": (GENAI_CONFIG, errno.EIO),
 }
 
 
@@ -241,7 +243,7 @@ def test_other_os_errors_stay_internal_errors(
 ) -> None:
     """Only a failing disk is the user's to fix (exit 2); another OSError is ours (exit 3), still cleaned up."""
     monkeypatch.delenv("GEMMA_EXPORT_DEBUG", raising=False)
-    inject_write_failure(monkeypatch, package.GENAI_CONFIG, errno.EINVAL)
+    inject_write_failure(monkeypatch, GENAI_CONFIG, errno.EINVAL)
     out = tmp_path / "out"
     rc, _, stderr = run(capsys, "build", ckpt, "-o", out)
     assert rc == 3, stderr

@@ -60,6 +60,7 @@ import numpy as np
 from gemma_export.bench.llamacpp import NAME as LLAMA_CPP
 from gemma_export.bench.workers import GENAI
 from gemma_export.errors import BadInput, GemmaExportError
+from gemma_export.manifest import Manifest
 
 MIN_CELL_SECONDS = 2.0  # embedding cells: timed calls run at least this long (after one warm-up call) ...
 MAX_REPETITIONS = 50  # ... but stop after this many calls
@@ -126,9 +127,8 @@ def parse_ggufs(values: list[str] | None, systems: list[str] | None) -> list[Pat
 
 
 def is_embedding_artifact(artifact: Path) -> bool:
-    from gemma_export.pipeline import package
 
-    return package.read_manifest(artifact)["model"].get("task") == EMBEDDING_TASK
+    return Manifest.read(artifact).is_embedding_model
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -239,17 +239,11 @@ def _spawn(system: str, path: Path, args: list[str], cell: dict[str, Any], timeo
     return {"system": system, **cell, **json.loads(done.stdout.strip().splitlines()[-1])}
 
 
-def quantization(manifest: dict[str, Any]) -> dict[str, Any] | None:
-    """The artifact's weight quantization ({"bits": 4|8, "block_size": N, ...}), if any."""
-    q = manifest.get("quantization") or manifest.get("build", {}).get("quantization")
-    return q if isinstance(q, dict) and q.get("bits") else None
-
-
-def precision_label(manifest: dict[str, Any]) -> str:
-    q = quantization(manifest)
+def precision_label(manifest: Manifest) -> str:
+    q = manifest.quantization
     if q is None:
-        return manifest["build"].get("precision", "fp32")
-    return f"int{q['bits']}" + (f" b{q['block_size']}" if q.get("block_size") else "")
+        return manifest.build.precision
+    return f"int{q.bits} b{q.block_size}"
 
 
 def genai_installed() -> bool:
@@ -257,7 +251,7 @@ def genai_installed() -> bool:
 
 
 def other_systems(
-    manifest: dict[str, Any], checkpoint: Path | None, requested: list[str] | None, workdir: Path, timeout: float,
+    manifest: Manifest, checkpoint: Path | None, requested: list[str] | None, workdir: Path, timeout: float,
     stages, ggufs: list[Path] | None = None,
 ) -> tuple[dict[str, tuple[Path, str]], list[str]]:  # fmt: skip
     """{target: (what its worker loads, precision)} for the systems that can run, and a note per skipped one.
@@ -314,18 +308,18 @@ def llamacpp_targets(ggufs: list[Path], timeout: float, stages) -> tuple[dict[st
 
 
 def genai_target(
-    manifest: dict[str, Any], checkpoint: Path, workdir: Path, timeout: float, stages
+    manifest: Manifest, checkpoint: Path, workdir: Path, timeout: float, stages
 ) -> tuple[tuple[Path, str], str | None]:
     """onnxruntime-genai's builder's model of the checkpoint at our precision (built once), and a note if any."""
     if not genai_installed():
         raise Skipped("onnxruntime_genai is not installed (pip install onnxruntime-genai)")
-    if "genai_config" not in manifest["files"]:
-        raise Skipped(f"it has no runtime for {manifest['model']['type']} models")
-    q = quantization(manifest) or {}
-    precision = f"int{q['bits']}" if q else "fp32"
-    if q and q["bits"] not in (4, 8):
+    if "genai_config" not in manifest.files:
+        raise Skipped(f"it has no runtime for {manifest.model.type} models")
+    q = manifest.quantization
+    precision = f"int{q.bits}" if q else "fp32"
+    if q and q.bits not in (4, 8):
         raise Skipped(f"its builder has no {precision} weights")
-    block, accuracy = q.get("block_size"), q.get("accuracy_level")
+    block, accuracy = (q.block_size, q.accuracy_level) if q else (None, None)
     from gemma_export.bench import genai_builder
 
     try:
@@ -427,19 +421,18 @@ def run_bench(
     stages,
     ggufs: list[Path] | None = None,
 ) -> dict[str, Any]:
-    from gemma_export.pipeline import package
 
-    manifest = package.read_manifest(artifact)
-    cfg = manifest["model"]["config"]
-    cells = decoder_cells(batch_sizes, prompt_tokens, new_tokens, manifest["build"]["max_length"])
+    manifest = Manifest.read(artifact)
+    cfg = manifest.model.config
+    cells = decoder_cells(batch_sizes, prompt_tokens, new_tokens, manifest.build.max_length)
     others, notes = other_systems(manifest, checkpoint, systems, workdir, timeout, stages, ggufs)
     targets = {OURS: (artifact, precision_label(manifest)), **others}
-    eos = ",".join(map(str, cfg.get("eos_token_ids", [])))
+    eos = ",".join(map(str, cfg.eos_token_ids))
     rows = []
     for cell in cells:
         args = ["--batch", str(cell["batch"]), "--prompt-tokens", str(cell["prompt_tokens"]),
-                "--new-tokens", str(cell["new_tokens"]), "--vocab-size", str(cfg["vocab_size"]),
-                "--bos", str(cfg["bos_token_id"]), "--eos", eos, "--threads", str(threads)]  # fmt: skip
+                "--new-tokens", str(cell["new_tokens"]), "--vocab-size", str(cfg.vocab_size),
+                "--bos", str(cfg.bos_token_id), "--eos", eos, "--threads", str(threads)]  # fmt: skip
         runs: dict[str, list[dict[str, Any]]] = {s: [] for s in targets}
         for r in range(repeat):
             for system, (path, _) in targets.items():
@@ -455,8 +448,8 @@ def run_bench(
     add_ratios(rows)
     return {
         "task": "generation",
-        "model": manifest["model"]["type"],
-        "config": {k: cfg[k] for k in ("hidden_size", "num_hidden_layers", "vocab_size") if k in cfg},
+        "model": manifest.model.type,
+        "config": {k: getattr(cfg, k) for k in ("hidden_size", "num_hidden_layers", "vocab_size")},
         "precision": precision_label(manifest),
         "threads": threads or os.cpu_count(),
         "repeat": repeat,
@@ -495,14 +488,13 @@ def run_embedding_bench(
     ggufs: list[Path] | None = None,
 ) -> dict[str, Any]:
     """Sentences/s of an embedding artifact, per (batch, length) cell, beside sentence-transformers on `folder`."""
-    from gemma_export.pipeline import package
 
-    manifest = package.read_manifest(artifact)
-    cfg = manifest["model"]["config"]
-    max_length = manifest["build"]["max_length"]
+    manifest = Manifest.read(artifact)
+    cfg = manifest.model.config
+    max_length = manifest.build.max_length
     if max(seq_lengths) > max_length:
         raise BadInput(f"--seq-lengths {max(seq_lengths)} exceeds the model's maximum length of {max_length}")
-    model = {"vocab_size": cfg["vocab_size"], "bos_token_id": cfg["bos_token_id"], "dim": manifest["model"]["dim"]}
+    model = {"vocab_size": cfg.vocab_size, "bos_token_id": cfg.bos_token_id, "dim": manifest.model.dim}
     notes = []
     compare = systems is None or "transformers" in systems
     if compare and folder is None:
@@ -534,8 +526,8 @@ def run_embedding_bench(
         row.pop("embedding", None)
     return {
         "task": EMBEDDING_TASK,
-        "model": manifest["model"]["type"],
-        "config": {k: cfg[k] for k in ("hidden_size", "num_hidden_layers", "vocab_size") if k in cfg},
+        "model": manifest.model.type,
+        "config": {k: getattr(cfg, k) for k in ("hidden_size", "num_hidden_layers", "vocab_size")},
         "dim": model["dim"],
         "threads": threads or os.cpu_count(),
         "min_cell_seconds": MIN_CELL_SECONDS,

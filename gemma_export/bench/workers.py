@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from gemma_export.manifest import Manifest
+
 GENAI = "onnxruntime-genai"
 DECODER_SYSTEMS = ("gemma-export", "transformers", GENAI)
 EMBEDDING_SYSTEMS = ("gemma-export", "sentence-transformers")
@@ -63,10 +65,9 @@ def _decoded(start: float, first: float, end: float, tokens: list[int], state_by
 
 
 def measure_ours(artifact: Path, ids: np.ndarray, new_tokens: int, eos: list[int], threads: int) -> dict[str, Any]:
-    from gemma_export.pipeline import package
     from gemma_export.runtime.session import OrtDecoder
 
-    decoder = OrtDecoder(artifact, package.read_manifest(artifact), threads=threads)
+    decoder = OrtDecoder(artifact, Manifest.read(artifact), threads=threads)
     batch, length = ids.shape
     decoder.reserve(length + new_tokens)  # as genai sizes its buffers by max_length
     mask = np.ones_like(ids)
@@ -189,10 +190,9 @@ def time_calls(call: Callable[[], None], batch: int, min_seconds: float, max_rep
 
 
 def measure_ours_embedding(artifact: Path, ids: np.ndarray, dim: int, threads: int, timing: dict) -> dict[str, Any]:
-    from gemma_export.pipeline import package
     from gemma_export.runtime.session import OrtEncoder
 
-    encoder = OrtEncoder(artifact, package.read_manifest(artifact), threads=threads)
+    encoder = OrtEncoder(artifact, Manifest.read(artifact), threads=threads)
     mask = np.ones_like(ids)
     out: list[np.ndarray] = []
 

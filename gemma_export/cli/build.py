@@ -105,8 +105,13 @@ def build(
         check_output_location(random_dir, out, force)
         checkpoint = _random_checkpoint(chosen.recipe, random_dir, seed, layers, stages)
     manifest = run_build(checkpoint, out, options, stages)
-    result = {"out": str(out), "checkpoint": str(checkpoint), "stages": stages.to_json(), "parity": manifest["parity"]}
-    emit(result, as_json, f"built {out}: {describe_parity(manifest['parity'])}")
+    result = {
+        "out": str(out),
+        "checkpoint": str(checkpoint),
+        "stages": stages.to_json(),
+        "parity": manifest.parity.model_dump(mode="json"),
+    }
+    emit(result, as_json, f"built {out}: {describe_parity(manifest.parity)}")
 
 
 def _random_checkpoint(recipe: Any, root: Path, seed: int, layers: int | None, stages: Any) -> Path:

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from gemma_export.cli.app import JsonFlag, app
+from gemma_export.manifest import Manifest
 
 
 @app.command()
@@ -18,10 +19,9 @@ def inspect(
 ) -> None:
     """Show an artifact's contract: model, inputs/outputs, carried state, files, parity."""
     from gemma_export.cli.report import describe_manifest
-    from gemma_export.pipeline import package
 
-    manifest = package.read_manifest(artifact)
+    manifest = Manifest.read(artifact)
     if as_json:
-        print(json.dumps({"ok": True, "manifest": manifest}, indent=2))
+        print(json.dumps({"ok": True, "manifest": manifest.to_json()}, indent=2))
     else:
         describe_manifest(manifest)

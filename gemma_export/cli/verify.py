@@ -24,37 +24,39 @@ def verify(
 ) -> None:
     """Re-check an artifact: file hashes against its manifest, and parity against CHECKPOINT."""
     from gemma_export.checkpoint import load
+    from gemma_export.manifest import Manifest
     from gemma_export.pipeline import package
-    from gemma_export.runtime.session import OrtDecoder, OrtEncoder, TorchDecoder, TorchEncoder
+    from gemma_export.runtime.session import OrtDecoder, OrtEncoder
     from gemma_export.verify import gate as verify_stage
+    from gemma_export.verify.reference import TorchDecoder, TorchEncoder
 
-    manifest = package.read_manifest(artifact)
+    manifest = Manifest.read(artifact)
     changed = package.changed_files(artifact, manifest)
     if changed:
         raise ParityError(f"{artifact}: files changed since the build: {', '.join(changed)}")
     result: dict[str, Any] = {"artifact": str(artifact), "files": "unchanged"}
-    text = f"{artifact}: {len(manifest['files'])} files match their manifest hashes"
+    text = f"{artifact}: {len(manifest.files)} files match their manifest hashes"
     if checkpoint is not None:
-        embedding = manifest["model"].get("task") == "sentence-embedding"
+        embedding = manifest.is_embedding_model
         if embedding:
-            cfg, _, model = load.load_embedding(checkpoint, manifest["model"]["dim"], allow_pickle=allow_pickle)
+            cfg, _, model = load.load_embedding(checkpoint, manifest.model.dim, allow_pickle=allow_pickle)
         else:
             cfg, model = load.load_model(checkpoint, allow_pickle=allow_pickle)
-            if "cache_layout" in manifest["build"]:  # the reference carries its state as the artifact does
-                model.use_cache_layout(manifest["build"]["cache_layout"])
-        if cfg.to_json() != manifest["model"]["config"]:
+            if manifest.build.cache_layout is not None:  # the reference carries its state as the artifact does
+                model.use_cache_layout(manifest.build.cache_layout)
+        if cfg.to_json() != manifest.model.config.to_json():
             raise BadInput(f"{checkpoint}: config differs from the one the artifact was built from")
-        parity = manifest["parity"]
-        if parity["metric"] == "agreement":  # a quantized artifact: the agreement gate it was built with
+        parity = manifest.parity
+        if parity.metric == "agreement":  # a quantized artifact: the agreement gate it was built with
             if tolerance is not None:
-                raise BadInput(f"--tolerance gates fp32 artifacts; this one is {parity['quant']} (agreement gate)")
+                raise BadInput(f"--tolerance gates fp32 artifacts; this one is {parity.quant} (agreement gate)")
             report = verify_stage.compare_agreement(TorchDecoder(model), OrtDecoder(artifact, manifest), cfg,
-                                                    parity["quant"], parity["min_top1"], parity["max_kl"])  # fmt: skip
+                                                    parity.quant, parity.min_top1, parity.max_kl)  # fmt: skip
         elif embedding:
-            tol = tolerance if tolerance is not None else parity["tolerance"]
+            tol = tolerance if tolerance is not None else parity.tolerance
             report = verify_stage.compare_embeddings(TorchEncoder(model), OrtEncoder(artifact, manifest), cfg, tol)
         else:
-            tol = tolerance if tolerance is not None else parity["tolerance"]
+            tol = tolerance if tolerance is not None else parity.tolerance
             report = verify_stage.compare(TorchDecoder(model), OrtDecoder(artifact, manifest), cfg, tol)
         result["parity"] = report.to_json()
         text += f"\nparity: {report.summary()}"

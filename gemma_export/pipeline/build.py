@@ -9,126 +9,23 @@ checkpoint dir --load--> (config, reference model) --trace--> ONNX with ai.gemma
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gemma_export import targets
 from gemma_export.checkpoint import load
 from gemma_export.checkpoint.gguf import manifest_source
-from gemma_export.config import recipes
-from gemma_export.config.model_config import load_config
 from gemma_export.errors import BadInput, ParityError
+from gemma_export.manifest import FORMAT, MANIFEST, ArtifactSpec, BuildInfo, Manifest
 from gemma_export.models.embedding import is_sentence_transformers_folder
-from gemma_export.models.gemma import CACHE_LAYOUTS
 from gemma_export.pipeline import logits_to_keep, memory, optimize, package, quantize, trace
+from gemma_export.pipeline.options import BuildOptions, check_output_location, check_recipe_architecture
 from gemma_export.pipeline.progress import Stages
-from gemma_export.runtime.session import OrtEncoder, TorchDecoder, TorchEncoder
-from gemma_export.targets import ort_cpu as lower
+from gemma_export.runtime.session import OrtEncoder
 from gemma_export.verify import gate as verify
-
-TARGETS = ("ort-cpu", "onnx")
-PRECISIONS = ("fp32",)
-
-
-@dataclass(frozen=True)
-class BuildOptions:
-    target: str = "ort-cpu"
-    precision: str = "fp32"
-    tolerance: float | None = None  # None: the model kind's default (verify.DEFAULT_TOLERANCE, EMBEDDING_TOLERANCE)
-    force: bool = False
-    dim: int | None = None  # embedding models: Matryoshka truncation
-    allow_pickle: bool = False  # read pickled weights, with torch.load(weights_only=True) only
-    recipe: recipes.LoadedRecipe | None = None  # checks the checkpoint; recorded in the manifest
-    random_checkpoint: dict[str, Any] | None = None  # how --random made the checkpoint (seed, layers)
-    quant: str = "none"  # weight-only quantization: none, int8, int4 (quantize.py)
-    block_size: int | None = None  # None: the quantization's default (quantize.DEFAULTS)
-    min_top1: float | None = None  # quantized builds' gate; None: verify.AGREEMENT_GATES[quant]
-    max_kl: float | None = None
-    cache_layout: str | None = None  # decoders' KV cache: full | windowed (models/gemma.py); None: the model's own
-
-    def check(self) -> None:
-        if self.target not in TARGETS:
-            raise BadInput(f"--target {self.target!r} is not supported; choose one of: {', '.join(TARGETS)}")
-        if self.precision == "fp16":
-            raise BadInput(
-                "--precision 'fp16' is refused: Gemma's residual activations exceed the fp16 range (65504), and "
-                "fp16 weights with fp32 compute gain nothing on ONNX Runtime CPU (it folds the Casts back to fp32 "
-                "at load); for smaller weights use --quant int8|int4 (bf16: no CPU MatMul kernel)"
-            )
-        if self.precision not in PRECISIONS:
-            raise BadInput(
-                f"--precision {self.precision!r} is not supported for {self.target}; choose one of: "
-                f"{', '.join(PRECISIONS)}"
-            )
-        if self.tolerance is not None and not self.tolerance > 0:
-            raise BadInput(f"--tolerance must be positive, got {self.tolerance}")
-        if self.cache_layout is not None and self.cache_layout not in CACHE_LAYOUTS:
-            raise BadInput(f"--cache-layout {self.cache_layout!r} is not supported; choose one of: "
-                           f"{', '.join(CACHE_LAYOUTS)}")  # fmt: skip
-        self.check_quant()
-
-    def check_quant(self) -> None:
-        if self.quant not in quantize.QUANTS:
-            raise BadInput(f"--quant {self.quant!r} is not supported; choose one of: {', '.join(quantize.QUANTS)}")
-        quant_only = {"--block-size": self.block_size, "--min-top1": self.min_top1, "--max-kl": self.max_kl}
-        given = [flag for flag, value in quant_only.items() if value is not None]
-        if self.quant == "none" and given:
-            raise BadInput(f"{given[0]} applies to quantized builds (--quant int8 or int4)")
-        if self.block_size is not None and not quantize.is_valid_block_size(self.block_size):
-            raise BadInput(f"--block-size must be a power of two >= 16 (MatMulNBits), got {self.block_size}")
-        if self.min_top1 is not None and not 0 <= self.min_top1 <= 1:
-            raise BadInput(f"--min-top1 must be a fraction in [0, 1], got {self.min_top1}")
-        if self.max_kl is not None and not self.max_kl > 0:
-            raise BadInput(f"--max-kl must be positive, got {self.max_kl}")
-
-    def agreement_gate(self) -> tuple[float, float]:
-        """(min_top1, max_kl) of a quantized build: the options', else the quantization's defaults."""
-        min_top1, max_kl = verify.AGREEMENT_GATES[self.quant]
-        return (min_top1 if self.min_top1 is None else self.min_top1, max_kl if self.max_kl is None else self.max_kl)
-
-
-def with_recipe(options: BuildOptions, given: set[str]) -> BuildOptions:
-    """Fill the options the user did not give (`given`: field names) from the recipe, and refuse what the
-    recipe does not offer, with its reason."""
-    if options.recipe is None:
-        return options
-    recipe = options.recipe.recipe
-    fills: dict[str, Any] = {
-        "target": recipe.build.targets[0],
-        "precision": recipe.build.precisions[0],
-        "tolerance": recipe.parity.tolerance,
-    }
-    if recipe.embedding is not None:
-        fills["dim"] = recipe.embedding.dims[0]
-    if recipe.export.cache_layout is not None:
-        fills["cache_layout"] = recipe.export.cache_layout
-    options = replace(options, **{k: v for k, v in fills.items() if k not in given})
-    if options.target not in recipe.build.targets:
-        raise BadInput(f"recipe {recipe.name} does not offer --target {options.target!r} "
-                       f"(it offers: {', '.join(recipe.build.targets)})")  # fmt: skip
-    if options.precision not in recipe.build.precisions:
-        raise BadInput(recipe.refusal("--precision", options.precision))
-    if options.quant != "none":
-        if options.quant not in recipe.build.quantizations:
-            raise BadInput(recipe.refusal("--quant", options.quant))
-        gate = getattr(recipe.parity, options.quant)  # the schema requires one per offered quantization
-        options = replace(options, **{k: getattr(gate, k) for k in ("min_top1", "max_kl") if k not in given})
-    if recipe.embedding is not None and options.dim not in recipe.embedding.dims:
-        raise BadInput(f"recipe {recipe.name} offers --dim {', '.join(map(str, recipe.embedding.dims))}; "
-                       f"got {options.dim}")  # fmt: skip
-    return options
-
-
-def check_recipe_architecture(options: BuildOptions, checkpoint_dir: Path, encoder: bool) -> None:
-    """Before any weight is read: the checkpoint's config must describe the recipe's model."""
-    if options.recipe is None:
-        return
-    recipe = options.recipe.recipe
-    if recipe.kind != ("embedding" if encoder else "decoder"):
-        kind = "a sentence-transformers (embedding) folder" if encoder else "a decoder checkpoint"
-        raise BadInput(f"{checkpoint_dir}: recipe {recipe.name} is for a {recipe.kind} model; this is {kind}")
-    cut = bool(options.random_checkpoint and options.random_checkpoint.get("layers"))
-    recipes.check_checkpoint(recipe, load_config(checkpoint_dir), str(checkpoint_dir), cut_depth=cut)
+from gemma_export.verify.child import ArtifactInChild
+from gemma_export.verify.reference import TorchDecoder, TorchEncoder
 
 
 def check_recipe(options: BuildOptions, loaded: Loaded, source: Path) -> None:
@@ -145,25 +42,14 @@ def check_recipe(options: BuildOptions, loaded: Loaded, source: Path) -> None:
         loaded.max_length = recipe.export.max_length
 
 
-def recipe_record(options: BuildOptions) -> dict[str, Any]:
+def recipe_record(options: BuildOptions) -> dict[str, Any] | None:
     """The manifest's `recipe` entry: name, file hash, validated content, and --random's seed and depth."""
     if options.recipe is None:
-        return {}
+        return None
     record = options.recipe.to_json()
     if options.random_checkpoint is not None:
         record["random_checkpoint"] = options.random_checkpoint
-    return {"recipe": record}
-
-
-def check_output_location(checkpoint_dir: Path, out_dir: Path, force: bool) -> None:
-    """Fail before the slow stages if OUT_DIR cannot be (re)placed."""
-    out, ckpt = out_dir.resolve(), checkpoint_dir.resolve()
-    if out == ckpt or out in ckpt.parents:
-        # with --force the build would replace OUT, and so delete the checkpoint it was built from
-        raise BadInput(f"{out_dir}: the output directory must not be or contain the checkpoint {checkpoint_dir}")
-    if out_dir.exists() and not force:
-        raise BadInput(f"{out_dir}: output directory exists (pass --force to replace it)")
-    package.check_writable(out_dir)
+    return record
 
 
 @dataclass
@@ -243,11 +129,12 @@ def load_encoder(folder: Path, options: BuildOptions) -> Loaded:
     )
 
 
-def build(checkpoint_dir: Path, out_dir: Path, options: BuildOptions, stages: Stages) -> dict[str, Any]:
+def build(checkpoint_dir: Path, out_dir: Path, options: BuildOptions, stages: Stages) -> Manifest:
     """Build the artifact; returns its manifest. Raises BadInput / ParityError; leaves no partial OUT_DIR."""
     options.check()
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
     check_output_location(checkpoint_dir, out_dir, options.force)
+    target = targets.target(options.target)
 
     encoder = is_sentence_transformers_folder(checkpoint_dir)
     check_recipe_architecture(options, checkpoint_dir, encoder)
@@ -260,14 +147,13 @@ def build(checkpoint_dir: Path, out_dir: Path, options: BuildOptions, stages: St
         graph = optimize.attach_functions(optimize.optimize(graph), trace.OPSET)
         if not encoder:  # the optional input `logits_to_keep`: the LM head on the last rows only
             logits_to_keep.add_logits_to_keep(graph)
-    quantization: dict[str, Any] = {}
+    quantization: dict[str, Any] | None = None
     if options.quant != "none":
         with stages.stage("quantize"):
-            graph, record = quantize.quantize(graph, quantize.spec_for(options.quant, options.block_size))
-            quantization = {"quantization": record}
-    if options.target == "ort-cpu":  # `onnx` keeps the portable graph: ai.gemma ops + their function bodies
+            graph, quantization = quantize.quantize(graph, quantize.spec_for(options.quant, options.block_size))
+    if target.name != "onnx":  # `onnx` keeps the portable graph: ai.gemma ops + their function bodies
         with stages.stage("lower"):
-            graph = lower.lower(graph)  # ONNX Runtime's CPU kernels (lower.py); drops the bodies it replaced
+            graph = target.lower(graph)
 
     with package.staging_dir(out_dir, options.force) as staging:
         with stages.stage("package") as st:
@@ -276,34 +162,32 @@ def build(checkpoint_dir: Path, out_dir: Path, options: BuildOptions, stages: St
             optimize.release_rewriter_state()  # else onnxscript keeps the graph, and the weights, alive (verify)
             memory.release_heap()
             proto = package.graph_proto(staging)
-            shared = lower.shared_buffers(proto)  # caches the graph can write in place (README "Shared KV buffers")
-            roles = {"model": package.MODEL_FILE, "weights": package.WEIGHTS_FILE}
+            shared = target.shared_buffers(proto)  # caches the graph can write in place (README "Shared KV buffers")
             cache_layout = getattr(loaded.model, "cache_layout", None)  # decoders only
-            if package.genai_supports(loaded.cfg, cache_layout) and not encoder:
-                genai = package.genai_config(loaded.cfg, loaded.max_length)
-                package.write_json(staging / package.GENAI_CONFIG, genai)
-                roles["genai_config"] = package.GENAI_CONFIG
+            roles = {"model": package.MODEL_FILE, "weights": package.WEIGHTS_FILE}
+            roles.update(target.write_extra_files(staging, loaded.cfg, cache_layout, loaded.max_length, encoder))
             roles.update({name: name for name in package.copy_tokenizer(checkpoint_dir, staging)})
-            manifest: dict[str, Any] = {
-                "format": package.MANIFEST_FORMAT,
-                "model": loaded.model_info,
-                "build": {
-                    "target": options.target,
-                    "precision": options.precision,
-                    "quant": options.quant,
-                    "opset": trace.OPSET,
-                    "domains": {imp.domain or "ai.onnx": imp.version for imp in proto.opset_import},
-                    "max_length": loaded.max_length,
-                    **({"cache_layout": cache_layout} if cache_layout else {}),
-                },
+            spec = ArtifactSpec(
+                format=FORMAT,
+                model=loaded.model_info,
+                build=BuildInfo(
+                    target=target.name,
+                    providers=list(target.providers),
+                    precision=options.precision,
+                    quant=options.quant,
+                    opset=trace.OPSET,
+                    domains={imp.domain or "ai.onnx": imp.version for imp in proto.opset_import},
+                    max_length=loaded.max_length,
+                    cache_layout=cache_layout,
+                ),
                 **package.io_spec(proto),
-                "state": [{**s, "shared_buffer": True} if s["output"] in shared else s for s in loaded.state],
-                "files": package.file_table(staging, roles),
-                **quantization,
-                **recipe_record(options),
-                "versions": package.versions(),
-            }
-            st.bytes = sum(f["bytes"] for f in manifest["files"].values())
+                state=[{**s, "shared_buffer": s["output"] in shared} for s in loaded.state],
+                files=package.file_table(staging, roles),
+                quantization=quantization,
+                recipe=recipe_record(options),
+                versions=package.versions(),
+            )
+            st.bytes = sum(f.bytes for f in spec.files.values())
 
         with stages.stage("verify"):
             # Factories: verify opens each side when its turn comes, the reference first (taken from `loaded`).
@@ -314,13 +198,13 @@ def build(checkpoint_dir: Path, out_dir: Path, options: BuildOptions, stages: St
 
             if quantization:  # agreement with the fp32 reference, not equality. The session as deployed: MatMulNBits
                 # uses int8 activations only on pre-packed weights (and quantized weights are small anyway).
-                artifact = verify.ArtifactInChild(staging, manifest, low_memory=False)
+                artifact = ArtifactInChild(staging, spec, low_memory=False)
                 report = verify.compare_agreement(take_reference, artifact, loaded.cfg, options.quant,
                                                   *options.agreement_gate(), spill_dir=staging)  # fmt: skip
             else:
-                report = loaded.compare(take_reference, staging, manifest, loaded.tolerance)
-        manifest["parity"] = report.to_json()
+                report = loaded.compare(take_reference, staging, spec, loaded.tolerance)
+        manifest = Manifest(**dict(spec), parity=report.to_json())
         if not report.passed:
             raise ParityError(f"parity gate failed: {report.summary()}")
-        package.write_json(staging / package.MANIFEST, manifest)
+        package.write_json(staging / MANIFEST, manifest.to_json())
     return manifest

@@ -26,16 +26,12 @@ import onnx_ir as ir
 
 from gemma_export import __version__
 from gemma_export.checkpoint import gguf as gguf_checkpoint
-from gemma_export.config.model_config import GemmaConfig, GriffinConfig, read_json
 from gemma_export.errors import BadInput
+from gemma_export.manifest import Manifest
 from gemma_export.pipeline import memory
 
-MANIFEST = "manifest.json"
 MODEL_FILE = "model.onnx"
 WEIGHTS_FILE = "model.onnx.data"
-GENAI_CONFIG = "genai_config.json"
-MANIFEST_FORMAT = "gemma-export/manifest-v1"
-MANIFEST_KEYS = ("model", "build", "inputs", "outputs", "state", "files", "parity")
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer.model",
@@ -236,72 +232,6 @@ def io_spec(proto: onnx.ModelProto) -> dict[str, list[dict[str, Any]]]:
     return {"inputs": [describe(v) for v in proto.graph.input], "outputs": [describe(v) for v in proto.graph.output]}
 
 
-def genai_supports(cfg: GemmaConfig | GriffinConfig, cache_layout: str | None = "full") -> bool:
-    """onnxruntime-genai 0.18 runs decoders with a growing KV cache; it has no RecurrentGemma model type.
-
-    Its own sliding-window cache (`decoder.sliding_window`) is GroupQueryAttention's `sliding_window_cache`
-    layout (the resident positions first, a capacity of window + slack), not our windowed layout (the last
-    window - 1 positions, right-aligned, with the attention mask spanning the whole past): a windowed artifact
-    gets no genai_config.json rather than a wrong one.
-    """
-    return isinstance(cfg, GemmaConfig) and cache_layout in (None, "full")
-
-
-def genai_config(cfg: GemmaConfig, max_length: int) -> dict[str, Any]:
-    """onnxruntime-genai's description of the decoder: it feeds the growing cache back, unshared.
-
-    The type is our (text) model type: genai reads "gemma3" as the multimodal pipeline and then looks for
-    vision and embedding sessions the artifact does not have.
-    """
-    return {
-        "model": {
-            "bos_token_id": cfg.bos_token_id,
-            "context_length": max_length,
-            "decoder": {
-                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
-                "filename": MODEL_FILE,
-                "head_size": cfg.head_dim,
-                "hidden_size": cfg.hidden_size,
-                "inputs": {
-                    "input_ids": "input_ids",
-                    "attention_mask": "attention_mask",
-                    "position_ids": "position_ids",
-                    "past_key_names": "past_key_values.%d.key",
-                    "past_value_names": "past_key_values.%d.value",
-                },
-                "outputs": {
-                    "logits": "logits",
-                    "present_key_names": "present.%d.key",
-                    "present_value_names": "present.%d.value",
-                },
-                "num_attention_heads": cfg.num_attention_heads,
-                "num_hidden_layers": cfg.num_hidden_layers,
-                "num_key_value_heads": cfg.num_key_value_heads,
-            },
-            "eos_token_id": list(cfg.eos_token_ids) if len(cfg.eos_token_ids) > 1 else cfg.eos_token_ids[0],
-            "pad_token_id": cfg.pad_token_id,
-            "type": cfg.model_type,
-            "vocab_size": cfg.vocab_size,
-        },
-        "search": {
-            "diversity_penalty": 0.0,
-            "do_sample": False,
-            "early_stopping": True,
-            "length_penalty": 1.0,
-            "max_length": max_length,
-            "min_length": 0,
-            "no_repeat_ngram_size": 0,
-            "num_beams": 1,
-            "num_return_sequences": 1,
-            "past_present_share_buffer": False,
-            "repetition_penalty": 1.0,
-            "temperature": 1.0,
-            "top_k": 1,
-            "top_p": 1.0,
-        },
-    }
-
-
 def sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -329,26 +259,11 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
-def read_manifest(artifact_dir: Path) -> dict[str, Any]:
-    path = Path(artifact_dir) / MANIFEST
-    if not Path(artifact_dir).is_dir():
-        raise BadInput(f"{artifact_dir}: artifact directory does not exist")
-    if not path.is_file():
-        raise BadInput(f"{artifact_dir}: no {MANIFEST}; not a gemma-export artifact")
-    manifest = read_json(path)
-    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-        raise BadInput(f"{path}: unknown manifest format (expected {MANIFEST_FORMAT!r})")
-    missing = [key for key in MANIFEST_KEYS if not isinstance(manifest.get(key), dict | list)]
-    if missing:
-        raise BadInput(f"{path}: manifest lacks {', '.join(missing)}; rebuild the artifact")
-    return manifest
-
-
-def changed_files(artifact_dir: Path, manifest: dict[str, Any]) -> list[str]:
+def changed_files(artifact_dir: Path, manifest: Manifest) -> list[str]:
     """Files whose bytes no longer match the manifest's sha256 (or that are missing)."""
     changed = []
-    for role, entry in manifest["files"].items():
-        path = Path(artifact_dir) / entry["path"]
-        if not path.is_file() or sha256(path) != entry["sha256"]:
-            changed.append(f"{entry['path']} ({role})")
+    for role, entry in manifest.files.items():
+        path = Path(artifact_dir) / entry.path
+        if not path.is_file() or sha256(path) != entry.sha256:
+            changed.append(f"{entry.path} ({role})")
     return changed

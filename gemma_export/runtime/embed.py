@@ -13,13 +13,13 @@ from typing import Any
 import numpy as np
 
 from gemma_export.errors import BadInput
-from gemma_export.pipeline import package
+from gemma_export.manifest import Manifest
 from gemma_export.runtime.generation import check_threads, load_tokenizer
 from gemma_export.runtime.session import OrtEncoder, left_pad
 
 
-def prompt_for(manifest: dict[str, Any], task: str | None) -> str:
-    head = manifest["model"]["head"]
+def prompt_for(manifest: Manifest, task: str | None) -> str:
+    head = manifest.model.head
     prompts: dict[str, str] = head["prompts"]
     name = task if task is not None else head.get("default_prompt_name")
     if name is None:
@@ -34,17 +34,17 @@ def tokenize(tokenizer, texts: list[str], prompt: str, max_length: int) -> list[
 
 
 def run(artifact_dir: Path, *, texts: list[str], task: str | None, threads: int = 0) -> dict[str, Any]:
-    manifest = package.read_manifest(artifact_dir)
-    if manifest["model"].get("task") != "sentence-embedding":
+    manifest = Manifest.read(artifact_dir)
+    if not manifest.is_embedding_model:
         raise BadInput(f"{artifact_dir}: not an embedding artifact (use `gemma-export generate`)")
     if not texts:
         raise BadInput("give at least one --text")
     check_threads(threads)
     prompt = prompt_for(manifest, task)
     tokenizer = load_tokenizer(artifact_dir)
-    batch = tokenize(tokenizer, texts, prompt, manifest["build"]["max_length"])
-    cfg = manifest["model"]["config"]
-    ids, mask = left_pad(batch, cfg["pad_token_id"])
+    batch = tokenize(tokenizer, texts, prompt, manifest.build.max_length)
+    cfg = manifest.model.config
+    ids, mask = left_pad(batch, cfg.pad_token_id)
     embeddings, _ = OrtEncoder(artifact_dir, manifest, threads=threads).embed(ids, mask)
     return {
         "artifact": str(artifact_dir),

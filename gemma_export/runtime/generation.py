@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from gemma_export.errors import BadInput
-from gemma_export.pipeline import package
+from gemma_export.manifest import Manifest
 from gemma_export.runtime.session import OrtDecoder, Sampling, check_prompts, generate
 
 
@@ -49,8 +49,8 @@ def run(
     seed: int = 0,
     threads: int = 0,
 ) -> dict[str, Any]:
-    manifest = package.read_manifest(artifact_dir)
-    cfg = manifest["model"]["config"]
+    manifest = Manifest.read(artifact_dir)
+    cfg = manifest.model.config
     check_threads(threads)
     sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     if bool(prompts) == (token_ids is not None):
@@ -61,15 +61,15 @@ def run(
     else:
         tokenizer = load_tokenizer(artifact_dir)
         batch = [enc.ids for enc in tokenizer.encode_batch(prompts)]
-    check_prompts(batch, cfg["vocab_size"], manifest["build"]["max_length"], max_new_tokens)
+    check_prompts(batch, cfg.vocab_size, manifest.build.max_length, max_new_tokens)
 
     decoder = OrtDecoder(artifact_dir, manifest, threads=threads)
     new = generate(
         decoder,
         batch,
         max_new_tokens,
-        eos_ids=cfg["eos_token_ids"],
-        pad_id=cfg["pad_token_id"],
+        eos_ids=cfg.eos_token_ids,
+        pad_id=cfg.pad_token_id,
         sampling=sampling,
     )
     outputs = []

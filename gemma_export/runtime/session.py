@@ -15,6 +15,7 @@ from typing import Protocol
 import numpy as np
 
 from gemma_export.errors import BadInput
+from gemma_export.manifest import Manifest
 
 Cache = list[np.ndarray]  # the carried state, in the order of the manifest's `state` list
 
@@ -57,6 +58,14 @@ def session_options(threads: int = 0, low_memory: bool = False):
     return options
 
 
+def open_session(artifact_dir: Path, manifest: Manifest, threads: int = 0, low_memory: bool = False):
+    """The artifact's model in an ONNX Runtime session, on the execution providers its target runs on."""
+    import onnxruntime as ort
+
+    path = str(Path(artifact_dir) / manifest.files["model"].path)
+    return ort.InferenceSession(path, session_options(threads, low_memory), providers=list(manifest.build.providers))
+
+
 class OrtDecoder:
     """The artifact in an ONNX Runtime session; names, state shapes and dtypes come from its manifest.
 
@@ -72,27 +81,21 @@ class OrtDecoder:
     prompt) passes `logits_to_keep` through run() instead, which io binding cannot feed (README).
     """
 
-    def __init__(self, artifact_dir: Path, manifest: dict, threads: int = 0, *, low_memory: bool = False) -> None:
-        import onnxruntime as ort
-
-        self.session = ort.InferenceSession(
-            str(Path(artifact_dir) / manifest["files"]["model"]["path"]),
-            session_options(threads, low_memory),
-            providers=["CPUExecutionProvider"],
-        )
-        self.state = manifest["state"]
-        self.vocab_size = int(manifest["model"]["config"]["vocab_size"])
-        mask = next(v for v in manifest["inputs"] if v["name"] == "attention_mask")
-        self.mask_covers_past = mask["shape"][1] != "sequence_length"
-        self._output_names = ["logits", *(s["output"] for s in self.state)]
-        self._shared = [bool(s.get("shared_buffer")) for s in self.state]
+    def __init__(self, artifact_dir: Path, manifest: Manifest, threads: int = 0, *, low_memory: bool = False) -> None:
+        self.session = open_session(artifact_dir, manifest, threads, low_memory)
+        self.state = manifest.state
+        self.vocab_size = manifest.model.config.vocab_size
+        mask = next(v for v in manifest.inputs if v.name == "attention_mask")
+        self.mask_covers_past = mask.shape[1] != "sequence_length"
+        self._output_names = ["logits", *(s.output for s in self.state)]
+        self._shared = [s.shared_buffer for s in self.state]
         self._buffers: list[_Buffer | None] = [None] * len(self.state)
         self._binding, self._bound, self._logits_shape = None, [], None  # _run_in_place's io binding
         self._reserved = 0
-        self._keeps_logits = any(v["name"] == "logits_to_keep" for v in manifest["inputs"])
+        self._keeps_logits = any(v.name == "logits_to_keep" for v in manifest.inputs)
 
     def empty_cache(self, batch: int) -> Cache:
-        return [np.zeros([batch if d == "batch" else d for d in s["shape"]], s["dtype"]) for s in self.state]
+        return [np.zeros([batch if d == "batch" else d for d in s.shape], s.dtype) for s in self.state]
 
     def reserve(self, length: int) -> None:
         """Size the shared buffers for `length` positions from the next new buffer on (prompt + new tokens)."""
@@ -111,7 +114,7 @@ class OrtDecoder:
             # logits are cut goes through run() (its past, if any, is copied; usually it is empty)
             if cuts_in_graph:
                 feed["logits_to_keep"] = np.array(logits_to_keep, np.int64)
-            feed.update({s["input"]: c for s, c in zip(self.state, cache, strict=True)})
+            feed.update({s.input: c for s, c in zip(self.state, cache, strict=True)})
             logits, *present = self.session.run(self._output_names, feed)
         # (an artifact built without the input computes every position: cut here)
         return (logits[:, -logits_to_keep:] if drops_rows else logits), present
@@ -127,16 +130,16 @@ class OrtDecoder:
             self._binding.bind_output("logits")  # first: get_outputs() keeps the order of binding
             for spec, buffer in zip(self.state, buffers, strict=True):
                 if buffer is not None:
-                    self._binding.bind_ortvalue_input(spec["input"], buffer.value)
-                    self._binding.bind_ortvalue_output(spec["output"], buffer.value)
+                    self._binding.bind_ortvalue_input(spec.input, buffer.value)
+                    self._binding.bind_ortvalue_output(spec.output, buffer.value)
                 else:  # a fixed-size state: ONNX Runtime allocates its output once, then reuses it
-                    self._binding.bind_output(spec["output"])
+                    self._binding.bind_output(spec.output)
         binding = self._binding
         for name, array in feed.items():
             binding.bind_cpu_input(name, np.ascontiguousarray(array))
         for spec, past, buffer in zip(self.state, cache, buffers, strict=True):
             if buffer is None:
-                binding.bind_cpu_input(spec["input"], np.ascontiguousarray(past))
+                binding.bind_cpu_input(spec.input, np.ascontiguousarray(past))
         shape = (*feed["input_ids"].shape, self.vocab_size)
         if shape != self._logits_shape:  # else the last call's logits value is reused (returned as a copy)
             binding.bind_output("logits")
@@ -175,60 +178,16 @@ class _Buffer:
         return cls(array, ort.OrtValue.ortvalue_from_numpy(array))
 
 
-class TorchDecoder:
-    """The PyTorch reference model (any `gemma_export.models` decoder)."""
-
-    def __init__(self, model) -> None:
-        self.model = model.eval()
-        self.vocab_size = model.cfg.vocab_size
-
-    def empty_cache(self, batch: int) -> Cache:
-        return [spec.empty(batch).numpy() for spec in self.model.state_specs()]
-
-    def reserve(self, length: int) -> None:
-        pass  # its caches grow by concatenation
-
-    def step(self, input_ids, attention_mask, position_ids, cache, logits_to_keep=0):
-        import torch
-
-        if not self.model.mask_covers_past:
-            attention_mask = attention_mask[:, -input_ids.shape[1] :]
-        args = (torch.from_numpy(input_ids), torch.from_numpy(attention_mask), torch.from_numpy(position_ids))
-        with torch.inference_mode():
-            logits, state = self.model(*args, [torch.from_numpy(c) for c in cache])
-        logits = logits[:, -logits_to_keep:] if logits_to_keep else logits
-        return logits.numpy(), [t.numpy() for t in state]
-
-
 class OrtEncoder:
     """An embedding artifact in an ONNX Runtime session."""
 
-    def __init__(self, artifact_dir: Path, manifest: dict, threads: int = 0, *, low_memory: bool = False) -> None:
-        import onnxruntime as ort
-
-        path = str(Path(artifact_dir) / manifest["files"]["model"]["path"])
-        self.session = ort.InferenceSession(
-            path, session_options(threads, low_memory), providers=["CPUExecutionProvider"]
-        )
+    def __init__(self, artifact_dir: Path, manifest: Manifest, threads: int = 0, *, low_memory: bool = False) -> None:
+        self.session = open_session(artifact_dir, manifest, threads, low_memory)
 
     def embed(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(sentence_embedding [batch, dim], token_embeddings [batch, seq, hidden])."""
         out = self.session.run(None, {"input_ids": input_ids, "attention_mask": attention_mask})
         return out[0], out[1]
-
-
-class TorchEncoder:
-    """The PyTorch reference EmbeddingGemma."""
-
-    def __init__(self, model) -> None:
-        self.model = model.eval()
-
-    def embed(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        import torch
-
-        with torch.inference_mode():
-            e, tokens = self.model(torch.from_numpy(input_ids), torch.from_numpy(attention_mask))
-        return e.numpy(), tokens.numpy()
 
 
 @dataclass(frozen=True)

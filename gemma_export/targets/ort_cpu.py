@@ -39,6 +39,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -53,6 +54,8 @@ from onnxscript.rewriter.ort_fusions.skip_normalization import fuse_skip_rms_nor
 
 from gemma_export.ops import attention
 from gemma_export.pipeline.optimize import strip_metadata
+from gemma_export.targets import genai_config
+from gemma_export.targets.base import Target
 
 MS_DOMAIN = "com.microsoft"
 FLOAT_SOFTMAX = 1  # Attention-23 softmax_precision: TensorProto.FLOAT
@@ -522,3 +525,25 @@ def _replace(old: ir.Value, new: ir.Value) -> None:
     if new.is_graph_output():
         name, old.name = old.name, None
         new.name = name
+
+
+# --- the target ------------------------------------------------------------------------------------------
+
+
+class OrtCpu(Target):
+    name = "ort-cpu"
+    description = "ONNX Runtime's CPU kernels (GroupQueryAttention, fused norms and RoPE), where exact"
+    providers = ("CPUExecutionProvider",)
+
+    def lower(self, model: ir.Model) -> ir.Model:
+        return lower(model)  # drops the function bodies it replaced
+
+    def shared_buffers(self, proto: onnx.ModelProto) -> set[str]:
+        return shared_buffers(proto)
+
+    def write_extra_files(self, folder: Path, cfg: Any, cache_layout: str | None, max_length: int, encoder: bool
+                          ) -> dict[str, str]:  # fmt: skip
+        return {} if encoder else genai_config.write(folder, cfg, cache_layout, max_length)
+
+
+TARGET = OrtCpu()

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from gemma_export import errors
+from gemma_export.manifest import ArtifactSpec
 from gemma_export.pipeline import memory
 from gemma_export.pipeline.progress import peak_rss_bytes, record_child, resident_bytes
 from gemma_export.runtime.session import OrtDecoder
@@ -47,7 +48,7 @@ class ArtifactInChild:
     """
 
     artifact_dir: Path
-    manifest: dict[str, Any]
+    manifest: ArtifactSpec
     low_memory: bool = True
 
 
@@ -60,7 +61,7 @@ def run_in_child(artifact: ArtifactInChild, passes: list[Pass], spill_fd: int, m
     """Each pass's measure, taken in a child process; `spill_fd`: the reference's logits, in pass order."""
     request = {
         "artifact_dir": str(artifact.artifact_dir),
-        "manifest": artifact.manifest,
+        "manifest": artifact.manifest.to_json(),
         "low_memory": artifact.low_memory,
         "measure": measure,
         "spill_fd": spill_fd,
@@ -120,7 +121,9 @@ def _pass_from_json(d: dict[str, Any]) -> Pass:
 
 def measure_passes(request: dict[str, Any]) -> list[Any]:
     """The child's work: the artifact through the passes, each compared with the reference's spilled logits."""
-    decoder = OrtDecoder(Path(request["artifact_dir"]), request["manifest"], low_memory=request["low_memory"])
+    decoder = OrtDecoder(
+        Path(request["artifact_dir"]), ArtifactSpec.from_json(request["manifest"]), low_memory=request["low_memory"]
+    )
     measure = MEASURES[request["measure"]]
     passes = [_pass_from_json(p) for p in request["passes"]]
     return [measure(ref, art) for _, ref, art in artifact_pairs(decoder, passes, request["spill_fd"])]

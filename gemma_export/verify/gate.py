@@ -24,11 +24,13 @@ from typing import Any
 import numpy as np
 
 from gemma_export.config.model_config import GemmaConfig
-from gemma_export.runtime.session import OrtEncoder, TorchEncoder, left_pad
+from gemma_export.manifest import AgreementParity, EmbeddingParity, Parity
+from gemma_export.runtime.session import OrtEncoder, left_pad
 from gemma_export.verify import child
 from gemma_export.verify.child import ArtifactInChild
 from gemma_export.verify.measures import MEASURES, Agreement, Closeness
 from gemma_export.verify.passes import DECODE_STEPS, Opened, paired_logits, reference_spilled
+from gemma_export.verify.reference import TorchEncoder
 
 # The fp32 gate: max abs logit error relative to the reference's logit scale (its largest |logit| over every
 # compared position), plus top-1 agreement wherever the reference's choice is decisive. An absolute tolerance
@@ -41,9 +43,6 @@ DEFAULT_TOLERANCE = 2e-5
 # ... and top-1 agreement: rounding can flip only near-ties (a flip needs the reference margin <= 2x the row's
 # error), which are rare among a real vocabulary's choices; a bug flips many.
 MIN_TOP1 = 0.99
-
-
-
 
 
 @dataclass
@@ -128,22 +127,6 @@ def _closeness_json(c: Closeness) -> dict[str, Any]:
             "positions": c.positions}  # fmt: skip
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 def paired_measures(
     reference: Opened,
     artifact: Opened | ArtifactInChild,
@@ -164,8 +147,6 @@ def paired_measures(
         values = child.run_in_child(artifact, passes, spill_fd, measure)
     for p, value in zip(passes, values, strict=True):
         yield p.case, p.lengths, p.phase, value
-
-
 
 
 def compare(
@@ -200,12 +181,6 @@ def compare(
 # (zero points dropped): tests on them pass their own, tighter gates, as a recipe would.
 AGREEMENT_GATES = {"int8": (0.8, 0.03), "int4": (0.3, 1.0), "int4-plain": (0.2, 2.0)}
 AGREEMENT_DECODE_STEPS = 16  # more decode positions than the fp32 gate: top-1 is a fraction of them
-
-
-
-
-
-
 
 
 @dataclass
@@ -319,16 +294,15 @@ def compare_embeddings(
     )
 
 
-def describe_parity(parity: dict) -> str:
+def describe_parity(parity: Parity) -> str:
     """One line for a manifest's recorded parity, whichever kind of report wrote it."""
-    if parity["metric"] == "max_abs_embedding_error":
-        return (f"max |d embedding| {parity['sentence_max_abs_error']:.2e}, min cosine "
-                f"{parity['sentence_min_cosine']:.7f} (tolerance {parity['tolerance']:g})")  # fmt: skip
-    if parity["metric"] == "agreement":
-        return (f"{parity['quant']} vs fp32: top-1 prefill {parity['prefill']['top1']:.4f}, decode "
-                f"{parity['decode']['top1']:.4f}; KL prefill {parity['prefill']['kl']:.2e}, decode "
-                f"{parity['decode']['kl']:.2e} (gate top-1 >= {parity['min_top1']:g}, "
-                f"KL <= {parity['max_kl']:g})")  # fmt: skip
-    return (f"logit error relative to the scale {parity['logit_scale']:.3g}: prefill {parity['prefill']:.2e}, "
-            f"decode {parity['decode']:.2e} (tolerance {parity['tolerance']:g}); top-1 prefill "
-            f"{parity['prefill_top1']:.4f}, decode {parity['decode_top1']:.4f}")  # fmt: skip
+    if isinstance(parity, EmbeddingParity):
+        return (f"max |d embedding| {parity.sentence_max_abs_error:.2e}, min cosine "
+                f"{parity.sentence_min_cosine:.7f} (tolerance {parity.tolerance:g})")  # fmt: skip
+    if isinstance(parity, AgreementParity):
+        return (f"{parity.quant} vs fp32: top-1 prefill {parity.prefill.top1:.4f}, decode {parity.decode.top1:.4f}; "
+                f"KL prefill {parity.prefill.kl:.2e}, decode {parity.decode.kl:.2e} (gate top-1 >= "
+                f"{parity.min_top1:g}, KL <= {parity.max_kl:g})")  # fmt: skip
+    return (f"logit error relative to the scale {parity.logit_scale:.3g}: prefill {parity.prefill:.2e}, "
+            f"decode {parity.decode:.2e} (tolerance {parity.tolerance:g}); top-1 prefill "
+            f"{parity.prefill_top1:.4f}, decode {parity.decode_top1:.4f}")  # fmt: skip
