@@ -3,24 +3,31 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# The lock: exact versions of every distribution the suite passed with, used as pip constraints (`make lock`).
+LOCK   := constraints.txt
 
-.PHONY: install demo test lint bench bench-gemma3 bench-recurrentgemma bench-embeddinggemma llama-cpp bench-real \
+.PHONY: install lock demo test lint bench bench-gemma3 bench-recurrentgemma bench-embeddinggemma llama-cpp bench-real \
 	clean
 
 install: $(STAMP)
 
 # torch is pinned to the CPU wheel this workplace ships; an unpinned torch would pull a multi-GB CUDA build.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet "torch==2.13.0"
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet -c $(LOCK) "torch==2.13.0"
+	$(BIN)/python -m pip install --quiet -c $(LOCK) -e ".[test]"
 # google-deepmind's RecurrentGemma (oracle of tests/test_griffin_deepmind.py) pins numpy<2.4 for its JAX half;
 # its PyTorch half, the only one the tests import, needs just einops, jaxtyping and sentencepiece (installed
 # first, so that pip's check after the --no-deps install does not report the JAX half's pins).
-	$(BIN)/python -m pip install --quiet "einops<1" "jaxtyping<1" "sentencepiece>=0.2.0"
-	$(BIN)/python -m pip install --quiet --no-deps "recurrentgemma==1.0.1"
+	$(BIN)/python -m pip install --quiet -c $(LOCK) "einops<1" "jaxtyping<1" "sentencepiece>=0.2.0"
+	$(BIN)/python -m pip install --quiet -c $(LOCK) --no-deps "recurrentgemma==1.0.1"
 	touch $(STAMP)
+
+# Rewrite the lock from what .venv has now (after a deliberate upgrade that the suite passed with).
+lock: install
+	{ sed -n '1,2p' $(LOCK); $(BIN)/python -m pip freeze --exclude-editable | grep -v '^gemma.export'; } > $(LOCK).new
+	mv $(LOCK).new $(LOCK)
 
 demo: install
 	$(BIN)/gemma-export demo --out build/demo

@@ -308,7 +308,7 @@ def check_format(value: Any, source: str = MANIFEST) -> tuple[int, int]:
 def describe(error: ValidationError) -> str:
     """The first problem of a validation error, as `field.path: what is wrong`."""
     first = error.errors()[0]
-    where = ".".join(str(p) for p in first["loc"] if not str(p).endswith("Parity")) or "(top level)"
+    where = ".".join(str(p) for p in first["loc"]) or "(top level)"  # a parity variant shows its metric
     kind = first["type"]
     if kind == "missing":
         return f"{where}: missing field"
@@ -362,3 +362,7 @@ def _type_name(annotation: Any) -> str:
         text = str(annotation).replace("typing.", "").replace("gemma_export.manifest.", "")
         text = re.sub(r"Annotated\[(.*), FieldInfo\(.*\)\]", r"\1", text)
     return f"`{text}`".replace("NoneType", "None").replace("|", "\\|")
+
+
+if __name__ == "__main__":  # python -m gemma_export.manifest: the README table
+    print("\n".join(field_table()))

@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
+from gemma_export import targets
 from gemma_export.cli.app import AllowPickleFlag, JsonFlag, app, emit
 from gemma_export.errors import BadInput
 from gemma_export.verify.gate import describe_parity
@@ -36,7 +37,7 @@ def build(
         Path, typer.Option(help="With --random: where random checkpoints are written once and reused.")
     ] = Path("build/random"),
     target: Annotated[
-        str | None, typer.Option(help="ort-cpu (ONNX Runtime, CPU) or onnx (portable graph). Default: ort-cpu.")
+        str | None, typer.Option(help=f"One of: {', '.join(targets.NAMES)} (targets/). Default: {targets.DEFAULT}.")
     ] = None,
     precision: Annotated[str | None, typer.Option(help="Weights and activations: fp32.")] = None,
     tolerance: Annotated[
@@ -78,8 +79,8 @@ def build(
 ) -> None:
     """Build an artifact from CHECKPOINT into OUT, verifying it against the PyTorch reference."""
     from gemma_export.config import recipes
-    from gemma_export.pipeline.build import BuildOptions, check_output_location, with_recipe
     from gemma_export.pipeline.build import build as run_build
+    from gemma_export.pipeline.options import BuildOptions, check_output_location, with_recipe
     from gemma_export.pipeline.progress import Stages
 
     stages = Stages(quiet=as_json)

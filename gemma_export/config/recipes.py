@@ -1,4 +1,6 @@
-"""Recipes: one TOML file per shipped model variant (`recipes/*.toml`), validated by a schema.
+"""Recipes: one TOML file per shipped model variant (`gemma_export/recipes/*.toml`, package data; the repository's
+top-level `recipes` links there), validated by a schema. Listing reads file names only; a recipe is parsed when
+it is loaded.
 
 A recipe pins what a release engineer would otherwise pass as flags and check by hand:
 
@@ -20,19 +22,34 @@ import hashlib
 import os
 import tomllib
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from gemma_export import targets
 from gemma_export.config.model_config import GemmaConfig, GriffinConfig, parse_config, parse_griffin_config
 from gemma_export.errors import BadInput
 
-RECIPES_DIR = Path(os.environ.get("GEMMA_EXPORT_RECIPES", Path(__file__).resolve().parents[2] / "recipes"))
+
+def recipes_dir() -> Path:
+    """The shipped recipes (package data, so a wheel install has them), or GEMMA_EXPORT_RECIPES's folder."""
+    override = os.environ.get("GEMMA_EXPORT_RECIPES")
+    return Path(override) if override else Path(str(resources.files("gemma_export") / "recipes"))
+
+
 SUFFIX = ".toml"
 SUPPORTED_OPSETS = (23,)
 
-Target = Literal["ort-cpu", "onnx"]
+
+def _registered_target(name: str) -> str:
+    if name not in targets.NAMES:
+        raise ValueError(f"unknown target {name!r} (registered: {', '.join(targets.NAMES)})")
+    return name
+
+
+Target = Annotated[str, AfterValidator(_registered_target)]  # a name in the registry (targets/__init__.py)
 Precision = Literal["fp32", "bf16", "fp16"]
 Quantization = Literal["int8", "int4"]
 CacheLayout = Literal["full", "windowed"]
@@ -150,12 +167,14 @@ class LoadedRecipe:
                 "content": self.recipe.model_dump(mode="json")}  # fmt: skip
 
 
-def available(root: Path = RECIPES_DIR) -> list[str]:
+def available(root: Path | None = None) -> list[str]:
+    root = root or recipes_dir()
     return sorted(p.stem for p in root.glob(f"*{SUFFIX}")) if root.is_dir() else []
 
 
-def resolve(name_or_path: str | Path, root: Path = RECIPES_DIR) -> Path:
+def resolve(name_or_path: str | Path, root: Path | None = None) -> Path:
     """A recipe name (`gemma-3-1b`) or a path to a TOML file."""
+    root = root or recipes_dir()
     text = str(name_or_path)
     path = Path(text)
     if text.endswith(SUFFIX) or os.sep in text or path.is_file():
@@ -168,7 +187,7 @@ def resolve(name_or_path: str | Path, root: Path = RECIPES_DIR) -> Path:
     return candidate
 
 
-def load(name_or_path: str | Path, root: Path = RECIPES_DIR) -> LoadedRecipe:
+def load(name_or_path: str | Path, root: Path | None = None) -> LoadedRecipe:
     path = resolve(name_or_path, root)
     try:
         raw_bytes = path.read_bytes()

@@ -31,7 +31,7 @@ def optimize(model: ir.Model) -> ir.Model:
 def release_rewriter_state() -> None:
     """Make onnxscript's pattern matchers forget their last match.
 
-    Its rewrite rules (the optimizer's defaults, the ORT fusions lower.py applies) are module-level objects
+    Its rewrite rules (the optimizer's defaults, the ORT fusions targets/ort_cpu.py applies) are module-level objects
     whose matchers keep the graph, node and bindings of their last match (onnxscript 0.7.2), and with them the
     whole IR model: every weight, i.e. the reference model's memory-mapped checkpoint, for the rest of the
     process. The build calls this once the graph is written, so that the verify stage can free the reference.

@@ -1,10 +1,11 @@
 """The build's verify stage, ONNX Runtime half: a fresh child process that opens the artifact and measures it.
+Both sides of the protocol live here: the parent's `ArtifactInChild` / `run_in_child`, the child's `main`.
 
     python -m gemma_export.verify.child PARENT_PID < request.json      (run by `run_in_child`, never by hand)
 
 The parent has run the PyTorch reference through every pass and spilled its logits to an unlinked file, whose
 descriptor the child inherits; the request (stdin, JSON) carries the artifact folder, its manifest, the
-passes' inputs and the measure to take (verify.MEASURES). The child runs the passes, compares each with the
+passes' inputs and the measure to take (measures.MEASURES). The child runs the passes, compares each with the
 spilled logits, and writes one JSON line on stdout: each pass's measure and its own peak RSS (VmHWM), or the
 error it met. It imports numpy and onnxruntime, never torch: the parent's heap (torch, the exporter, the
 optimizer: ~0.4 GiB) is not added to ONNX Runtime's, and the parent holds no weights while it runs.

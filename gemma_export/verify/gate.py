@@ -1,16 +1,16 @@
-"""Verify stage: does the artifact compute what the reference computes?
+"""Verify stage, the gates: does the artifact compute what the reference computes?
 
-The two decoders are driven by the same inputs through `runtime.Decoder`, on prompts chosen where
-exporters go wrong (GEMMA.md): one longer than twice every attention window, and a left-padded batch of
-unequal lengths. Prefill compares the logits of every real (non-padding) position; decode then feeds both
-the same greedy tokens, step by step across the window boundary, and compares each step's logits.
+The reference and the artifact are driven through the same passes (passes.py: a prompt longer than twice every
+window, a left-padded batch, decode steps across the window boundary); each pass's logits are measured
+(measures.py) and summed into a report whose `passed` is the gate: closeness for fp32 builds (`ParityReport`),
+agreement with the fp32 reference for quantized ones (`AgreementReport`), per-component error for embedding
+models (`EmbeddingReport`).
 
 Memory: the reference runs every pass first and is dropped before the artifact is opened (when the caller
 hands both over as factories, as the build does), so their two copies of the weights are never resident
-together; its logits wait in an unlinked temporary file, and each pass's logits are capped at
-VERIFY_LOGITS_BUDGET_BYTES (a 262144-token vocabulary makes 1 MiB per position). The build opens the artifact
-in a child process instead (ArtifactInChild, verify_worker.py), which reads that file and sends back each
-pass's measure (MEASURES), so that this process's torch heap is not added to ONNX Runtime's.
+together; its logits wait in an unlinked temporary file (passes.reference_spilled). The build opens the
+artifact in a child process instead (child.ArtifactInChild), which reads that file and sends back each pass's
+measure, so that this process's torch heap is not added to ONNX Runtime's.
 """
 
 from __future__ import annotations

@@ -49,7 +49,7 @@ def max_abs_error(ref: np.ndarray, art: np.ndarray) -> float:
     return max((float(np.abs(ref[i : i + KL_ROWS] - art[i : i + KL_ROWS]).max()) for i in rows), default=0.0)
 
 
-# What a build's verify stage measures per pass, in the ONNX Runtime process (verify_worker.py): the max abs
+# What a build's verify stage measures per pass, in the ONNX Runtime process (child.py): the max abs
 # logit error (fp32 gate), or the agreement statistics (quantized builds' gate); JSON-able values.
 MEASURES: dict[str, Callable[[np.ndarray, np.ndarray], Any]] = {
     "closeness": lambda ref, art: asdict(Closeness.of(ref, art)),
