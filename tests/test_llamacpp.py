@@ -254,7 +254,7 @@ def test_no_cmake_is_one_line_and_writes_nothing(monkeypatch: pytest.MonkeyPatch
 
 def test_missing_tool_names_how_to_build(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv(llamacpp.ENV, str(tmp_path))
-    with pytest.raises(llamacpp.ToolsUnavailable, match=r"run `python -m gemma_export\.llamacpp`"):
+    with pytest.raises(llamacpp.ToolsUnavailable, match=r"run `python -m gemma_export\.bench\.llamacpp`"):
         llamacpp.bench(write_gguf(tmp_path / "m.gguf", 15), 8, 4, threads=1)
 
 
