@@ -271,7 +271,7 @@ class ArtifactSpec(_Strict):
         try:
             data = json.loads(path.read_bytes())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise BadInput(f"{path}: not readable JSON ({e})") from None
+            raise BadInput(f"{path}: not valid JSON ({e})") from None
         return cls.from_json(data, str(path))
 
     def to_json(self) -> dict[str, Any]:

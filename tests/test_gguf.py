@@ -293,14 +293,14 @@ def test_build_passes_its_gate_and_matches_transformers_on_a_long_prompt(
 def test_manifest_records_the_gguf_source(ggufs, gguf_artifacts, tmp_path_factory) -> None:
     art = artifact_of("gemma3_text", ggufs, gguf_artifacts, tmp_path_factory.mktemp("built"))
     path = ggufs["gemma3_text"]
-    source = Manifest.read(art)["model"]["source"]
+    source = Manifest.read(art).to_json()["model"]["source"]
     layers = TINY_CONFIGS["gemma3_text"]["num_hidden_layers"]
     types = {"F32": 7 * layers + 1, "Q8_0": 1, "Q4_0": layers, "Q5_0": layers, "Q5_1": layers,
              "Q4_1": layers, "F16": layers, "BF16": layers}  # fmt: skip
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     assert source == {"format": "gguf", "file": path.name, "sha256": digest, "bytes": path.stat().st_size,
                       "architecture": "gemma3", "tensor_types": dict(sorted(types.items()))}  # fmt: skip
-    assert {"tokenizer.json", "tokenizer_config.json"} <= set(Manifest.read(art)["files"])
+    assert {"tokenizer.json", "tokenizer_config.json"} <= set(Manifest.read(art).files)
 
 
 def test_tokenizer_matches_transformers_gguf_tokenizer(ggufs, gguf_artifacts, tmp_path_factory) -> None:

@@ -85,7 +85,7 @@ def test_not_an_artifact(tmp_path) -> None:
     with pytest.raises(BadInput, match="not a gemma-export artifact"):
         Manifest.read(tmp_path)
     (tmp_path / MANIFEST).write_text("{not json")
-    with pytest.raises(BadInput, match="not readable JSON"):
+    with pytest.raises(BadInput, match="not valid JSON"):
         Manifest.read(tmp_path)
 
 

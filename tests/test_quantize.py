@@ -179,7 +179,7 @@ def test_weights_file_shrinks_by_the_expected_ratio(built, checkpoints, quant):
     """The uniform quantizations: every weight at one width (the mixed int4 is counted weight by weight above)."""
     art = built("gemma3_text", quant)
     cfg, _ = load.load_model(checkpoints["gemma3_text"])
-    sizes = Manifest.read(art)["quantization"]["weight_bytes"]
+    sizes = Manifest.read(art).quantization.weight_bytes
     spec = quantize.DEFAULTS[quant].projections
     assert quantize.DEFAULTS[quant].embedding == spec
     # float32 -> bits per weight, plus a float32 scale and a (bits-wide) zero point per block
@@ -255,7 +255,7 @@ def test_verify_reruns_the_agreement_gate(built, checkpoints, capsys) -> None:
     artifact = built("gemma2", "int4")
     assert main(["verify", str(artifact), "--checkpoint", str(checkpoints["gemma2"]), "--json"]) == 0
     shown = json.loads(capsys.readouterr().out)
-    recorded = Manifest.read(artifact)["parity"]
+    recorded = Manifest.read(artifact).to_json()["parity"]
     assert shown["parity"]["metric"] == "agreement" and shown["parity"]["passed"]
     assert shown["parity"]["prefill"] == recorded["prefill"] and shown["parity"]["decode"] == recorded["decode"]
     assert main(["inspect", str(artifact)]) == 0

@@ -89,7 +89,7 @@ class Tracked(real):
         options = self.session.get_session_options()
         seen["prepacking"] = options.get_session_config_entry("session.disable_prepacking") != "1"
         seen["arena"] = options.enable_cpu_mem_arena
-runtime.OrtDecoder = Tracked
+verify_worker.OrtDecoder = Tracked
 code = verify_worker.main(sys.argv[1:])
 seen["torch_imported"] = "torch" in sys.modules
 open(report, "w").write(json.dumps(seen))

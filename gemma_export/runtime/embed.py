@@ -20,8 +20,8 @@ from gemma_export.runtime.session import OrtEncoder, left_pad
 
 def prompt_for(manifest: Manifest, task: str | None) -> str:
     head = manifest.model.head
-    prompts: dict[str, str] = head["prompts"]
-    name = task if task is not None else head.get("default_prompt_name")
+    prompts = head.prompts if head is not None else {}
+    name = task if task is not None else (head.default_prompt_name if head is not None else None)
     if name is None:
         return ""
     if name not in prompts:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from gemma_export.config.model_config import GemmaConfig, GriffinConfig
-from gemma_export.pipeline.package import MODEL_FILE, write_json
+from gemma_export.pipeline import package
 
 GENAI_CONFIG = "genai_config.json"
 
@@ -16,7 +16,7 @@ def write(folder: Path, cfg: GemmaConfig | GriffinConfig, cache_layout: str | No
     """Writes the file when genai can run the decoder; returns its role ({} when not)."""
     if not genai_supports(cfg, cache_layout):
         return {}
-    write_json(folder / GENAI_CONFIG, genai_config(cfg, max_length))
+    package.write_json(folder / GENAI_CONFIG, genai_config(cfg, max_length))  # the package stage's one writer
     return {"genai_config": GENAI_CONFIG}
 
 
@@ -43,7 +43,7 @@ def genai_config(cfg: GemmaConfig, max_length: int) -> dict[str, Any]:
             "context_length": max_length,
             "decoder": {
                 "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
-                "filename": MODEL_FILE,
+                "filename": package.MODEL_FILE,
                 "head_size": cfg.head_dim,
                 "hidden_size": cfg.hidden_size,
                 "inputs": {
