@@ -29,6 +29,7 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
 from gemma_export.ops import attention as attention_op
+from gemma_export.ops.visibility import visible as visibility  # [batch, seq, total], graphs/attention.md
 from gemma_export.pipeline.optimize import attach_functions
 from gemma_export.pipeline.trace import OPSET
 from tests import op_harness as harness
@@ -51,18 +52,6 @@ def load_vector(path: Path) -> dict:
     for b, i in raw["excluded_rows"]:
         excluded[b, i] = True
     return {"attributes": raw["attributes"], "arrays": arrays, "excluded": excluded}
-
-
-def visibility(mask: np.ndarray, seq: int, window: int, causal: int) -> np.ndarray:
-    """[batch, seq, total]: graphs/attention.md, "Visibility"."""
-    total = mask.shape[1]
-    p = np.arange(total - seq, total)[:, None]
-    j = np.arange(total)[None, :]
-    if causal:
-        rule = (j <= p) & ((p - j < window) if window > 0 else True)
-    else:
-        rule = (np.abs(p - j) < window) if window > 0 else np.ones((seq, total), dtype=bool)
-    return rule[None] & (mask[:, None, :] != 0)
 
 
 def row_error(actual: np.ndarray, expected: np.ndarray, excluded: np.ndarray) -> float:

@@ -65,7 +65,7 @@ def _decoded(start: float, first: float, end: float, tokens: list[int], state_by
 
 
 def measure_ours(artifact: Path, ids: np.ndarray, new_tokens: int, eos: list[int], threads: int) -> dict[str, Any]:
-    from gemma_export.runtime.session import OrtDecoder
+    from gemma_export.runtime.session import OrtDecoder, feed_back, pick
 
     decoder = OrtDecoder(artifact, Manifest.read(artifact), threads=threads)
     batch, length = ids.shape
@@ -75,21 +75,20 @@ def measure_ours(artifact: Path, ids: np.ndarray, new_tokens: int, eos: list[int
     cache = decoder.empty_cache(batch)
     picked: list[np.ndarray] = []
 
-    def pick(logits: np.ndarray) -> np.ndarray:
+    def choose(logits: np.ndarray) -> np.ndarray:
         last = logits[:, -1]
         last[:, eos] = -np.inf  # as transformers' min_new_tokens: the end-of-sequence ids are never picked
-        picked.append(last.argmax(-1).astype(np.int64))
-        return picked[-1][:, None]
+        picked.append(pick(last))  # greedy
+        return picked[-1]
 
     start = time.perf_counter()
     logits, cache = decoder.step(ids, mask, pos, cache, logits_to_keep=1)  # as transformers' generate
-    nxt = pick(logits)
+    nxt = choose(logits)
     first = time.perf_counter()
     for _ in range(new_tokens - 1):
-        mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
-        pos = pos[:, -1:] + 1
-        logits, cache = decoder.step(nxt, mask, pos, cache, logits_to_keep=1)
-        nxt = pick(logits)
+        step_ids, mask, pos = feed_back(nxt, mask, pos)
+        logits, cache = decoder.step(step_ids, mask, pos, cache, logits_to_keep=1)
+        nxt = choose(logits)
     end = time.perf_counter()
     tokens = [int(t[0]) for t in picked]
     return _decoded(start, first, end, tokens, sum(c.nbytes for c in cache))

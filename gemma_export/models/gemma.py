@@ -9,8 +9,9 @@
                softcap(q.k * scale) -> mask (causal, window on local layers, padding) -> softmax -> v
     logits = softcap(Norm(x_L) @ embed^T)                     (softcap: Gemma 2), in float32
 
-Attention itself is the custom op `torch.ops.gemma.attention` (gemma_export/ops/attention.py), so the ONNX
-graph carries one `ai.gemma::Attention` node per layer.
+Norm, MLP, RoPE, softcap and the tied head are models/layers.py's (RecurrentGemma shares them). Attention
+itself is the custom op `torch.ops.gemma.attention` (gemma_export/ops/attention.py; its mask is
+ops/visibility.py's rule), so the ONNX graph carries one `ai.gemma::Attention` node per layer.
 
 KV cache layouts (`CACHE_LAYOUTS`, chosen with `GemmaModel.use_cache_layout`):
     full      every layer's key/value cache grows by the new tokens (past + new positions)
@@ -24,11 +25,11 @@ KV cache layouts (`CACHE_LAYOUTS`, chosen with `GemmaModel.use_cache_layout`):
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from gemma_export.config.model_config import GemmaConfig, Rope
+from gemma_export.config.model_config import GemmaConfig
 from gemma_export.errors import BadInput
+from gemma_export.models.layers import MLP, RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq, softcap, tied_lm_head
 from gemma_export.models.state import StateSpec
 from gemma_export.ops import attention as _attention_op  # noqa: F401 - registers torch.ops.gemma.attention
 
@@ -56,46 +57,6 @@ def buffer_mask(attention_mask: torch.Tensor, seq: int, slots: int) -> torch.Ten
     tokens; zeros before the first token) then the new tokens. attention_mask: [batch, past + seq]."""
     padded = torch.cat((attention_mask.new_zeros(attention_mask.shape[0], slots), attention_mask), dim=1)
     return padded[:, attention_mask.shape[1] - seq :]
-
-
-class RMSNorm(nn.Module):
-    """RMSNorm with Gemma's `(1 + weight)` scale, computed in float32 whatever the input dtype."""
-
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.zeros(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * (1.0 + self.weight.float())).to(x.dtype)
-
-
-def tied_lm_head(x: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
-    """Float32 logits x @ embedding^T, written as a rank-2 linear so that the graph gets one Gemm(transB=1):
-    no transposed copy of the (vocab x hidden) embedding, at run time or on disk."""
-    return F.linear(x.reshape(-1, x.shape[-1]), embedding).reshape(*x.shape[:-1], -1).float()
-
-
-def rope_inv_freq(rope: Rope, head_dim: int) -> torch.Tensor:
-    """Inverse frequencies of rotary embedding, with linear scaling by `rope.factor`."""
-    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
-    return 1.0 / (rope.theta**exponents) / rope.factor
-
-
-def rope_cos_sin(inv_freq: torch.Tensor, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-    """cos and sin tables [batch, seq, head_dim] for the rotate-half (non-interleaved) convention."""
-    freqs = position_ids[:, :, None].float() * inv_freq[None, None, :]
-    angles = torch.cat((freqs, freqs), dim=-1)
-    return angles.cos().to(dtype), angles.sin().to(dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [batch, heads, seq, head_dim]."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos[:, None] + rotated * sin[:, None]
 
 
 class Attention(nn.Module):
@@ -136,17 +97,6 @@ class Attention(nn.Module):
         return self.o_proj(out), (k, v)
 
 
-class MLP(nn.Module):
-    def __init__(self, cfg: GemmaConfig) -> None:
-        super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
-
-
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: GemmaConfig, layer: int) -> None:
         super().__init__()
@@ -160,7 +110,7 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(cfg, layer)
         self.post_attention_layernorm = post_norm()
         self.pre_feedforward_layernorm = norm()
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.post_feedforward_layernorm = post_norm()
 
     def forward(
@@ -204,7 +154,7 @@ class GemmaModel(nn.Module):
     def init_rope(self) -> None:
         """(Re)compute the rotary frequencies, which are derived from the config, never loaded."""
         for kind, rope in self.cfg.rope.items():
-            inv_freq = rope_inv_freq(rope, self.cfg.head_dim).to(self.norm.weight.device)
+            inv_freq = rope_inv_freq(rope.theta, self.cfg.head_dim, rope.factor).to(self.norm.weight.device)
             self.register_buffer(f"inv_freq_{kind}", inv_freq, persistent=False)
 
     def forward(
@@ -215,10 +165,7 @@ class GemmaModel(nn.Module):
         state: list[torch.Tensor],  # per layer: key, value [batch, kv_heads, past, head_dim]
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         x, presents = self.hidden_states(input_ids, attention_mask, position_ids, state)
-        logits = tied_lm_head(x, self.embed_tokens.weight)
-        cap = self.cfg.final_logit_softcapping
-        if cap > 0:
-            logits = cap * torch.tanh(logits / cap)
+        logits = softcap(tied_lm_head(x, self.embed_tokens.weight), self.cfg.final_logit_softcapping)
         return logits, presents
 
     def hidden_states(

@@ -17,6 +17,8 @@
     Local attention block: multi-query attention over the last `window` tokens, RoPE on the first half of
     each head, through ai.gemma::Attention.
 
+RMSNorm, MLP, RoPE, the soft-cap and the tied head are models/layers.py's, shared with models/gemma.py.
+
 Decode state is constant in the sequence length: per recurrent layer the Conv1D's last (width - 1) inputs
 and the RG-LRU state h (float32); per attention layer a key/value buffer of (window - 1) slots, plus one
 mask saying which slots hold real tokens. A reset (position 0) starts a new document: the RG-LRU state and
@@ -32,7 +34,7 @@ from torch import nn
 
 from gemma_export.config.model_config import GriffinConfig
 from gemma_export.errors import BadInput
-from gemma_export.models.gemma import RMSNorm, tied_lm_head
+from gemma_export.models.layers import MLP, RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq, softcap, tied_lm_head
 from gemma_export.models.state import StateSpec
 from gemma_export.ops import attention as _attention_op  # noqa: F401 - registers torch.ops.gemma.attention
 from gemma_export.ops import rglru as _rglru_op  # noqa: F401 - registers torch.ops.gemma.rglru
@@ -131,33 +133,13 @@ class LocalAttention(nn.Module):
         q = self.q_proj(x).view(batch, seq, self.heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, seq, self.kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, seq, self.kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_partial_rope(q, cos, sin), apply_partial_rope(k, cos, sin)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # on the first half of each head
         slots = state[0].shape[2]
         k = torch.cat((state[0], k), dim=2)
         v = torch.cat((state[1], v), dim=2)
         out = torch.ops.gemma.attention(q, k, v, mask, self.scale, 0.0, self.window, True)
         out = self.o_proj(out.transpose(1, 2).reshape(batch, seq, self.heads * self.head_dim))
         return out, (k[:, :, -slots:], v[:, :, -slots:])  # the buffer keeps the last (window - 1) tokens
-
-
-def apply_partial_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE on the first cos.shape[-1] channels of each head; the rest pass through."""
-    rot, rest = x[..., : cos.shape[-1]], x[..., cos.shape[-1] :]
-    half = rot.shape[-1] // 2
-    rotated = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
-    return torch.cat((rot * cos[:, None] + rotated * sin[:, None], rest), dim=-1)
-
-
-class MLP(nn.Module):
-    def __init__(self, cfg: GriffinConfig) -> None:
-        super().__init__()
-        width = cfg.intermediate_size // 2
-        self.gate_proj = nn.Linear(cfg.hidden_size, width)
-        self.up_proj = nn.Linear(cfg.hidden_size, width)
-        self.down_proj = nn.Linear(width, cfg.hidden_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
 
 
 class ResidualBlock(nn.Module):
@@ -167,7 +149,7 @@ class ResidualBlock(nn.Module):
         self.temporal_pre_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.temporal_block = RecurrentBlock(cfg) if self.kind == "recurrent" else LocalAttention(cfg)
         self.channel_pre_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp_block = MLP(cfg)
+        self.mlp_block = MLP(cfg.hidden_size, cfg.intermediate_size // 2, bias=True)  # (HF stores 2x the width)
 
 
 class GriffinModel(nn.Module):
@@ -186,8 +168,7 @@ class GriffinModel(nn.Module):
 
     def init_rope(self) -> None:
         """(Re)compute the rotary frequencies, which are derived from the config, never loaded."""
-        dim = int(self.cfg.head_dim * self.cfg.partial_rotary_factor)
-        inv_freq = 1.0 / (self.cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+        inv_freq = rope_inv_freq(self.cfg.rope_theta, int(self.cfg.head_dim * self.cfg.partial_rotary_factor))
         self.register_buffer("inv_freq", inv_freq.to(self.final_norm.weight.device), persistent=False)
 
     def use_cache_layout(self, layout: str) -> GriffinModel:
@@ -212,9 +193,7 @@ class GriffinModel(nn.Module):
         x = self.embed_tokens(input_ids) * normalizer
         reset = position_ids == 0
         document = torch.cumsum(reset.to(torch.int64), dim=1)
-        freqs = position_ids[:, :, None].float() * self.inv_freq[None, None, :]
-        angles = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+        cos, sin = rope_cos_sin(self.inv_freq, position_ids, dtype)
         *layer_state, past_mask = state
         mask = torch.cat((past_mask, attention_mask), dim=1)
 
@@ -230,10 +209,7 @@ class GriffinModel(nn.Module):
             x = h + layer.mlp_block(layer.channel_pre_norm(h))
         new_state.append(mask[:, -self.slots :])
 
-        logits = tied_lm_head(self.final_norm(x), self.embed_tokens.weight)
-        cap = self.cfg.logits_soft_cap
-        if cap > 0:
-            logits = cap * torch.tanh(logits / cap)
+        logits = softcap(tied_lm_head(self.final_norm(x), self.embed_tokens.weight), self.cfg.logits_soft_cap)
         return logits, new_state
 
     def state_specs(self) -> list[StateSpec]:

@@ -10,10 +10,9 @@ The same op has three faces, kept together so they cannot drift apart:
    runs the graph without a native kernel. The exporter inlines every function it creates during
    translation, so the function bodies are attached to the model after export (`attach_functions`).
 
-Semantics (graphs/attention.md is the spec): queries are the last S of T key positions (T = past + S). Key
-j is visible to query i (absolute position p = T - S + i) when `attention_mask[b, j] != 0`, and
-- causal: `j <= p`, and with a window W > 0 also `p - j < W` (W keys, the current one included);
-- bidirectional (causal=0): with a window W > 0, `|p - j| < W`.
+Semantics (graphs/attention.md is the spec): queries are the last S of T key positions (T = past + S); which
+keys each one sees (padding, causality, window) is ops/visibility.py's rule, which the reference applies as
+it is and tests/test_visibility.py checks the function body against.
 Scores `q.k * scale` are soft-capped `softcap * tanh(s / softcap)` (softcap > 0) in float32 before the mask,
 masked with the float32 minimum (so a fully masked padding row stays finite), softmaxed in float32.
 """
@@ -26,6 +25,9 @@ from onnx import FunctionProto
 from onnxscript import FLOAT, INT64, script
 from onnxscript import opset18 as op
 from onnxscript.values import Opset
+
+from gemma_export.models import layers
+from gemma_export.ops import visibility
 
 DOMAIN = "ai.gemma"
 DOMAIN_VERSION = 1
@@ -82,22 +84,13 @@ def attention_reference(
     causal: bool,
 ) -> torch.Tensor:
     batch, heads, seq, head_dim = query.shape
-    kv_heads, total = key.shape[1], key.shape[2]
+    kv_heads = key.shape[1]
     group = heads // kv_heads
     q = query.reshape(batch, kv_heads, group, seq, head_dim)
     scores = torch.matmul(q, key.unsqueeze(2).transpose(-1, -2)).float() * scale  # [b, kv, g, s, t]
-    if softcap > 0:
-        scores = softcap * torch.tanh(scores / softcap)
+    scores = layers.softcap(scores, softcap)  # in float32, before the mask
 
-    q_pos = torch.arange(total - seq, total, device=query.device)[:, None]
-    k_pos = torch.arange(total, device=query.device)[None, :]
-    visible = attention_mask[:, None, None, None, :] != 0
-    if causal:
-        visible = visible & (k_pos <= q_pos)
-        if window > 0:
-            visible = visible & (q_pos - k_pos < window)
-    elif window > 0:
-        visible = visible & ((q_pos - k_pos).abs() < window)
+    visible = visibility.visible(attention_mask, seq, window, causal)[:, None, None]  # [b, 1, 1, s, t]
     scores = scores.masked_fill(~visible, _MASKED)
     probs = torch.softmax(scores, dim=-1).to(value.dtype)
     out = torch.matmul(probs, value.unsqueeze(2))  # [b, kv, g, s, d]
@@ -161,7 +154,7 @@ def Attention(
     capped = op.Mul(cap, op.Tanh(op.Div(scores, cap)))
     scores = op.Where(op.Greater(cap, op.Constant(value_float=0.0)), capped, scores)
 
-    # Visibility of key j to query i at absolute position p = total - seq + i.
+    # ops/visibility.py's rule in ONNX ops: key j visible to query i at absolute position p = total - seq + i.
     total_s = op.Squeeze(total, [0])
     q_pos = op.Unsqueeze(op.Range(op.Sub(total_s, op.Squeeze(seq, [0])), total_s, one), [1])  # [s, 1]
     k_pos = op.Unsqueeze(op.Range(zero, total_s, one), [0])  # [1, t]

@@ -8,15 +8,16 @@ prompt of a 262144-token vocabulary the tied head is most of the prefill. As tra
                      (all of them when k >= sequence_length)
  -> logits           float32 [batch, logits_length, vocab]
 
-The traced head (models/gemma.py's `tied_lm_head`, and Gemma 2's / RecurrentGemma's final soft-cap after it)
+The traced head (models/layers.py's `tied_lm_head`, and Gemma 2's / RecurrentGemma's final soft-cap after it)
 is, after the optimizer, `Reshape(Gemm(Reshape(x, [-1, hidden]), E, transB=1), out_shape)` on the final-normed
-hidden state x [batch, sequence_length, hidden]. This pass slices x before the head,
+hidden state x [batch, sequence_length, hidden] (pipeline/graph_patterns.py finds it). This pass slices x before
+the head,
 
     x_kept = Slice(x, starts=-logits_to_keep, ends=INT64_MAX, axes=[1])    (-0 = 0: every row)
 
 and restores the head's output to `Concat(Shape(x_kept)[0:2], [-1])`, so the head's sgemm (or its MatMulNBits,
 quantize.py), the soft-cap and the logits all cover the kept rows only. The norm before the slice keeps its
-pattern for the ORT fusions (lower.py), which fuse the head on the 3-D x_kept as before (HeadWithoutReshape).
+pattern for the ORT fusions (targets/ort_cpu.py), which fuse the head on the 3-D x_kept as before (fuse_head).
 """
 
 from __future__ import annotations
@@ -27,8 +28,10 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
+from gemma_export.pipeline import graph_patterns
+
 INPUT = "logits_to_keep"
-LOGITS = "logits"
+LOGITS = graph_patterns.LOGITS
 LOGITS_DIM = "logits_length"  # the logits' second dim: sequence_length, or fewer rows
 DEFAULT = 0  # every position
 _INT64_MAX = int(np.iinfo(np.int64).max)
@@ -38,11 +41,10 @@ def add_logits_to_keep(model: ir.Model) -> bool:
     """Add the `logits_to_keep` input in front of the tied LM head; returns whether the head was found (a graph
     without the traced head, e.g. a test's stand-in, is left as it is)."""
     graph = model.graph
-    head = _find_head(graph)
+    head = graph_patterns.tied_head(graph)
     if head is None or any(v.name == INPUT for v in graph.inputs) or INPUT in graph.initializers:
         return False
-    flatten, _, restore = head
-    x = flatten.inputs[0]
+    flatten, restore, x = head.flatten, head.restore, head.hidden
 
     keep = ir.Value(name=INPUT, shape=ir.Shape([]), type=ir.TensorType(ir.DataType.INT64),
                     const_value=ir.tensor(np.array(DEFAULT, np.int64), name=INPUT))  # fmt: skip
@@ -79,44 +81,11 @@ def add_logits_to_keep(model: ir.Model) -> bool:
     return True
 
 
-def _find_head(graph: ir.Graph) -> tuple[ir.Node, ir.Node, ir.Node] | None:
-    """(flatten Reshape, Gemm, restore Reshape) of the one tied head that feeds the `logits` output."""
-    found = []
-    for gemm in graph:
-        if gemm.op_type != "Gemm" or gemm.domain != "" or len(gemm.inputs) != 2:
-            continue
-        a = {k: v.value for k, v in gemm.attributes.items()}
-        if a.get("transA", 0) != 0 or a.get("transB", 0) != 1 or gemm.inputs[1].const_value is None:
-            continue
-        flatten, uses = gemm.inputs[0].producer(), gemm.outputs[0].uses()
-        if flatten is None or flatten.op_type != "Reshape" or len(gemm.inputs[0].uses()) != 1 or len(uses) != 1:
-            continue
-        x, (restore, index) = flatten.inputs[0], uses[0]
-        if x is None or x.shape is None or x.shape.rank() != 3 or restore.op_type != "Reshape" or index != 0:
-            continue
-        if any(v.name == LOGITS for v in _downstream(restore.outputs[0]) if v.is_graph_output()):
-            found.append((flatten, gemm, restore))
-    return found[0] if len(found) == 1 else None
-
-
-def _downstream(value: ir.Value) -> list[ir.Value]:
-    """`value` and every value computed from it, in a deterministic order."""
-    seen, order, todo = set(), [], [value]
-    while todo:
-        v = todo.pop()
-        if id(v) in seen:
-            continue
-        seen.add(id(v))
-        order.append(v)
-        todo.extend(out for use in v.uses() for out in use.node.outputs)
-    return order
-
-
 def _rename_rows(kept: ir.Value, seq: ir.SymbolicDim | int | None) -> None:
     """The head's values (and the logits output) have LOGITS_DIM rows where the trace wrote sequence_length."""
     name = seq.value if isinstance(seq, ir.SymbolicDim) else None
     pattern = re.compile(rf"(?<![\w]){re.escape(name)}(?![\w])") if name else None
-    for value in _downstream(kept)[1:]:
+    for value in graph_patterns.downstream(kept)[1:]:
         if value.shape is None:
             continue
         dims = [ir.SymbolicDim(pattern.sub(LOGITS_DIM, d.value)) if pattern and isinstance(d, ir.SymbolicDim)

@@ -38,7 +38,7 @@ import onnx
 import onnx_ir as ir
 from onnx import helper, numpy_helper
 
-from gemma_export.pipeline import memory
+from gemma_export.pipeline import graph_patterns, memory
 
 QUANTS = ("none", "int8", "int4", "int4-plain")
 MS_DOMAIN = "com.microsoft"
@@ -134,6 +134,7 @@ def is_valid_block_size(block_size: int) -> bool:
 def quantize(model: ir.Model, spec: QuantSpec) -> tuple[ir.Model, dict[str, Any]]:
     """The model with its weights quantized, and the manifest's `quantization` record."""
     before = _initializer_bytes(model.graph)
+    head = _tied_head_output(model.graph)  # found here, on the IR; the ORT quantizer leaves the Gemm as it is
     ir.external_data.load_to_model(model)  # the ORT quantizer reads weights from the proto, not from files
     proto = ir.to_proto(model)
     # the proto holds a copy now: the checkpoint's pages it was read from need not stay resident (memory.py)
@@ -157,7 +158,7 @@ def quantize(model: ir.Model, spec: QuantSpec) -> tuple[ir.Model, dict[str, Any]
         proto = quantizer.model.model
     quantized_matmuls = sum(1 for n in proto.graph.node if n.op_type == "MatMulNBits")
     matmuls_total = sum(1 for n in proto.graph.node if n.op_type in ("MatMul", "MatMulNBits"))
-    tied = quantize_tied_embedding(proto, spec.embedding, spec.accuracy_level)
+    tied = head is not None and quantize_tied_embedding(proto, head, spec.embedding, spec.accuracy_level)
     out = ir.from_proto(proto)
     after = _initializer_bytes(out.graph)
     record = {
@@ -175,17 +176,17 @@ def quantize(model: ir.Model, spec: QuantSpec) -> tuple[ir.Model, dict[str, Any]
     return out, record
 
 
-def quantize_tied_embedding(proto: onnx.ModelProto, spec: Width, accuracy_level: int) -> bool:
+def quantize_tied_embedding(proto: onnx.ModelProto, head_output: str, spec: Width, accuracy_level: int) -> bool:
     """Gemm(x, E, transB=1) -> MatMulNBits(x, Q(E)) and Gather(E, ids) -> GatherBlockQuantized(Q(E), ids).
 
-    Returns whether a tied head was found. E stays float32 when the head is not the plain Gemm that
-    `models.gemma.tied_lm_head` traces to (no bias, alpha 1, E an initializer).
+    `head_output` names the output of the tied Gemm (`_tied_head_output`). Returns whether it was quantized:
+    E stays float32 when it serves anything but that head and lookups.
     """
     ort_quantizer = _ort_quantizer()
     graph = proto.graph
     inits = {t.name: t for t in graph.initializer}
     nodes = list(graph.node)  # held, so that id() names each node until the graph is rewritten
-    heads = [n for n in nodes if _is_tied_head(n, inits)]
+    heads = [n for n in nodes if list(n.output) == [head_output] and n.op_type == "Gemm"]
     if len(heads) != 1:
         return False
     head = heads[0]
@@ -255,18 +256,14 @@ def quantize_tied_embedding(proto: onnx.ModelProto, spec: Width, accuracy_level:
     return True
 
 
-def _is_tied_head(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> bool:
-    return (
-        node.op_type == "Gemm"
-        and node.domain == ""
-        and len(node.input) == 2
-        and node.input[1] in inits
-        and len(inits[node.input[1]].dims) == 2
-        and inits[node.input[1]].data_type == onnx.TensorProto.FLOAT
-        and _attr(node, "transA", 0) == 0
-        and _attr(node, "transB", 0) == 1
-        and _attr(node, "alpha", 1.0) == 1.0
-    )
+def _tied_head_output(graph: ir.Graph) -> str | None:
+    """The output name of the graph's tied head (graph_patterns.tied_gemm), when its E is a float32 initializer:
+    the table quantize_tied_embedding packs. The name stays the same in the proto, which has no node handles."""
+    head = graph_patterns.tied_gemm(graph)
+    if head is None:
+        return None
+    table = head.inputs[1]
+    return head.outputs[0].name if table.is_initializer() and table.dtype == ir.DataType.FLOAT else None
 
 
 def _attr(node: onnx.NodeProto, name: str, default: Any) -> Any:

@@ -210,10 +210,15 @@ class Sampling:
             raise BadInput(f"--top-p must be in (0, 1], got {self.top_p}")
 
 
-def pick(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> np.ndarray:
-    """Next token per row from the last position's logits [batch, vocab]."""
+GREEDY = Sampling()
+
+
+def pick(logits: np.ndarray, sampling: Sampling = GREEDY, rng: np.random.Generator | None = None) -> np.ndarray:
+    """Next token per row from the last position's logits [batch, vocab]; sampling draws them from `rng`."""
     if sampling.temperature == 0:
         return logits.argmax(-1)
+    if rng is None:
+        raise ValueError("sampling (temperature > 0) needs a random generator")
     scaled = logits.astype(np.float64) / sampling.temperature
     if sampling.top_k:
         kth = np.sort(scaled, axis=-1)[:, -min(sampling.top_k, scaled.shape[-1])][:, None]
@@ -270,6 +275,15 @@ def check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, max_length:
             )
 
 
+def feed_back(tokens: np.ndarray, mask: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The inputs of the decode step that feeds `tokens` [batch] back: them as ids [batch, 1], the attention mask
+    one (real) column longer, each row's next position [batch, 1]. Every decode loop (generate, the verify
+    stage's, the bench's) steps with it."""
+    ids = np.asarray(tokens).astype(np.int64)[:, None]
+    mask = np.concatenate([mask, np.ones((len(ids), 1), np.int64)], axis=1)
+    return ids, mask, pos[:, -1:] + 1
+
+
 def generate(
     decoder: Decoder,
     prompts: Sequence[Sequence[int]],
@@ -299,7 +313,5 @@ def generate(
                 done[row] = int(token) in eos_ids
         if done.all():
             break
-        ids = np.where(done, pad_id, nxt).astype(np.int64)[:, None]
-        mask = np.concatenate([mask, np.ones((len(prompts), 1), np.int64)], axis=1)
-        pos = pos[:, -1:] + 1
+        ids, mask, pos = feed_back(np.where(done, pad_id, nxt), mask, pos)  # a finished row is fed padding
     return out

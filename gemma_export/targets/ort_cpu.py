@@ -25,14 +25,14 @@ the node's attributes (scale, softcap, window, causal, kv_num_heads) are the onl
   prefill of a batch): the If takes Attention-23 then.
   RoPE stays outside it (`do_rotary` assumes contiguous positions from each row's first, which left padding
   breaks; Gemma 3's q/k norms come before RoPE anyway).
-- Attention-23 takes the boolean visibility `visible` [batch, 1, seq, total] (padding, causality, window),
+- Attention-23 takes the boolean visibility `visible` [batch, 1, seq, total] (ops/visibility.py's rule),
   softcap before the mask, a float32 softmax; its fully masked rows give zeros, which the spec allows.
 - `visible` (and the bias made from it) is built once per distinct (mask, window, causal) and shared by
   every layer that has them, not once per layer as the function body does.
 
 Then, with onnxscript's rewriter: RMSNorm -> RMSNormalization-23, residual Add + RMSNorm ->
-com.microsoft.SkipSimplifiedLayerNormalization, rotate-half RoPE -> RotaryEmbedding-23, and the tied LM head
-on the 3-D hidden states (no copy of the logits).
+com.microsoft.SkipSimplifiedLayerNormalization, rotate-half RoPE -> RotaryEmbedding-23; and the tied LM head
+(pipeline/graph_patterns.py) on the 3-D hidden states (no copy of the logits).
 """
 
 from __future__ import annotations
@@ -53,11 +53,12 @@ from onnxscript.rewriter.ort_fusions.rms_normalization import fuse_rms_normaliza
 from onnxscript.rewriter.ort_fusions.skip_normalization import fuse_skip_rms_normalization
 
 from gemma_export.ops import attention
+from gemma_export.pipeline import graph_patterns
 from gemma_export.pipeline.optimize import strip_metadata
 from gemma_export.targets import genai_config
 from gemma_export.targets.base import Target
 
-MS_DOMAIN = "com.microsoft"
+MS_DOMAIN = graph_patterns.MS_DOMAIN
 FLOAT_SOFTMAX = 1  # Attention-23 softmax_precision: TensorProto.FLOAT
 MASKED = float(np.finfo(np.float32).min)  # additive bias of an invisible key (graphs/attention.md: not -inf)
 _INT64_MAX = np.iinfo(np.int64).max
@@ -298,7 +299,8 @@ class _SharedMasks:
 
 
 def _visibility(tape: Tape, query: ir.Value, mask: ir.Value, window: int, causal: int) -> ir.Value:
-    """Key j visible to query i (absolute position p = T - S + i): mask[b, j] != 0 and the causal / window rule."""
+    """ops/visibility.py's rule in ONNX ops, for this node's window and causality only: key j visible to query i
+    (absolute position p = T - S + i) when mask[b, j] != 0 and p - j is within reach (tests/test_visibility.py)."""
     zero, one = _const(tape, np.int64(0)), _const(tape, np.int64(1))
     total = tape.op("Squeeze", [tape.op("Shape", [mask], {"start": 1, "end": 2})])  # T = the mask's width
     seq = tape.op("Squeeze", [tape.op("Shape", [query], {"start": 2, "end": 3})])  # S
@@ -339,7 +341,7 @@ def fuse_norms(model: ir.Model) -> None:
 
 class RotaryFusion(pattern.RewriteRuleClassBase):
     """`x * cos + rotate_half(x) * sin` with `cos, sin = Cos(cat(f, f)), Sin(cat(f, f))` unsqueezed over heads
-    (models/gemma.py's rope_cos_sin and apply_rope) -> RotaryEmbedding-23(x, Cos(f), Sin(f)): the same values,
+    (models/layers.py's rope_cos_sin and apply_rope) -> RotaryEmbedding-23(x, Cos(f), Sin(f)): the same values,
     the table's duplicated half not computed. x: [batch, heads, seq, head_dim]."""
 
     def __init__(self) -> None:
@@ -448,62 +450,26 @@ def cancel_transposes(model: ir.Model) -> int:
 # --- the LM head -----------------------------------------------------------------------------------------
 
 
-class HeadWithoutReshape(pattern.RewriteRuleClassBase):
-    """`Reshape(Gemm(Reshape(x, [-1, hidden]), E, transB=1), [batch, seq, vocab])` (models/gemma.py's tied_lm_head:
-    no transposed copy of the embedding E) -> `com.microsoft.FusedMatMul(x, E, transB=1)` on the 3-D input:
-    the same sgemm, bit for bit, without ONNX Runtime's copy of the float32 logits at the final Reshape (a graph
-    output is never a view): 1 GB at a 1024-token prompt of a 262K vocabulary, 1.4 s of its prefill.
-    A head quantized into MatMulNBits (quantize.py) keeps its op and takes the 3-D input likewise."""
-
-    def pattern(self, op, x, flat_shape, weight, out_shape):
-        flat = op.Reshape(x, flat_shape, _allow_other_attributes=True)
-        head = pattern.OrValue(
-            [
-                op.Gemm(flat, weight, _allow_other_attributes=True, _outputs=["head"]),
-                op.MatMulNBits(flat, weight, _domain=MS_DOMAIN, _allow_other_inputs=True,
-                               _allow_other_attributes=True, _outputs=["head"]),
-            ]
-        )  # fmt: skip
-        return op.Reshape(head, out_shape, _allow_other_attributes=True, _outputs=["logits"])
-
-    def check(self, context, x, flat_shape, head, logits, out_shape, **_):
-        result = pattern.MatchResult()
-        node = head.producer()
-        if node.op_type == "Gemm":
-            a = {k: v.value for k, v in node.attributes.items()}
-            if len(node.inputs) != 2 or a.get("transA", 0) != 0 or a.get("transB", 0) != 1 or a.get("alpha", 1.0) != 1:
-                return result.fail("not a plain x @ E^T")
-        if x.shape is None or logits.shape is None or x.shape.rank() != 3 or logits.shape.rank() != 3:
-            return result.fail("not a [batch, seq, hidden] -> [batch, seq, vocab] head")
-        # [batch, seq] restored: the same dims, or read off x itself (logits_to_keep.py: x is the kept rows)
-        restored = list(logits.shape[:2]) == list(x.shape[:2]) or _leading_dims_then_rest(out_shape, x)
-        if _ints(flat_shape) != [-1, x.shape[2]] or not restored:
-            return result.fail("the reshapes do not only flatten and restore [batch, seq]")
-        return result
-
-    def rewrite(self, op, x, head, **_):
-        node = head.producer()
-        if node.op_type == "Gemm":
-            return op.FusedMatMul(x, node.inputs[1], transA=0, transB=1, alpha=1.0, _domain=MS_DOMAIN)
-        attrs = {k: v.value for k, v in node.attributes.items()}
-        return op.MatMulNBits(x, *node.inputs[1:], **attrs, _domain=MS_DOMAIN)
-
-
 def fuse_head(model: ir.Model) -> int:
-    return pattern.RewriteRuleSet([HeadWithoutReshape.rule()]).apply_to_model(model)
-
-
-def _leading_dims_then_rest(shape: ir.Value, x: ir.Value) -> bool:
-    """`shape` is Concat(Shape(x, start=0, end=2), [-1]): x's [batch, seq], then whatever the rest makes."""
-    concat = shape.producer()
-    if concat is None or concat.op_type != "Concat" or concat.domain != "" or len(concat.inputs) != 2:
-        return False
-    dims, rest = concat.inputs
-    of = dims.producer() if dims is not None else None
-    if of is None or of.op_type != "Shape" or of.domain != "" or of.inputs[0] is not x or rest is None:
-        return False
-    a = {k: v.value for k, v in of.attributes.items()}
-    return a.get("start", 0) == 0 and a.get("end") == 2 and _ints(rest) == [-1]
+    """The tied LM head (pipeline/graph_patterns.py), `Reshape(Gemm(Reshape(x, [-1, hidden]), E, transB=1),
+    [batch, seq, vocab])` -> `com.microsoft.FusedMatMul(x, E, transB=1)` on the 3-D input: the same sgemm, bit for
+    bit, without ONNX Runtime's copy of the float32 logits at the final Reshape (a graph output is never a view):
+    1 GB at a 1024-token prompt of a 262K vocabulary, 1.4 s of its prefill. A head quantized into MatMulNBits
+    (quantize.py) keeps its op and takes the 3-D input likewise. Returns the number of heads fused (0 or 1)."""
+    head = graph_patterns.tied_head(model.graph)
+    if head is None:
+        return 0
+    x, matmul = head.hidden, head.matmul
+    if matmul.op_type == "Gemm":
+        plain = {"transA": 0, "transB": 1, "alpha": 1.0}
+        fused = ir.node("FusedMatMul", [x, matmul.inputs[1]], plain, domain=MS_DOMAIN)
+    else:
+        attrs = {k: v.value for k, v in matmul.attributes.items()}
+        fused = ir.node("MatMulNBits", [x, *matmul.inputs[1:]], attrs, domain=MS_DOMAIN)
+    # As onnxscript's rewriter does it: the new node after the last old one, the logits' name and shape kept.
+    old = [head.flatten, matmul, head.restore]
+    convenience.replace_nodes_and_values(model.graph, head.restore, old, [fused], head.restore.outputs, fused.outputs)
+    return 1
 
 
 # --- helpers ---------------------------------------------------------------------------------------------

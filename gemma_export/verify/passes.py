@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from gemma_export.config.model_config import GemmaConfig
-from gemma_export.runtime.session import Decoder, left_pad, positions, prefill_slices
+from gemma_export.runtime.session import Decoder, feed_back, left_pad, pick, positions, prefill_slices
 
 DECODE_STEPS = 6
 
@@ -147,8 +147,6 @@ def run_reference(reference: Decoder, cfg: GemmaConfig, decode_steps: int, spill
             logits, cache = run(step, cache)
         # Decode: both fed the reference's greedy token, step by step.
         for _ in range(decode_steps):
-            ids = logits[:, -1].argmax(-1).astype(np.int64)[:, None]
-            mask = np.concatenate([mask, np.ones((len(prompts), 1), np.int64)], axis=1)
-            pos = pos[:, -1:] + 1
+            ids, mask, pos = feed_back(pick(logits[:, -1]), mask, pos)
             logits, cache = run(Pass(name, lengths, "decode", False, ids, mask, pos, (0, 0)), cache)
     return passes

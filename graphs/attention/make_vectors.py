@@ -9,7 +9,8 @@ is deterministic and independent of library versions:
 - inputs come from a self-contained generator (splitmix64), rounded to 3 decimals; a reader takes each
   number as written and rounds it to the input dtype (float32, int64);
 - the expected output is the spec's equations evaluated in float64 (numpy), rounded to float32 and written
-  with the shortest repr that round-trips float32. `attention_reference` (the PyTorch face of the op) must
+  with the shortest repr that round-trips float32; which keys a query sees is gemma_export/ops/visibility.py's
+  rule, the one the reference applies too. `attention_reference` (the PyTorch face of the op) must
   agree with it to 1e-6 on every compared row, or nothing is written.
 
 tests/test_attention_op.py regenerates the vectors into a temporary folder and requires the files on disk
@@ -24,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from gemma_export.ops import visibility  # which keys a query sees: the rule, stated once (numpy, no torch)
 
 HERE = Path(__file__).resolve().parent
 VECTORS = HERE / "vectors"
@@ -130,18 +133,6 @@ def make_inputs(case: Case) -> dict[str, np.ndarray]:
 # --- the spec's equations, in float64 ----------------------------------------------------------------------
 
 
-def visibility(mask: np.ndarray, seq: int, window: int, causal: int) -> np.ndarray:
-    """visible[b, i, j]: key j is visible to query i (absolute position p = T - S + i) of batch row b."""
-    total = mask.shape[1]
-    p = np.arange(total - seq, total)[:, None]
-    j = np.arange(total)[None, :]
-    if causal:
-        rule = (j <= p) & ((p - j < window) if window > 0 else True)
-    else:
-        rule = (np.abs(p - j) < window) if window > 0 else np.ones((seq, total), dtype=bool)
-    return rule[None] & (mask[:, None, :] != 0)
-
-
 def expected_output(inputs: dict[str, np.ndarray], case: Case) -> tuple[np.ndarray, np.ndarray]:
     """The output (float64) and the [batch, seq] rows with no visible key (output set to 0 there)."""
     q, k, v = (inputs[n].astype(np.float32).astype(np.float64) for n in ("query", "key", "value"))
@@ -150,7 +141,7 @@ def expected_output(inputs: dict[str, np.ndarray], case: Case) -> tuple[np.ndarr
     scores = np.einsum("bhsd,bhtd->bhst", q, k[:, kv_of_head]) * case.scale
     if case.softcap > 0:
         scores = case.softcap * np.tanh(scores / case.softcap)
-    visible = visibility(inputs["attention_mask"], case.seq, case.window, case.causal)[:, None]  # [b, 1, s, t]
+    visible = visibility.visible(inputs["attention_mask"], case.seq, case.window, case.causal)[:, None]  # [b, 1, s, t]
     scores = np.where(visible, scores, MASKED)
     probs = np.exp(scores - scores.max(axis=-1, keepdims=True))
     probs /= probs.sum(axis=-1, keepdims=True)

@@ -1,0 +1,46 @@
+"""Which keys a query sees: the visibility rule of `ai.gemma::Attention` (graphs/attention.md), stated once.
+
+Queries are the last S of T key positions (T = past + S): query i sits at absolute position p = T - S + i.
+Key j is visible to it when `attention_mask[b, j] != 0` (left padding, empty buffer slots) and the distance
+d = p - j lies in the layer's reach:
+
+    causal          0 <= d            and, with a window W > 0,  d < W   (W keys, the current one included)
+    bidirectional   every key         or,  with a window W > 0,  |d| < W (EmbeddingGemma's local layers)
+
+`visible` evaluates it for numpy arrays (graphs/attention/make_vectors.py, the tests) and torch tensors
+(`attention_reference`, what the PyTorch model computes). The faces written in another IR, the function body
+of the ONNX op (ops/attention.py) and the ort-cpu lowering's nodes (targets/ort_cpu.py), are checked against
+it by tests/test_visibility.py.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+def reach(window: int, causal: bool, total: int) -> tuple[int, int]:
+    """Bounds (lo, hi), inclusive, of the distances d = p - j a query sees, among T = `total` keys."""
+    span = window if window > 0 else total  # |d| < span; without a window |d| < T always holds: every key
+    return (0 if causal else 1 - span), span - 1
+
+
+def visible(attention_mask: Any, seq: int, window: int, causal: bool) -> Any:
+    """visible[b, i, j], boolean [batch, seq, total]: key j is visible to query i of batch row b.
+
+    `attention_mask` [batch, total] (nonzero: a real token) is a numpy array or a torch tensor; the result
+    is of the same kind (and device)."""
+    total = attention_mask.shape[-1]
+    arange = _arange_like(attention_mask)
+    distance = arange(total - seq, total)[:, None] - arange(0, total)[None, :]  # [S, T]: p - j
+    lo, hi = reach(window, bool(causal), total)
+    return (attention_mask != 0)[:, None, :] & (distance >= lo) & (distance <= hi)
+
+
+def _arange_like(array: Any):
+    if isinstance(array, np.ndarray):
+        return np.arange
+    import torch  # only a torch tensor gets here: numpy callers need no torch
+
+    return lambda start, stop: torch.arange(start, stop, device=array.device)
