@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml $(LOCK)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c $(LOCK) "torch==2.13.0"
 	$(BIN)/python -m pip install --quiet -c $(LOCK) -e ".[test]"
-# google-deepmind's RecurrentGemma (oracle of tests/test_griffin_deepmind.py) pins numpy<2.4 for its JAX half;
+# google-deepmind's RecurrentGemma (oracle of tests/models/test_griffin_deepmind.py) pins numpy<2.4 for its JAX half;
 # its PyTorch half, the only one the tests import, needs just einops, jaxtyping and sentencepiece (installed
 # first, so that pip's check after the --no-deps install does not report the JAX half's pins).
 	$(BIN)/python -m pip install --quiet -c $(LOCK) "einops<1" "jaxtyping<1" "sentencepiece>=0.2.0"

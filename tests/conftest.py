@@ -3,48 +3,12 @@ artifacts built from them (built once per test session: an export takes seconds)
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import pytest
 import torch
 
-from gemma_export.dev import random_checkpoint
-
-MODEL_TYPES = ("gemma", "gemma2", "gemma3_text")
-
-# Gemma 2's published caps (50 on attention scores, 30 on logits) never bind in a tiny random model, whose
-# scores stay near 1; smaller caps make the soft-capping path decide the result, so parity tests see it.
-FIXTURE_OVERRIDES = {"gemma2": {"attn_logit_softcapping": 0.5, "final_logit_softcapping": 0.5}}
-
-
-def hf_config(model_type: str, **overrides):
-    import transformers
-
-    raw = copy.deepcopy(random_checkpoint.TINY_CONFIGS[model_type])
-    raw.update(overrides)
-    raw.pop("architectures", None)
-    return transformers.AutoConfig.for_model(**raw)
-
-
-def randomize(model: torch.nn.Module, seed: int = 0) -> None:
-    """Weights large enough that every term matters: norms' (1 + w) offset, softcaps, q/k norms."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in sorted(model.named_parameters()):
-            std = 0.1 if p.ndim == 1 else 0.05
-            p.copy_(torch.randn(p.shape, generator=gen) * std)
-
-
-def save_hf_checkpoint(out: Path, model_type: str, seed: int = 0, **overrides) -> Path:
-    import transformers
-
-    config = hf_config(model_type, **overrides)
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    randomize(model, seed)
-    model.save_pretrained(out)
-    random_checkpoint.write_tokenizer(out)
-    return out
+from tests.support.checkpoints import FIXTURE_OVERRIDES, MODEL_TYPES, save_hf_checkpoint
 
 
 @pytest.fixture(scope="session", params=MODEL_TYPES)
@@ -86,3 +50,35 @@ def hf_model(checkpoint):
     import transformers
 
     return transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+
+
+# ---- the `slow` marker: every test that builds or traces an artifact -------------------------------------
+
+# Fixtures that trace or build (a test using one is slow, whatever module defines it).
+BUILDING_FIXTURES = frozenset({
+    "artifact", "artifacts", "built", "document", "real_artifacts", "perplexities", "portable_windowed",
+    "lowered_windowed", "windowed", "griffin_artifact", "gguf_artifacts", "exported", "attached",
+    "attached_session", "traced", "traced_file", "trace_once_per_model", "workdir",
+})  # fmt: skip
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if BUILDING_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(autouse=True)
+def _slow_if_it_builds(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A test not marked slow that traces a model in its own body (every build does; a build refused for bad
+    input never gets there) fails, naming the marker it lacks: the marker stays true as tests change
+    (`pytest -m "not slow"` is the quick loop)."""
+    if request.node.get_closest_marker("slow") is not None:
+        return
+    from gemma_export.pipeline import trace
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"{request.node.nodeid} builds an artifact: mark it @pytest.mark.slow")
+
+    for name in ("export_decoder", "export_encoder"):
+        monkeypatch.setattr(trace, name, refuse)

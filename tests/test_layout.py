@@ -19,8 +19,8 @@ import gemma_export
 from gemma_export import targets
 from gemma_export.config import recipes
 from gemma_export.targets.base import Target
+from tests.support import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "gemma_export"
 
 

@@ -11,8 +11,7 @@ import pytest
 from gemma_export import manifest
 from gemma_export.errors import BadInput
 from gemma_export.manifest import FORMAT, MANIFEST, Manifest
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.support import ROOT
 
 
 def written(tmp_path: Path, data: dict) -> Path:

@@ -9,7 +9,7 @@ builder's RoPE initialisation: the global layers' settings become the flat ones 
 them), the sliding layers' theta becomes `rope_local_base_freq`. A checkpoint in the flat form is untouched.
 
 Checked: with the shim, the builder's model of a Gemma 3 without RoPE scaling (270M, 1B) gives transformers'
-logits to 2e-6 and its greedy tokens (tests/test_bench.py), up to its rounding of the embedding scale
+logits to 2e-6 and its greedy tokens (tests/bench/test_run.py), up to its rounding of the embedding scale
 `sqrt(hidden)` to two decimals (~1e-3 at 270M's 640). Known limit of the builder itself, not fixed here: it
 reuses the global layers' linear scaling factor for the local RoPE cache (`Gemma3Model.
 make_rotary_embedding_multi_cache` changes only theta), so a Gemma 3 with `rope_type: linear` on its global

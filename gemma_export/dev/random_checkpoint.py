@@ -152,7 +152,7 @@ def _published_configs() -> dict[str, dict[str, Any]]:
     """The published models' config.json, as the hub has them, from the recipes' [architecture] tables.
 
     The recipes (`recipes/*.toml`) are the one place the published architectures are written down; the
-    parameter counts they give are checked against transformers' (tests/test_random_checkpoint.py).
+    parameter counts they give are checked against transformers' (tests/dev/test_random_checkpoint.py).
     """
     from gemma_export.config import recipes
 

@@ -12,7 +12,7 @@ The same op has three faces, kept together so they cannot drift apart:
 
 Semantics (graphs/attention.md is the spec): queries are the last S of T key positions (T = past + S); which
 keys each one sees (padding, causality, window) is ops/visibility.py's rule, which the reference applies as
-it is and tests/test_visibility.py checks the function body against.
+it is and tests/ops/test_visibility.py checks the function body against.
 Scores `q.k * scale` are soft-capped `softcap * tanh(s / softcap)` (softcap > 0) in float32 before the mask,
 masked with the float32 minimum (so a fully masked padding row stays finite), softmaxed in float32.
 """

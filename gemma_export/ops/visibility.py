@@ -10,7 +10,7 @@ d = p - j lies in the layer's reach:
 `visible` evaluates it for numpy arrays (graphs/attention/make_vectors.py, the tests) and torch tensors
 (`attention_reference`, what the PyTorch model computes). The faces written in another IR, the function body
 of the ONNX op (ops/attention.py) and the ort-cpu lowering's nodes (targets/ort_cpu.py), are checked against
-it by tests/test_visibility.py.
+it by tests/ops/test_visibility.py.
 """
 
 from __future__ import annotations

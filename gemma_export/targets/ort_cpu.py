@@ -300,7 +300,7 @@ class _SharedMasks:
 
 def _visibility(tape: Tape, query: ir.Value, mask: ir.Value, window: int, causal: int) -> ir.Value:
     """ops/visibility.py's rule in ONNX ops, for this node's window and causality only: key j visible to query i
-    (absolute position p = T - S + i) when mask[b, j] != 0 and p - j is within reach (tests/test_visibility.py)."""
+    (absolute position p = T - S + i) when mask[b, j] != 0 and p - j is within reach (tests/ops/test_visibility.py)."""
     zero, one = _const(tape, np.int64(0)), _const(tape, np.int64(1))
     total = tape.op("Squeeze", [tape.op("Shape", [mask], {"start": 1, "end": 2})])  # T = the mask's width
     seq = tape.op("Squeeze", [tape.op("Shape", [query], {"start": 2, "end": 3})])  # S

@@ -37,7 +37,7 @@ from gemma_export.verify.reference import TorchEncoder
 # is wrong both ways: real Gemma logits reach +-50, where float32 rounding alone is ~2e-4 (Gemma-3-270M:
 # 2.1e-4 absolute, 4e-6 relative, with greedy tokens and perplexity identical to transformers), while a tiny
 # random model's logits are ~0.5, where 1e-4 would hide a real bug. Measured relative errors of correct
-# artifacts: real Gemma-3-270M <= 5e-6; tiny random checkpoints ~1e-7. Real bugs measured (tests/test_gate.py):
+# artifacts: real Gemma-3-270M <= 5e-6; tiny random checkpoints ~1e-7. Real bugs measured (tests/verify/test_gate.py):
 # >= 1e-2 on both (a swapped local/global layer, a dropped softcap, a norm without its +1).
 DEFAULT_TOLERANCE = 2e-5
 # ... and top-1 agreement: rounding can flip only near-ties (a flip needs the reference margin <= 2x the row's
@@ -174,7 +174,7 @@ def compare(
 # --- weight-quantized artifacts: agreement with the float32 reference, not equality ---------------------------
 
 # (min top-1, max mean KL) per quantization when neither a recipe nor the options set them, measured on the real
-# Gemma-3-270M (tests/test_real_checkpoint.py) with the defaults, on the sample prompts (random token ids, where
+# Gemma-3-270M (tests/dev/test_real_checkpoint.py) with the defaults, on the sample prompts (random token ids, where
 # a trained model's runner-up tokens are close): int8 top-1 0.88 / KL 0.0105 (prefill), int4 (the mix) 0.48 /
 # 0.56, int4-plain KL 0.99 (issue 11's measurement). Random-weight checkpoints measure far lower KL (int4 0.073)
 # and their broken quantizations KL >= 0.086 (int8 scales off by 25%), >= 0.2 (scales of the wrong rows), >= 0.3

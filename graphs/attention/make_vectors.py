@@ -13,7 +13,7 @@ is deterministic and independent of library versions:
   rule, the one the reference applies too. `attention_reference` (the PyTorch face of the op) must
   agree with it to 1e-6 on every compared row, or nothing is written.
 
-tests/test_attention_op.py regenerates the vectors into a temporary folder and requires the files on disk
+tests/ops/test_attention.py regenerates the vectors into a temporary folder and requires the files on disk
 to be byte-identical, so the spec, the vectors and the reference cannot drift apart unnoticed.
 """
 

@@ -12,7 +12,7 @@ deterministic and independent of library versions:
   rounded to float32 and written with the shortest repr that round-trips float32. `rglru_reference` (the
   PyTorch face of the op) must agree with them to 1e-6 on every element, or nothing is written.
 
-tests/test_rglru_op.py regenerates the vectors into a temporary folder and requires the files on disk to be
+tests/ops/test_rglru.py regenerates the vectors into a temporary folder and requires the files on disk to be
 byte-identical, so the spec, the vectors and the reference cannot drift apart unnoticed.
 """
 

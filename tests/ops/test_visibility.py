@@ -1,0 +1,142 @@
+"""Which keys a query sees is one rule, gemma_export/ops/visibility.py; the faces written in other IRs follow it.
+
+- the rule itself on small cases written out by hand from graphs/attention.md, and its numpy and torch
+  evaluations agree;
+- the ONNX function body of `ai.gemma::Attention` (ops/attention.py) computes the same boolean mask, read off
+  its inlined graph, on a grid of query lengths, past lengths, windows, causal / bidirectional, left padding;
+- so does the ort-cpu lowering's mask (targets/ort_cpu.py `_visibility`), which Attention-23 takes as it is
+  and GroupQueryAttention as an additive bias.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+
+import numpy as np
+import onnx
+import onnx.inliner
+import onnx_ir as ir
+import pytest
+import torch
+from onnx import TensorProto, helper
+from onnx_ir.tape import Tape
+
+from gemma_export.ops import attention as attention_op
+from gemma_export.ops.visibility import visible
+from gemma_export.pipeline.trace import OPSET
+from gemma_export.targets import ort_cpu
+from tests.support import op_harness as harness
+
+HEADS, KV_HEADS, HEAD_DIM = 2, 1, 4
+QUERY_LENGTHS, PAST_LENGTHS = (1, 3, 5), (0, 2, 6)
+WINDOWS = (0, 1, 2, 3, 16)  # 0: none; 16: wider than every total length here
+KINDS = [(w, c) for w in WINDOWS for c in (1, 0)]
+
+
+def masks(total: int) -> np.ndarray:
+    """[4, total]: no padding, one padding key, all but the last, and a row with no real key at all."""
+    pads = np.array([0, 1, total - 1, total])
+    return (np.arange(total)[None] >= pads[:, None]).astype(np.int64)
+
+
+def grid() -> list[tuple[int, int]]:
+    return list(itertools.product(QUERY_LENGTHS, PAST_LENGTHS))
+
+
+# --- the rule ----------------------------------------------------------------------------------------------
+
+# (seq, window, causal, mask row) -> visible [seq, total], written out from graphs/attention.md's wording.
+WRITTEN_OUT = [
+    ((3, 0, 1, [1, 1, 1]), [[1, 0, 0], [1, 1, 0], [1, 1, 1]]),  # causal: the past and itself
+    ((4, 2, 1, [1, 1, 1, 1]), [[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 1]]),  # W keys, itself included
+    ((1, 3, 1, [0, 1, 1, 1, 1]), [[0, 0, 1, 1, 1]]),  # decode at position 4 after a past of 4
+    ((2, 0, 1, [0, 0, 1, 1]), [[0, 0, 1, 0], [0, 0, 1, 1]]),  # left padding: never a padding key
+    ((4, 2, 0, [1, 1, 1, 1]), [[1, 1, 0, 0], [1, 1, 1, 0], [0, 1, 1, 1], [0, 0, 1, 1]]),  # bidirectional |d| < W
+    ((3, 0, 0, [0, 1, 1]), [[0, 1, 1], [0, 1, 1], [0, 1, 1]]),  # bidirectional, global: every real key
+]
+
+
+@pytest.mark.parametrize(("case", "expected"), WRITTEN_OUT)
+def test_the_rule_on_cases_written_out(case, expected) -> None:
+    seq, window, causal, row = case
+    np.testing.assert_array_equal(visible(np.array([row]), seq, window, causal)[0], np.array(expected, bool))
+
+
+@pytest.mark.parametrize(("window", "causal"), KINDS)
+def test_numpy_and_torch_evaluate_the_rule_alike(window, causal) -> None:
+    for seq, past in grid():
+        mask = masks(seq + past)
+        expected = visible(mask, seq, window, causal)
+        assert expected.shape == (len(mask), seq, seq + past) and expected.dtype == bool
+        got = visible(torch.from_numpy(mask), seq, window, bool(causal))
+        np.testing.assert_array_equal(got.numpy(), expected)
+
+
+# --- the ONNX function body --------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=len(KINDS))
+def function_mask_session(window: int, causal: int):
+    """The op's function body, inlined, with the mask its Softmax input is selected by as the output."""
+    attrs = {"scale": 1.0, "softcap": 0.0, "window": window, "causal": causal, "kv_num_heads": KV_HEADS}
+    names = ["query", "key", "value", "attention_mask"]
+    node = helper.make_node("Attention", names, ["output"], domain=attention_op.DOMAIN, **attrs)
+    dims = {"query": ["B", HEADS, "S", HEAD_DIM], "key": ["B", KV_HEADS, "T", HEAD_DIM]}
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, dims.get(n, dims["key"])) for n in names[:3]]
+    inputs.append(helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["B", "T"]))
+    output = helper.make_tensor_value_info("output", TensorProto.FLOAT, dims["query"])
+    model = harness.one_node_model(node, inputs, [output], attention_op.function_protos(OPSET))
+    model = onnx.inliner.inline_local_functions(model)
+    producers = {out: n for n in model.graph.node for out in n.output}
+    softmax = [n for n in model.graph.node if n.op_type == "Softmax"]
+    assert len(softmax) == 1, "the function body changed shape: find its mask anew"
+    where = producers[softmax[0].input[0]]
+    assert where.op_type == "Where"
+    model.graph.output.append(helper.make_tensor_value_info(where.input[0], TensorProto.BOOL, None))
+    return harness.session(model), where.input[0]
+
+
+@pytest.mark.parametrize(("window", "causal"), KINDS)
+def test_function_body_follows_the_rule(window, causal) -> None:
+    session, name = function_mask_session(window, causal)
+    for seq, past in grid():
+        mask = masks(seq + past)
+        batch, total = mask.shape
+        feeds = {
+            "query": np.zeros((batch, HEADS, seq, HEAD_DIM), np.float32),
+            "key": np.zeros((batch, KV_HEADS, total, HEAD_DIM), np.float32),
+            "value": np.zeros((batch, KV_HEADS, total, HEAD_DIM), np.float32),
+            "attention_mask": mask,
+        }
+        got = session.run([name], feeds)[0]  # [batch, 1, 1, seq, total]
+        np.testing.assert_array_equal(got.reshape(batch, seq, total), visible(mask, seq, window, causal),
+                                      err_msg=f"seq {seq}, past {past}")  # fmt: skip
+
+
+# --- the ort-cpu lowering ----------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=len(KINDS))
+def lowered_mask_session(window: int, causal: int):
+    """ort_cpu's visibility nodes for one (window, causal), from a query and a key mask."""
+    query = ir.Value(name="query", type=ir.TensorType(ir.DataType.FLOAT),
+                     shape=ir.Shape(["B", HEADS, "S", HEAD_DIM]))  # fmt: skip
+    mask = ir.Value(name="attention_mask", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape(["B", "T"]))
+    tape = Tape()
+    out = ort_cpu._visibility(tape, query, mask, window, causal)
+    out.name, out.type, out.shape = "visible", ir.TensorType(ir.DataType.BOOL), ir.Shape(["B", 1, "S", "T"])
+    graph = ir.Graph([query, mask], [out], nodes=tape.nodes, opset_imports={"": OPSET}, name="visibility")
+    proto = ir.to_proto(ir.Model(graph, ir_version=harness.IR_VERSION))
+    onnx.checker.check_model(proto, full_check=True)
+    return harness.session(proto)
+
+
+@pytest.mark.parametrize(("window", "causal"), KINDS)
+def test_lowered_mask_follows_the_rule(window, causal) -> None:
+    session = lowered_mask_session(window, causal)
+    for seq, past in grid():
+        mask = masks(seq + past)
+        query = np.zeros((len(mask), HEADS, seq, HEAD_DIM), np.float32)
+        got = session.run(["visible"], {"query": query, "attention_mask": mask})[0]  # [batch, 1, seq, total]
+        np.testing.assert_array_equal(got[:, 0], visible(mask, seq, window, causal), err_msg=f"seq {seq}, past {past}")

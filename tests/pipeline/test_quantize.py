@@ -1,0 +1,350 @@
+"""Weight-only quantization (`--quant int8|int4`): what it rewrites, what it records, and its agreement gate.
+
+Checkpoints are `random_checkpoint`'s tiny configs (projections drawn with std 1/sqrt(fan_in), as at the
+published sizes), so that the logits are neither flat nor saturated and the agreement metrics mean the same
+as on a bigger model. Each (model, quantization) artifact is built once per module.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import helper, numpy_helper
+
+from gemma_export.checkpoint import load
+from gemma_export.cli.main import main
+from gemma_export.config.model_config import GriffinConfig
+from gemma_export.dev import random_checkpoint
+from gemma_export.errors import BadInput, ParityError
+from gemma_export.manifest import MANIFEST, Manifest
+from gemma_export.pipeline import package, quantize, trace
+from gemma_export.pipeline.build import BuildOptions, build
+from gemma_export.pipeline.progress import Stages
+from gemma_export.runtime import generation
+from gemma_export.targets.genai_config import GENAI_CONFIG
+from tests.support.genai_client import genai_greedy
+
+MODEL_TYPES = ("gemma3_text", "gemma2", "recurrent_gemma")
+QUANTS = ("int8", "int4")
+# Random-weight gates (min top-1, max KL): these checkpoints' good builds measure int8 KL <= 5.1e-4, int4 <= 0.073,
+# their broken ones >= 0.086; verify.AGREEMENT_GATES are set for real weights, whose KL is far larger.
+RANDOM_GATES = {"int8": (0.9, 0.01), "int4": (0.3, 0.15), "int4-plain": (0.3, 0.15)}
+# ort-cpu lowers attention to ONNX Runtime's kernels first; onnx keeps the ai.gemma ops (RecurrentGemma: both)
+TARGETS = {"gemma3_text": "ort-cpu", "gemma2": "ort-cpu", "recurrent_gemma": "onnx"}
+
+
+# Layers kept: every kind of layer once at least (Gemma 3's global one is the 6th), no more.
+LAYERS = {"gemma3_text": 6, "gemma2": 2, "recurrent_gemma": 3}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("quant-checkpoints")
+    out = {}
+    for model_type in MODEL_TYPES:
+        config = copy.deepcopy(random_checkpoint.TINY_CONFIGS[model_type])
+        config["num_hidden_layers"] = LAYERS[model_type]
+        if "layer_types" in config:
+            config["layer_types"] = config["layer_types"][: LAYERS[model_type]]
+        out[model_type] = random_checkpoint.write_random_checkpoint(root / model_type, config)
+    return out
+
+
+@pytest.fixture(scope="module", autouse=True)
+def trace_once_per_model():
+    """The exporter is the slow stage (and its determinism is tested with the fp32 builds): trace each tiny
+    model once and hand every build its own copy, so that the quantize -> package -> verify stages run for
+    real each time."""
+    traced: dict[str, ir.Model] = {}
+    export = trace.export_decoder
+
+    def cached(model):
+        key = json.dumps(model.cfg.to_json(), sort_keys=True)
+        if key not in traced:
+            traced[key] = export(model)
+        return ir.from_proto(ir.to_proto(traced[key]))  # later stages rewrite the graph in place
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(trace, "export_decoder", cached)
+        yield
+
+
+@pytest.fixture(scope="module")
+def built(checkpoints, tmp_path_factory):
+    """(model type, quant) -> artifact folder, built on first use."""
+    cache: dict[tuple[str, str], Path] = {}
+
+    def get(model_type: str, quant: str) -> Path:
+        if (model_type, quant) not in cache:
+            out = tmp_path_factory.mktemp("quant-artifacts") / f"{model_type}-{quant}"
+            min_top1, max_kl = RANDOM_GATES[quant]
+            options = BuildOptions(quant=quant, target=TARGETS[model_type], min_top1=min_top1, max_kl=max_kl)
+            build(checkpoints[model_type], out, options, Stages(quiet=True))
+            cache[model_type, quant] = out
+        return cache[model_type, quant]
+
+    return get
+
+
+def linear_roles(cfg) -> list[tuple[str, int, int]]:
+    """(role, in, out features) of every projection the quantizer must rewrite, from the config alone."""
+    h, d = cfg.hidden_size, cfg.head_dim
+    q, kv = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
+    attention = [("q_proj", h, q), ("k_proj", h, kv), ("v_proj", h, kv), ("o_proj", q, h)]
+    if isinstance(cfg, GriffinConfig):
+        mlp, lru = cfg.intermediate_size // 2, cfg.lru_width
+        recurrent = [("linear_x", h, lru), ("linear_y", h, lru), ("linear_out", lru, h)]
+        per_layer = [recurrent if kind == "recurrent" else attention for kind in cfg.block_types]
+    else:
+        mlp = cfg.intermediate_size
+        per_layer = [attention] * cfg.num_hidden_layers
+    ffn = [("gate_proj", h, mlp), ("up_proj", h, mlp), ("down_proj", mlp, h)]
+    return [linear for layer in per_layer for linear in [*layer, *ffn]]
+
+
+def linear_shapes(cfg) -> list[tuple[int, int]]:
+    return [(k, n) for _, k, n in linear_roles(cfg)]
+
+
+def packed_bytes(k: int, n: int, spec: quantize.Width) -> int:
+    """MatMulNBits' bytes for a [k, n] weight: packed blocks, float32 scales, packed zero points."""
+    blocks = -(-k // spec.block_size)
+    zero_points = 0 if spec.symmetric else n * -(-blocks * spec.bits // 8)
+    return n * blocks * spec.block_size * spec.bits // 8 + n * blocks * 4 + zero_points
+
+
+@pytest.mark.parametrize("quant", QUANTS)
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_quantized_build_rewrites_every_projection_and_records_its_agreement(built, checkpoints, model_type, quant):
+    artifact = built(model_type, quant)
+    cfg, _ = load.load_model(checkpoints[model_type])
+    manifest = Manifest.read(artifact)
+    spec = quantize.DEFAULTS[quant]
+    record = manifest.quantization.model_dump()
+    assert manifest.build.quant == quant and record["bits"] == spec.bits
+    assert record["block_size"] == spec.block_size == 32
+    linears = linear_shapes(cfg)
+    assert record["quantized"]["matmul"] == len(linears) and record["quantized"]["matmul_kept_float"] == 0
+
+    # The bytes: each projection and the tied embedding replaced by exactly MatMulNBits' layout.
+    v, h = cfg.vocab_size, cfg.hidden_size
+    fp32 = 4 * (sum(k * n for k, n in linears) + v * h)
+    packed = sum(packed_bytes(k, n, spec.width_of(role)) for role, k, n in linear_roles(cfg))
+    packed += packed_bytes(h, v, spec.embedding)
+    rows_shape = 16  # the int64 [vocab, bytes per row] the embedding lookup reshapes the packed head with
+    unpad = 24 if h % spec.embedding.block_size else 0  # int64 Slice starts/ends/axes cutting the padded rows
+    sizes = record["weight_bytes"]
+    assert sizes["after"] == sizes["before"] - fp32 + packed + rows_shape + unpad
+
+    # The graph: one MatMulNBits per projection + the head, the lookup on the head's bytes, custom ops intact.
+    proto = onnx.load(str(artifact / package.MODEL_FILE), load_external_data=False)
+    ops = [n.op_type for n in proto.graph.node]
+    assert ops.count("MatMulNBits") == len(linears) + 1 and ops.count("GatherBlockQuantized") == 1
+    float_inits = {t.name for t in proto.graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
+    assert not [n.name for n in proto.graph.node if n.op_type in ("MatMul", "Gemm", "Gather") and
+                set(n.input) & float_inits]  # fmt: skip
+    lookup = next(n for n in proto.graph.node if n.op_type == "GatherBlockQuantized")
+    (head,) = [n for n in proto.graph.node if n.op_type == "MatMulNBits" and helper.get_node_attr_value(n, "N") == v]
+    assert all(name in head.input for name in lookup.input[2:])  # same scales (and zero points)
+    custom = {n.op_type for n in proto.graph.node if n.domain == "ai.gemma"}
+    assert {f.name for f in proto.functions} == custom  # the quantizer left the custom ops and their bodies
+    if TARGETS[model_type] == "onnx":
+        assert custom == {"Attention", "RGLRU"}
+    float_shapes = {tuple(t.dims) for t in proto.graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
+    assert (v, h) not in float_shapes  # no float32 copy of the embedding kept
+
+    # The gate: recorded, passed, and measuring a real (non-zero) difference from the fp32 reference.
+    parity = manifest.parity
+    assert parity.metric == "agreement" and parity.passed and parity.quant == quant
+    assert (parity.min_top1, parity.max_kl) == RANDOM_GATES[quant]
+    for phase in ("prefill", "decode"):
+        assert getattr(parity, phase).positions > 0
+        assert getattr(parity, phase).top1 >= parity.min_top1 and 0 < getattr(parity, phase).kl <= parity.max_kl
+        assert getattr(parity, phase).max_abs_logit_error > 0
+
+    # It runs: generate through the artifact contract, as for an fp32 artifact.
+    result = generation.run(artifact, prompts=[], token_ids="2,17,31,5", max_new_tokens=5)
+    new = result["outputs"][0]["new_ids"]
+    assert 1 <= len(new) <= 5 and all(0 <= t < v for t in new)
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4-plain"])
+def test_weights_file_shrinks_by_the_expected_ratio(built, checkpoints, quant):
+    """The uniform quantizations: every weight at one width (the mixed int4 is counted weight by weight above)."""
+    art = built("gemma3_text", quant)
+    cfg, _ = load.load_model(checkpoints["gemma3_text"])
+    sizes = Manifest.read(art).quantization.weight_bytes
+    spec = quantize.DEFAULTS[quant].projections
+    assert quantize.DEFAULTS[quant].embedding == spec
+    # float32 -> bits per weight, plus a float32 scale and a (bits-wide) zero point per block
+    expected = 32 / (spec.bits + (32 + spec.bits) / spec.block_size)
+    quantized = 4 * (sum(k * n for k, n in linear_shapes(cfg)) + cfg.vocab_size * cfg.hidden_size)
+    kept = sizes["before"] - quantized  # norms, RoPE tables: float32 before and after
+    assert quantized / (sizes["after"] - kept - 16) == pytest.approx(expected, rel=1e-3)
+    assert sizes["before"] / sizes["after"] > 0.95 * expected  # what is kept is a small part of the model
+    # on disk (after the lower stage too): the packed tensors, in model.onnx.data or, when small, inline
+    proto = onnx.load(str(art / package.MODEL_FILE), load_external_data=False)
+    ours = [t for t in proto.graph.initializer if t.name.endswith((f"_Q{spec.bits}", "_scales", "_zero_points"))]
+    on_disk = sum(_stored_bytes(t) for t in ours)
+    linears = [*linear_shapes(cfg), (cfg.hidden_size, cfg.vocab_size)]
+    assert on_disk == sum(packed_bytes(k, n, spec) for k, n in linears)
+    assert sum(_stored_bytes(t) for t in proto.graph.initializer) == inline_and_external(art, proto)
+
+
+def _stored_bytes(tensor: onnx.TensorProto) -> int:
+    entry = {e.key: e.value for e in tensor.external_data}
+    return int(entry["length"]) if "length" in entry else numpy_helper.to_array(tensor).nbytes
+
+
+def inline_and_external(artifact: Path, proto: onnx.ModelProto) -> int:
+    """The weights file's size plus the tensors stored inline in model.onnx."""
+    inline = sum(numpy_helper.to_array(t).nbytes for t in proto.graph.initializer if not t.external_data)
+    return (artifact / package.WEIGHTS_FILE).stat().st_size + inline
+
+
+def test_same_inputs_give_byte_identical_quantized_artifacts(built, checkpoints, tmp_path) -> None:
+    first = built("gemma3_text", "int4")
+    second = tmp_path / "again"
+    build(checkpoints["gemma3_text"], second, BuildOptions(quant="int4", min_top1=0.3, max_kl=0.15), Stages(quiet=True))
+    for name in (package.MODEL_FILE, package.WEIGHTS_FILE, MANIFEST, GENAI_CONFIG):
+        assert (first / name).read_bytes() == (second / name).read_bytes(), name
+
+
+def _shuffle_scales(model: ir.Model) -> None:
+    """A layout bug: every block's scale taken from another output row."""
+    rng = np.random.default_rng(0)
+    for value in model.graph.initializers.values():
+        if value.name.endswith("_scales"):
+            scales = value.const_value.numpy().copy()
+            rng.shuffle(scales, axis=0)
+            value.const_value = ir.tensor(scales, name=value.name)
+
+
+def _drop_zero_points(model: ir.Model) -> None:
+    """The asymmetric zero points lost: the kernels fall back to the midpoint 2^(bits-1)."""
+    for node in model.graph.all_nodes():
+        if node.op_type in ("MatMulNBits", "GatherBlockQuantized") and len(node.inputs) == 4:
+            node.resize_inputs(3)
+
+
+@pytest.mark.parametrize(("quant", "breakage"), [("int8", _shuffle_scales), ("int4", _drop_zero_points)])
+def test_a_broken_quantization_fails_the_gate(checkpoints, tmp_path, monkeypatch, quant, breakage) -> None:
+    real = quantize.quantize
+
+    def broken(model, spec):
+        model, record = real(model, spec)
+        breakage(model)
+        return model, record
+
+    monkeypatch.setattr(quantize, "quantize", broken)
+    out = tmp_path / "broken"
+    with pytest.raises(ParityError, match=f"{quant} vs fp32 reference.*KL"):
+        min_top1, max_kl = RANDOM_GATES[quant]
+        build(checkpoints["gemma3_text"], out, BuildOptions(quant=quant, min_top1=min_top1, max_kl=max_kl),
+              Stages(quiet=True))  # fmt: skip
+    assert not out.exists()
+
+
+def test_verify_reruns_the_agreement_gate(built, checkpoints, capsys) -> None:
+    artifact = built("gemma2", "int4")
+    assert main(["verify", str(artifact), "--checkpoint", str(checkpoints["gemma2"]), "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    recorded = Manifest.read(artifact).to_json()["parity"]
+    assert shown["parity"]["metric"] == "agreement" and shown["parity"]["passed"]
+    assert shown["parity"]["prefill"] == recorded["prefill"] and shown["parity"]["decode"] == recorded["decode"]
+    assert main(["inspect", str(artifact)]) == 0
+    assert "int4 vs fp32: top-1 prefill" in capsys.readouterr().out
+
+
+def test_onnxruntime_genai_generates_with_a_quantized_artifact(built) -> None:
+    pytest.importorskip("onnxruntime_genai")
+    artifact = built("gemma3_text", "int4")
+    prompt = [2, 17, 31, 5, 99, 123]
+    ours = generation.run(artifact, prompts=[], token_ids=",".join(map(str, prompt)), max_new_tokens=8)
+    got = genai_greedy(artifact, prompt, 8)
+    assert got and got == ours["outputs"][0]["new_ids"][: len(got)]
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"quant": "int3"}, "--quant 'int3' is not supported"),
+        ({"quant": "int4", "block_size": 48}, "--block-size must be a power of two >= 16"),
+        ({"quant": "int4", "block_size": 8}, "--block-size must be a power of two >= 16"),
+        ({"block_size": 64}, "--block-size applies to quantized builds"),
+        ({"max_kl": 0.1}, "--max-kl applies to quantized builds"),
+        ({"quant": "int8", "min_top1": 1.5}, "--min-top1 must be a fraction"),
+        ({"quant": "int8", "max_kl": 0.0}, "--max-kl must be positive"),
+    ],
+)
+def test_bad_quantization_options_are_one_line_bad_input(options, message) -> None:
+    with pytest.raises(BadInput, match=message) as info:
+        BuildOptions(**options).check()
+    assert "\n" not in str(info.value)
+
+
+def test_cli_refuses_a_bad_block_size_before_loading(tmp_path, capsys) -> None:
+    rc = main(
+        ["build", str(tmp_path / "missing"), "-o", str(tmp_path / "out"), "--quant", "int4", "--block-size", "100"]
+    )
+    assert rc == 2
+    assert capsys.readouterr().err.strip().count("\n") == 0
+
+
+def _dequantize(model: onnx.ModelProto, name: str, bits: int, block: int, hidden: int) -> np.ndarray:
+    """[vocab, hidden] from the packed MatMulNBits initializers, unpacked here independently of ORT."""
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    packed, scales = inits[f"{name}_Q{bits}"], inits[f"{name}_scales"]
+    vocab, k_blocks, _ = packed.shape
+
+    def unpack(a: np.ndarray) -> np.ndarray:  # low nibble first, as MatMulNBits stores them
+        return np.stack([a & 0xF, a >> 4], -1).reshape(*a.shape[:-1], -1) if bits == 4 else a
+
+    q = unpack(packed).reshape(vocab, k_blocks, block).astype(np.float32)
+    zero = unpack(inits[f"{name}_zero_points"])[:, :k_blocks].astype(np.float32)
+    return ((q - zero[..., None]) * scales[..., None]).reshape(vocab, -1)[:, :hidden]
+
+
+@pytest.mark.parametrize(("bits", "symmetric"), [(8, False), (4, False)])
+def test_tied_embedding_lookup_and_head_read_the_same_quantized_rows(bits, symmetric) -> None:
+    """Gather(E) and Gemm(x, E, transB=1) on one E, with a hidden size that is not a multiple of the block
+    (the lookup's padded rows are sliced back): both compute with the same dequantized E, which is E rounded."""
+    vocab, hidden, block = 300, 80, 32
+    rng = np.random.default_rng(0)
+    table = rng.standard_normal((vocab, hidden)).astype(np.float32)
+    float32, int64 = onnx.TensorProto.FLOAT, onnx.TensorProto.INT64
+    nodes = [
+        helper.make_node("Gather", ["E", "ids"], ["emb"], "lookup"),
+        helper.make_node("Gemm", ["x", "E"], ["logits"], "head", transB=1),
+    ]
+    ids_info, x_info = (
+        helper.make_tensor_value_info("ids", int64, ["n"]),
+        helper.make_tensor_value_info("x", float32, ["m", hidden]),
+    )
+    inputs = [ids_info, x_info]
+    outputs = [helper.make_tensor_value_info(name, float32, None) for name in ("emb", "logits")]
+    graph = helper.make_graph(nodes, "tied", inputs, outputs, [numpy_helper.from_array(table, "E")])
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)], ir_version=10))
+    width = quantize.Width(bits=bits, block_size=block, symmetric=symmetric)
+    quantized, record = quantize.quantize(model, quantize.QuantSpec(width, width, accuracy_level=0))
+    proto = ir.to_proto(quantized)
+    assert record["quantized"]["lm_head"].startswith("MatMulNBits")
+    assert "E" not in {t.name for t in proto.graph.initializer}  # no float32 copy left
+    dequantized = _dequantize(proto, "E", bits, block, hidden)
+    step = np.abs(table).max() * 2 / (2**bits - 1)  # a block's scale is at most its range / levels
+    assert np.abs(dequantized - table).max() <= step / 2 + 1e-6  # round to nearest
+
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    ids, x = np.array([0, 7, vocab - 1]), rng.standard_normal((5, hidden)).astype(np.float32)
+    emb, logits = session.run(None, {"ids": ids, "x": x})
+    assert emb.shape == (3, hidden)
+    np.testing.assert_allclose(emb, dequantized[ids], atol=1e-6)
+    np.testing.assert_allclose(logits, x @ dequantized.T, atol=1e-4)
