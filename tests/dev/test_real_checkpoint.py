@@ -105,7 +105,7 @@ def perplexities(real_artifacts, text_ids) -> dict[str, float]:
 
 
 def test_fp32_build_passes_its_gate_by_a_margin(real_artifacts) -> None:
-    parity = Manifest.read(real_artifacts("none"))["parity"]
+    parity = Manifest.read(real_artifacts("none")).parity
     assert parity.passed and parity.metric == "relative_logit_error"
     assert parity.logit_scale > 10  # real logits: the scale an absolute tolerance got wrong
     assert max(parity.prefill, parity.decode) < parity.tolerance / 2
