@@ -25,7 +25,7 @@ from gemma_export.errors import BadInput
 
 MANIFEST = "manifest.json"
 FORMAT_PREFIX = "gemma-export/manifest-v"
-VERSION = (2, 0)  # 2.0: the first typed manifest (1: the untyped dict of gemma-export 0.1)
+VERSION = (2, 1)  # 2.0: the first typed manifest (1: the untyped dict of gemma-export 0.1); 2.1: GPTQ's records
 FORMAT = f"{FORMAT_PREFIX}{VERSION[0]}.{VERSION[1]}"
 
 
@@ -112,7 +112,7 @@ class BuildInfo(_Strict):
     target: str = Field(description="the target it was lowered for (targets/: onnx, ort-cpu)")
     providers: list[str] = Field(description="ONNX Runtime execution providers that run it, in order")
     precision: str = Field(description="fp32")
-    quant: str = Field(description="none | int8 | int4 | int4-plain")
+    quant: str = Field(description="none | int8 | int4 | int4-rtn | int4-plain")
     opset: int = Field(description="the default-domain ONNX opset")
     domains: dict[str, int] = Field(description="every opset import: domain -> version")
     max_length: int = Field(description="the longest sequence (prompt + generated) it serves")
@@ -125,6 +125,25 @@ class Width(_Strict):
     symmetric: bool
 
 
+class GptqSettings(_Strict):
+    """How GPTQ rounded the projections (pipeline/gptq.py)."""
+
+    damp: float = Field(description="added to the Hessian's diagonal, as a fraction of its mean")
+    act_order: bool = Field(description="input features rounded in decreasing Hessian-diagonal order")
+    range_steps: int = Field(description="shrink factors of each block's range tried, 1.0 down to 0.6 (0: none)")
+    tokens: int = Field(description="calibration tokens asked for (`calibration.tokens`: used)")
+    sequence_length: int = Field(description="tokens per calibration sequence, <bos> first")
+
+
+class CalibrationText(_Strict):
+    """The text GPTQ's Hessians were computed on."""
+
+    source: str = Field(description="`built-in` (pipeline/calibration.txt) or the --calibration file's name")
+    sha256: str = Field(description="of the text file's bytes")
+    tokens: int = Field(description="tokens used, <bos> included")
+    sequences: int = Field(description="how many sequences they were cut into")
+
+
 class Quantization(_Strict):
     method: str
     bits: int = Field(description="the projections' width (`widths` has every role's)")
@@ -132,9 +151,13 @@ class Quantization(_Strict):
     symmetric: bool
     accuracy_level: int = Field(description="MatMulNBits: 0 float32 activations, 4 int8")
     widths: dict[str, Width] = Field(description="per role: projections, embedding, and the roles kept wider")
-    quantized: dict[str, int | str] = Field(description="what was rewritten: MatMul count, LM head, embedding")
+    quantized: dict[str, int | str] = Field(
+        description="what was rewritten: MatMul count (`matmul_gptq`: by GPTQ), LM head, embedding"
+    )
     kept_float32: str
     weight_bytes: dict[Literal["before", "after"], int]
+    gptq: GptqSettings | None = Field(None, description="--quant int4: GPTQ's settings (2.1)")
+    calibration: CalibrationText | None = Field(None, description="--quant int4: GPTQ's calibration text (2.1)")
 
 
 class RandomCheckpoint(_Strict):

@@ -136,6 +136,7 @@ def test_a_wheel_lists_every_recipe_from_outside_the_repository(tmp_path) -> Non
                     "-w", str(tmp_path / "dist")], check=True, capture_output=True)  # fmt: skip
     (wheel,) = (tmp_path / "dist").glob("gemma_export-*.whl")
     with zipfile.ZipFile(wheel) as z:
+        assert "gemma_export/pipeline/calibration.txt" in z.namelist()  # --quant int4's default text
         z.extractall(tmp_path / "site")
     code = ("import sys; sys.path.insert(0, sys.argv[1]); import gemma_export\n"
             "assert gemma_export.__file__.startswith(sys.argv[1]), gemma_export.__file__\n"

@@ -53,8 +53,9 @@ def build(
     quant: Annotated[
         str | None,
         typer.Option(
-            help="Weight-only quantization (MatMulNBits): none, int8, int4 (int4 projections, int8 embedding) or "
-            "int4-plain (int4 everywhere). Default: none."
+            help="Weight-only quantization (MatMulNBits): none, int8, int4 (int4 projections by GPTQ, up/k/v and "
+            "the embedding at int8), int4-rtn (the same widths, rounded to nearest: no calibration) or int4-plain "
+            "(int4 everywhere). Default: none."
         ),
     ] = None,
     block_size: Annotated[
@@ -65,6 +66,12 @@ def build(
     ] = None,
     max_kl: Annotated[
         float | None, typer.Option(help="With --quant: gate, largest mean KL(reference || quantized) of the logits.")
+    ] = None,
+    calibration: Annotated[
+        Path | None,
+        typer.Option(
+            help="With --quant int4: GPTQ's calibration text, a UTF-8 file (default: a text shipped with gemma-export)."
+        ),
     ] = None,
     cache_layout: Annotated[
         str | None,
@@ -94,7 +101,7 @@ def build(
         raise BadInput("missing option '-o' / '--out': the artifact folder to create")
     given = {"target": target, "precision": precision, "tolerance": tolerance, "dim": dim, "quant": quant,
              "block_size": block_size, "min_top1": min_top1, "max_kl": max_kl,
-             "cache_layout": cache_layout}  # fmt: skip
+             "cache_layout": cache_layout, "calibration": calibration}  # fmt: skip
     given = {k: v for k, v in given.items() if v is not None}
     random_record = {"seed": seed, "layers": layers} if random else None
     options = BuildOptions(

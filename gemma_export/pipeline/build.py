@@ -1,7 +1,8 @@
 """The pipeline: load -> trace -> optimize -> package -> verify, one way, each stage timed.
 
 checkpoint dir --load--> (config, reference model) --trace--> ONNX with ai.gemma nodes
-    --optimize--> cleaned graph + function bodies [--quantize--> MatMulNBits weights]
+    --optimize--> cleaned graph + function bodies
+    [--calibrate--> GPTQ's weights, from the reference and a text --quantize--> MatMulNBits weights]
     [--lower--> ONNX Runtime's CPU kernels (--target ort-cpu)] --package--> staging folder
     --verify--> parity report (gate) --> manifest.json --> rename to OUT_DIR
 """
@@ -19,7 +20,7 @@ from gemma_export.checkpoint.gguf import manifest_source
 from gemma_export.errors import BadInput, ParityError
 from gemma_export.manifest import FORMAT, MANIFEST, ArtifactSpec, BuildInfo, Manifest
 from gemma_export.models.embedding import is_sentence_transformers_folder
-from gemma_export.pipeline import logits_to_keep, memory, optimize, package, quantize, trace
+from gemma_export.pipeline import calibrate, gptq, logits_to_keep, memory, optimize, package, quantize, trace
 from gemma_export.pipeline.options import BuildOptions, check_output_location, check_recipe_architecture
 from gemma_export.pipeline.progress import Stages
 from gemma_export.runtime.session import OrtEncoder
@@ -129,6 +130,18 @@ def load_encoder(folder: Path, options: BuildOptions) -> Loaded:
     )
 
 
+def calibrate_decoder(loaded: Loaded, checkpoint_dir: Path, spec: quantize.QuantSpec, text: Path | None,
+                      report: Callable[[str], None] | None) -> gptq.Calibrated:  # fmt: skip
+    """GPTQ's weights for every projection, from the calibration text tokenized as the checkpoint does."""
+    settings = spec.gptq
+    assert settings is not None
+    content, record = calibrate.calibration_text(text)
+    ids = calibrate.tokenizer_of(checkpoint_dir).encode(content).ids
+    length = min(settings.sequence_length, loaded.max_length)
+    sequences = calibrate.token_sequences(ids, loaded.cfg.bos_token_id, length, settings.tokens)
+    return calibrate.calibrate(loaded.model, sequences, spec, record, report)
+
+
 def build(checkpoint_dir: Path, out_dir: Path, options: BuildOptions, stages: Stages) -> Manifest:
     """Build the artifact; returns its manifest. Raises BadInput / ParityError; leaves no partial OUT_DIR."""
     options.check()
@@ -149,8 +162,14 @@ def build(checkpoint_dir: Path, out_dir: Path, options: BuildOptions, stages: St
             logits_to_keep.add_logits_to_keep(graph)
     quantization: dict[str, Any] | None = None
     if options.quant != "none":
+        spec = quantize.spec_for(options.quant, options.block_size)
+        calibrated = None
+        if spec.gptq is not None:  # the reference model is put back as it was: verify compares against it
+            with stages.stage("calibrate") as st:
+                calibrated = calibrate_decoder(loaded, checkpoint_dir, spec, options.calibration, st.report)
         with stages.stage("quantize"):
-            graph, quantization = quantize.quantize(graph, quantize.spec_for(options.quant, options.block_size))
+            graph, quantization = quantize.quantize(graph, spec, calibrated)
+            del calibrated
     if target.name != "onnx":  # `onnx` keeps the portable graph: ai.gemma ops + their function bodies
         with stages.stage("lower"):
             graph = target.lower(graph)

@@ -32,6 +32,7 @@ class BuildOptions:
     min_top1: float | None = None  # quantized builds' gate; None: verify.AGREEMENT_GATES[quant]
     max_kl: float | None = None
     cache_layout: str | None = None  # decoders' KV cache: full | windowed (models/gemma.py); None: the model's own
+    calibration: Path | None = None  # GPTQ's calibration text (UTF-8); None: the built-in one (calibrate.py)
 
     def check(self) -> None:
         targets.target(self.target)  # a one-line error naming the registered targets
@@ -66,6 +67,12 @@ class BuildOptions:
             raise BadInput(f"--min-top1 must be a fraction in [0, 1], got {self.min_top1}")
         if self.max_kl is not None and not self.max_kl > 0:
             raise BadInput(f"--max-kl must be positive, got {self.max_kl}")
+        if self.calibration is not None:
+            calibrated = [name for name, spec in quantize.DEFAULTS.items() if spec.gptq is not None]
+            if self.quant not in calibrated:
+                raise BadInput(f"--calibration applies to the calibrated quantization (--quant {calibrated[0]})")
+            if not Path(self.calibration).is_file():
+                raise BadInput(f"--calibration {self.calibration}: no such file")
 
     def agreement_gate(self) -> tuple[float, float]:
         """(min_top1, max_kl) of a quantized build: the options', else the quantization's defaults."""

@@ -3,10 +3,11 @@ portable graph (before `--target ort-cpu`'s lowering, which leaves MatMulNBits a
 
 What is quantized, and what is not:
 
-* every MatMul with a constant weight (q/k/v/o, gate/up/down; RecurrentGemma's linear_x/y/out and MLP): by
-  onnxruntime's own `MatMulNBitsQuantizer` (round-to-nearest per block of `block_size` input features, one
-  float32 scale and, when asymmetric, one zero point per block), at the width its role gets (`QuantSpec`:
-  one pass of the quantizer per width, the other MatMuls excluded);
+* every MatMul with a constant weight (q/k/v/o, gate/up/down; RecurrentGemma's linear_x/y/out and MLP), at the
+  width its role gets (`QuantSpec`): with `--quant int4`, from the codes, scales and zero points GPTQ chose in
+  the calibrate stage (calibrate.py, gptq.py; `write_calibrated`); otherwise by onnxruntime's own
+  `MatMulNBitsQuantizer` (round-to-nearest per block of `block_size` input features, one float32 scale and,
+  when asymmetric, one zero point per block; one pass of the quantizer per width, the other MatMuls excluded);
 * the tied LM head `Gemm(x, embedding, transB=1)`: the ORT quantizer only rewrites MatMul and would leave the
   largest tensor (262144 x 640 on Gemma-3-270M, 63% of its weights) in float32. Its packed layout is
   [N, k_blocks, blob] of B = embedding^T, i.e. the embedding's own rows cut into blocks along hidden: the
@@ -23,7 +24,7 @@ What is quantized, and what is not:
 The `ai.gemma` nodes (Attention, RGLRU) and their function bodies are not MatMul nodes and are left alone.
 The ORT quantizer works on a ModelProto: the IR model is serialised in memory, quantized and read back, so
 that the package stage writes it as it writes every model (one external-data file, one writer, same bytes
-for the same inputs). Round-to-nearest is deterministic.
+for the same inputs). Round-to-nearest and GPTQ are deterministic.
 """
 
 from __future__ import annotations
@@ -38,10 +39,12 @@ import onnx
 import onnx_ir as ir
 from onnx import helper, numpy_helper
 
-from gemma_export.pipeline import graph_patterns, memory
+from gemma_export.pipeline import gptq, graph_patterns, memory
 
-QUANTS = ("none", "int8", "int4", "int4-plain")
+QUANTS = ("none", "int8", "int4", "int4-rtn", "int4-plain")
 MS_DOMAIN = "com.microsoft"
+RTN_METHOD = "onnxruntime MatMulNBits, round-to-nearest per block (matmul_nbits_quantizer)"
+GPTQ_METHOD = "gptq: the projections by GPTQ on calibration text (pipeline/gptq.py); the embedding round-to-nearest"
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,17 @@ class Width:
 
 
 @dataclass(frozen=True)
+class GptqSettings:
+    """GPTQ of the projections (pipeline/gptq.py, calibrate.py); the tied embedding stays round-to-nearest."""
+
+    damp: float = 0.01  # added to the Hessian's diagonal, as a fraction of its mean
+    act_order: bool = True  # features quantized in decreasing diag(H) order (grids fixed up front)
+    range_steps: int = 10  # shrink factors of each block's range tried, 1.0 down to 0.6 (0: ORT's grid as is)
+    tokens: int = 8192  # calibration tokens, in sequences of up to 1024 (fewer if the model's context is shorter)
+    sequence_length: int = 1024
+
+
+@dataclass(frozen=True)
 class QuantSpec:
     """Which width each weight gets. Projections are named by their module (`layers.3.mlp.down_proj`, as the
     trace stage names their MatMul nodes); `wider` lists the roles (`down_proj`) stored at `wide` instead."""
@@ -66,6 +80,7 @@ class QuantSpec:
     accuracy_level: int  # MatMulNBits: 0 = float32 activations, 4 = int8 activations (the fast CPU path)
     wider: tuple[str, ...] = ()
     wide: Width | None = None
+    gptq: GptqSettings | None = None  # None: round-to-nearest (ONNX Runtime's quantizer) everywhere
 
     def width_of(self, node_name: str) -> Width:
         role = node_name.rsplit(".", 1)[-1]
@@ -82,7 +97,7 @@ class QuantSpec:
     def with_block(self, block_size: int | None) -> QuantSpec:
         wide = self.wide.with_block(block_size) if self.wide else None
         return QuantSpec(self.projections.with_block(block_size), self.embedding.with_block(block_size),
-                         self.accuracy_level, self.wider, wide)  # fmt: skip
+                         self.accuracy_level, self.wider, wide, self.gptq)  # fmt: skip
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -106,19 +121,21 @@ INT8_B128 = Width(bits=8, block_size=128, symmetric=False)
 # int8 activations, 8-bit weights decoded >20x slower (Gemma-3-270M shape, 2 threads). Asymmetric int4: lower KL
 # to the fp32 reference than symmetric on most models measured, at no measurable decode cost.
 #
-# `int4` is a mix, as llama.cpp's k-quants are, chosen on the real Gemma-3-270M (README "Real checkpoints"),
-# measured as perplexity on GPL-2's text, not the text the tests hold out (fp32 13.58): int4 everywhere 19.22
-# (+42%); the embedding alone at int4 costs +7%, at int8 (block 128: 1.04 bytes a weight) nothing measurable
-# (13.57). Each projection role alone at int4: up +8.5%, down +6.9%, gate +4.9%, v +2.7%, q +2.1%, k +1.9%,
-# o 0%. Within the bytes of llama.cpp's Q4_K_M file of the same model (241 MiB), the int8 embedding leaves room
-# for ~36M of the 100M projection weights at int8: up, k and v (ROLES_KEPT_AT_INT8), 15.67 (+15%).
-# `int4-plain` is int4 everywhere (the smallest and fastest).
+# The int4 widths are a mix, as llama.cpp's k-quants are, chosen on the real Gemma-3-270M (README "Real
+# checkpoints"), measured as perplexity on GPL-2's text, not the text the tests hold out (fp32 13.58): int4
+# everywhere 19.22 (+42%); the embedding alone at int4 costs +7%, at int8 (block 128: 1.04 bytes a weight)
+# nothing measurable (13.57). Each projection role alone at int4: up +8.5%, down +6.9%, gate +4.9%, v +2.7%,
+# q +2.1%, k +1.9%, o 0%. Within the bytes of llama.cpp's Q4_K_M file of the same model (241 MiB), the int8
+# embedding leaves room for ~36M of the 100M projection weights at int8: up, k and v (ROLES_KEPT_AT_INT8).
+# Rounded to nearest (`int4-rtn`) that mix is +15%; GPTQ on every projection (`int4`, the default) brings it
+# within 1% (README "Weight quantization": calibrated on a text shipped with the package, or --calibration).
+# `int4-plain` is int4 everywhere, rounded to nearest (the smallest and fastest).
 ROLES_KEPT_AT_INT8 = ("up_proj", "k_proj", "v_proj")
+_MIX = {"projections": INT4_B32, "embedding": INT8_B128, "wider": ROLES_KEPT_AT_INT8, "wide": INT8_B128}
 DEFAULTS: dict[str, QuantSpec] = {
     "int8": QuantSpec(projections=INT8_B32, embedding=INT8_B32, accuracy_level=4),
-    "int4": QuantSpec(
-        projections=INT4_B32, embedding=INT8_B128, accuracy_level=4, wider=ROLES_KEPT_AT_INT8, wide=INT8_B128
-    ),
+    "int4": QuantSpec(**_MIX, accuracy_level=4, gptq=GptqSettings()),
+    "int4-rtn": QuantSpec(**_MIX, accuracy_level=4),
     "int4-plain": QuantSpec(projections=INT4_B32, embedding=INT4_B32, accuracy_level=4),
 }
 
@@ -131,8 +148,11 @@ def is_valid_block_size(block_size: int) -> bool:
     return block_size >= 16 and block_size & (block_size - 1) == 0
 
 
-def quantize(model: ir.Model, spec: QuantSpec) -> tuple[ir.Model, dict[str, Any]]:
-    """The model with its weights quantized, and the manifest's `quantization` record."""
+def quantize(
+    model: ir.Model, spec: QuantSpec, calibrated: gptq.Calibrated | None = None
+) -> tuple[ir.Model, dict[str, Any]]:
+    """The model with its weights quantized, and the manifest's `quantization` record. The MatMuls named in
+    `calibrated` (the calibrate stage's GPTQ) take its weights; the others are rounded to nearest here."""
     before = _initializer_bytes(model.graph)
     head = _tied_head_output(model.graph)  # found here, on the IR; the ORT quantizer leaves the Gemm as it is
     ir.external_data.load_to_model(model)  # the ORT quantizer reads weights from the proto, not from files
@@ -142,9 +162,11 @@ def quantize(model: ir.Model, spec: QuantSpec) -> tuple[ir.Model, dict[str, Any]
     inits = {t.name for t in proto.graph.initializer}
     matmuls = [n.name for n in proto.graph.node
                if n.op_type == "MatMul" and n.domain in ("", "ai.onnx") and n.input[1] in inits]  # fmt: skip
-    widths = sorted({spec.width_of(name) for name in matmuls}, key=lambda w: (w.bits, w.block_size, w.symmetric))
+    done = write_calibrated(proto, calibrated, spec.accuracy_level) if calibrated else set()
+    rounded = [name for name in matmuls if name not in done]
+    widths = sorted({spec.width_of(name) for name in rounded}, key=lambda w: (w.bits, w.block_size, w.symmetric))
     for width in widths:  # one pass of onnxruntime's quantizer per width, every other MatMul left alone
-        others = [name for name in matmuls if spec.width_of(name) != width]
+        others = [name for name in matmuls if name in done or spec.width_of(name) != width]
         quantizer = _ort_quantizer().MatMulNBitsQuantizer(
             proto,
             bits=width.bits,
@@ -162,18 +184,62 @@ def quantize(model: ir.Model, spec: QuantSpec) -> tuple[ir.Model, dict[str, Any]
     out = ir.from_proto(proto)
     after = _initializer_bytes(out.graph)
     record = {
-        "method": "onnxruntime MatMulNBits, round-to-nearest per block (matmul_nbits_quantizer)",
+        "method": GPTQ_METHOD if done else RTN_METHOD,
         **spec.to_json(),
         "quantized": {
             "matmul": quantized_matmuls,
+            **({"matmul_gptq": len(done)} if calibrated else {}),
             "matmul_kept_float": matmuls_total - quantized_matmuls,  # a MatMul whose weight is not a constant
             "lm_head": "MatMulNBits on the tied embedding" if tied else "float32 (no tied Gemm head found)",
             "embedding": "GatherBlockQuantized on the LM head's quantized weight" if tied else "float32",
         },
         "kept_float32": "norms, biases, RoPE, Conv1D, RG-LRU gates, activations, logits",
         "weight_bytes": {"before": before, "after": after},
+        **(calibrated.record if done else {}),
     }
     return out, record
+
+
+def write_calibrated(proto: onnx.ModelProto, calibrated: gptq.Calibrated, accuracy_level: int) -> set[str]:
+    """Each MatMul named in `calibrated` -> MatMulNBits on its weights, laid out and named as ONNX Runtime's
+    quantizer does (`{B}_Q4`, `{B}_scales`, `{B}_zero_points`). Returns the names rewritten.
+
+    The graph's weight must be the reference weight the codes were computed from (B = W^T, checked exactly):
+    a projection named after another module would otherwise be quantized with the wrong weights, silently."""
+    graph = proto.graph
+    inits = {t.name: t for t in graph.initializer}
+    users: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            users[name] = users.get(name, 0) + 1
+    done: set[str] = set()
+    rewritten, dropped, added = [], set(), []
+    for node in graph.node:
+        weight = calibrated.weights.get(node.name)
+        b_name = node.input[1] if len(node.input) == 2 else ""
+        if weight is None or node.op_type != "MatMul" or b_name not in inits or users[b_name] != 1:
+            rewritten.append(node)
+            continue
+        b = numpy_helper.to_array(inits[b_name])
+        if not np.array_equal(b, calibrated.originals[node.name].detach().numpy().T):
+            raise RuntimeError(f"{node.name}: the graph's weight is not the calibrated module's")
+        packed, scales, zero_points = weight.pack()
+        names = [f"{b_name}_Q{weight.bits}", f"{b_name}_scales", f"{b_name}_zero_points"]
+        added += [numpy_helper.from_array(a, n) for a, n in zip((packed, scales, zero_points), names, strict=True)]
+        k, n = b.shape
+        attrs: dict[str, Any] = {"K": k, "N": n, "bits": weight.bits, "block_size": weight.block_size}
+        if accuracy_level:
+            attrs["accuracy_level"] = accuracy_level
+        rewritten.append(helper.make_node("MatMulNBits", [node.input[0], *names], list(node.output),
+                                          f"{node.name}_Q{weight.bits}", domain=MS_DOMAIN, **attrs))  # fmt: skip
+        dropped.add(b_name)
+        done.add(node.name)
+    graph.ClearField("node")
+    graph.node.extend(rewritten)
+    kept = [t for t in graph.initializer if t.name not in dropped]
+    graph.ClearField("initializer")
+    graph.initializer.extend([*kept, *added])
+    return done
 
 
 def quantize_tied_embedding(proto: onnx.ModelProto, head_output: str, spec: Width, accuracy_level: int) -> bool:
