@@ -95,7 +95,7 @@ bench-real: install llama-cpp
 
 # CUDA kernels of the ai.gemma ops (graphs/*/kernels/, graphs/README.md "Kernels"): one libgemma_kernels.so with
 # SASS for sm_80/86/89/90 and compute_90 PTX, built by nvcc (gemma_export/ops/cuda.py holds the one nvcc command;
-# it needs only python3, not .venv). No GPU needed to build; about 50 s on 2 cores.
+# it needs only python3, not .venv). No GPU needed to build; 1-2 min on 2 cores.
 KERNEL_ARCHS ?= 80,86,89,90
 kernels:
 	$(PYTHON) -m gemma_export.ops.cuda build --out build/kernels/libgemma_kernels.so --arch $(KERNEL_ARCHS)

@@ -95,7 +95,7 @@ def nvcc_command(out: Path, archs: Sequence[str] = DEFAULT_ARCHS, ptx: str | Non
         gencode.append(f"-gencode=arch=compute_{ptx},code=compute_{ptx}")
     includes = sorted({f"-I{h.parent}" for h in HEADERS})
     return [
-        nvcc, "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC,-fvisibility=hidden",
+        nvcc, "-O3", "-std=c++17", "--threads", "0", "-shared", "-Xcompiler", "-fPIC,-fvisibility=hidden",
         "-Xlinker", "--exclude-libs,ALL", "-cudart", "static", "-lineinfo", *includes, *gencode,
         *(str(s) for s in SOURCES), "-o", str(out),
     ]  # fmt: skip
