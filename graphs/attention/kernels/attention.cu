@@ -12,9 +12,10 @@
 // A block walks its key range in tiles of 32 keys: the tile's keys and values are staged in shared memory
 // as float32 (read from global memory once for all G heads of the group and all rows of the block), then
 // each warp takes its rows: lane j computes the score of key j, the warp keeps an online softmax (running
-// max m, running sum l, unnormalised output acc with each lane owning head_dim / 32 channels) and rescales
-// acc by exp(m_old - m_new) whenever the max grows. Keys outside the block's visible range (before the
-// window, after the causal diagonal) are never loaded.
+// max m, running sum l, unnormalised output acc with each lane owning head_dim / 32 channels, as float4
+// groups) and rescales acc by exp(m_old - m_new) whenever the max grows. Shared memory is read as float4
+// (rows padded to a multiple of 4 floats). Keys outside the block's visible range (before the window, after
+// the causal diagonal) are never loaded.
 //
 // Decode (q_len = 1) has only G rows per key/value head, far too few blocks to fill a GPU: the launcher then
 // splits the key range over grid.z (split-K/T). Each split writes its unnormalised (acc, m, l) to a float32
@@ -100,16 +101,16 @@ struct Params {
 };
 
 // Copy `count` rows of head_dim elements starting at `src` into shared memory as float32, row stride
-// `stride` floats. 16-byte vector loads when the rows allow it (the common case: head_dim * size a
-// multiple of 16 and aligned tensors), element loads otherwise.
+// `stride` floats, columns head_dim .. padded - 1 zeroed (padded = head_dim rounded up to 4, so that the
+// dot products can read float4s; the zeros keep the padding out of them). 16-byte vector loads when the rows
+// allow it (the common case: head_dim * size a multiple of 16, aligned tensors; then padded = head_dim).
 template <typename T>
 __device__ __forceinline__ void stage_rows(float *dst, int stride, const T *src, int count, int head_dim,
-                                           bool vectorized) {
-    const int total = count * head_dim;
+                                           int padded, bool vectorized) {
     if (vectorized) {
         constexpr int kPer = 16 / sizeof(T);
         const uint4 *vsrc = reinterpret_cast<const uint4 *>(src);
-        for (int e = threadIdx.x; e < total / kPer; e += kThreads) {
+        for (int e = threadIdx.x; e < count * head_dim / kPer; e += kThreads) {
             uint4 raw = __ldg(vsrc + e);
             const T *vals = reinterpret_cast<const T *>(&raw);
             const int row = (e * kPer) / head_dim, col = (e * kPer) % head_dim;
@@ -117,22 +118,28 @@ __device__ __forceinline__ void stage_rows(float *dst, int stride, const T *src,
             for (int u = 0; u < kPer; ++u) dst[row * stride + col + u] = to_float(vals[u]);
         }
     } else {
-        for (int e = threadIdx.x; e < total; e += kThreads) {
-            dst[(e / head_dim) * stride + e % head_dim] = to_float(src[e]);
+        for (int e = threadIdx.x; e < count * padded; e += kThreads) {
+            const int row = e / padded, col = e % padded;
+            dst[row * stride + col] = col < head_dim ? to_float(src[row * head_dim + col]) : 0.f;
         }
     }
 }
 
-// DC = head_dim rounded up to a multiple of 32, divided by 32: the output channels each lane owns.
-template <typename T, int DC>
+// DC4 = ceil(head_dim / 128): the float4 groups of output channels each lane owns (lane l owns channels
+// 4 (l + 32 c) .. 4 (l + 32 c) + 3, c < DC4).
+template <typename T, int DC4>
 __global__ void __launch_bounds__(kThreads) attention_kernel(Params p) {
-    extern __shared__ float smem[];
+    extern __shared__ float4 smem4[];  // float4: 16-byte aligned
     const int D = static_cast<int>(p.head_dim);
-    const int k_stride = D + 1;  // padding: lane j reads row j, column d -> banks (j + d) % 32, conflict free
-    float *k_tile = smem;                               // [kTileKeys][D + 1]
-    float *v_tile = k_tile + kTileKeys * k_stride;      // [kTileKeys][D]
-    float *q_rows = v_tile + kTileKeys * D;             // [kRowsPerBlock][D]
-    int *key_ok = reinterpret_cast<int *>(q_rows + kRowsPerBlock * D);  // [kTileKeys]: the mask of the tile
+    const int Dp = (D + 3) / 4 * 4;  // row length in shared memory, a whole number of float4s
+    const int D4 = Dp / 4;
+    // Key rows are 4 floats longer than Dp: lane j reads float4 d4 of row j, and the 8 lanes of a quarter-warp
+    // (one 128-bit shared-memory access) then fall on distinct banks.
+    const int k_stride = Dp + 4;
+    float *k_tile = reinterpret_cast<float *>(smem4);  // [kTileKeys][Dp + 4]
+    float *v_tile = k_tile + kTileKeys * k_stride;      // [kTileKeys][Dp]
+    float *q_rows = v_tile + kTileKeys * Dp;            // [kRowsPerBlock][Dp]
+    int *key_ok = reinterpret_cast<int *>(q_rows + kRowsPerBlock * Dp);  // [kTileKeys]: the mask of the tile
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int64_t b = blockIdx.z / p.splits;
@@ -143,14 +150,15 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(Params p) {
     const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock;
     const int64_t offset = n_keys - S;  // query i sits at key slot offset + i
 
-    // Stage this block's query rows (float32) for the lanes' dot products.
+    // Stage this block's query rows (float32, zero-padded) for the lanes' dot products.
     const T *query = static_cast<const T *>(p.query);
-    for (int e = threadIdx.x; e < kRowsPerBlock * D; e += kThreads) {
-        const int64_t r = row0 + e / D;
+    for (int e = threadIdx.x; e < kRowsPerBlock * Dp; e += kThreads) {
+        const int64_t r = row0 + e / Dp;
+        const int col = e % Dp;
         float v = 0.f;
-        if (r < rows) {
+        if (r < rows && col < D) {
             const int64_t i = r / G, h = kvh * G + r % G;
-            v = to_float(query[((b * p.heads + h) * S + i) * D + e % D]);
+            v = to_float(query[((b * p.heads + h) * S + i) * D + col]);
         }
         q_rows[e] = v;
     }
@@ -158,15 +166,16 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(Params p) {
     // The keys any row of this block may see, then this split's share of them (whole tiles).
     const int64_t last_row = imin(row0 + kRowsPerBlock, rows) - 1;
     const int64_t p_first = offset + row0 / G, p_last = offset + last_row / G;
-    int64_t lo = p.window > 0 ? imax(0, p_first - p.window + 1) : 0;
-    int64_t hi = p.causal ? p_last + 1 : (p.window > 0 ? imin(n_keys, p_last + p.window) : n_keys);
+    const int64_t lo = p.window > 0 ? imax(0, p_first - p.window + 1) : 0;
+    const int64_t hi = p.causal ? p_last + 1 : (p.window > 0 ? imin(n_keys, p_last + p.window) : n_keys);
     const int64_t per_split = ((hi - lo + p.splits - 1) / p.splits + kTileKeys - 1) / kTileKeys * kTileKeys;
     const int64_t k_begin = lo + split * per_split;
     const int64_t k_end = imin(hi, k_begin + per_split);
 
     // Per row of this warp: position, online-softmax state and the lane's output channels.
     int64_t my_row[kRowsPerWarp], my_pos[kRowsPerWarp];
-    float m[kRowsPerWarp], l[kRowsPerWarp], acc[kRowsPerWarp][DC];
+    float m[kRowsPerWarp], l[kRowsPerWarp];
+    float4 acc[kRowsPerWarp][DC4];
 #pragma unroll
     for (int k = 0; k < kRowsPerWarp; ++k) {
         my_row[k] = row0 + k * kWarps + warp;
@@ -174,7 +183,7 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(Params p) {
         m[k] = -INFINITY;
         l[k] = 0.f;  // this lane's share of the sum; reduced over the warp at the end
 #pragma unroll
-        for (int c = 0; c < DC; ++c) acc[k][c] = 0.f;
+        for (int c = 0; c < DC4; ++c) acc[k][c] = make_float4(0.f, 0.f, 0.f, 0.f);
     }
 
     const size_t elem = sizeof(T);
@@ -186,8 +195,8 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(Params p) {
     for (int64_t j0 = k_begin; j0 < k_end; j0 += kTileKeys) {
         const int n = static_cast<int>(imin(kTileKeys, k_end - j0));
         __syncthreads();  // every warp is done with the previous tile (and q_rows is written, first time)
-        stage_rows(k_tile, k_stride, key + j0 * D, n, D, vectorized);
-        stage_rows(v_tile, D, value + j0 * D, n, D, vectorized);
+        stage_rows(k_tile, k_stride, key + j0 * D, n, D, Dp, vectorized);
+        stage_rows(v_tile, Dp, value + j0 * D, n, D, Dp, vectorized);
         if (threadIdx.x < kTileKeys) {
             key_ok[threadIdx.x] = threadIdx.x < n && mask_at(p.mask, p.mask_dtype, b * n_keys + j0 + threadIdx.x);
         }
@@ -203,11 +212,17 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(Params p) {
             // Lane j's score: q . k in float32, times scale, soft-capped (before the mask, as the spec says).
             float s = -INFINITY;
             if (visible) {
-                const float *q = q_rows + rr * D;
-                const float *kr = k_tile + lane * k_stride;
+                const float4 *q = reinterpret_cast<const float4 *>(q_rows + rr * Dp);  // a broadcast read
+                const float4 *kr = reinterpret_cast<const float4 *>(k_tile + lane * k_stride);
                 float dot = 0.f;
-#pragma unroll 8
-                for (int d = 0; d < D; ++d) dot = fmaf(q[d], kr[d], dot);
+#pragma unroll 4
+                for (int d4 = 0; d4 < D4; ++d4) {
+                    const float4 a = q[d4], c = kr[d4];
+                    dot = fmaf(a.x, c.x, dot);
+                    dot = fmaf(a.y, c.y, dot);
+                    dot = fmaf(a.z, c.z, dot);
+                    dot = fmaf(a.w, c.w, dot);
+                }
                 s = dot * p.scale;
                 if (p.softcap > 0.f) s = p.softcap * tanhf(s / p.softcap);
             }
@@ -220,15 +235,26 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(Params p) {
             const float prob = visible ? expf(s - m_new) : 0.f;
             l[k] = l[k] * correction + prob;
 #pragma unroll
-            for (int c = 0; c < DC; ++c) acc[k][c] *= correction;
-            // acc[d] += sum_j prob_j * v[j][d]: each lane its channels d = lane + 32 c, prob_j from lane j.
+            for (int c = 0; c < DC4; ++c) {
+                acc[k][c].x *= correction;
+                acc[k][c].y *= correction;
+                acc[k][c].z *= correction;
+                acc[k][c].w *= correction;
+            }
+            // acc += sum_j prob_j * v[j]: each lane its float4 groups of channels, prob_j from lane j.
             for (int jj = 0; jj < n; ++jj) {
                 const float pj = __shfl_sync(0xffffffffu, prob, jj);
-                const float *vr = v_tile + jj * D;
+                const float4 *vr = reinterpret_cast<const float4 *>(v_tile + jj * Dp);
 #pragma unroll
-                for (int c = 0; c < DC; ++c) {
-                    const int d = lane + 32 * c;
-                    if (d < D) acc[k][c] = fmaf(pj, vr[d], acc[k][c]);
+                for (int c = 0; c < DC4; ++c) {
+                    const int d4 = lane + 32 * c;
+                    if (d4 < D4) {
+                        const float4 v = vr[d4];
+                        acc[k][c].x = fmaf(pj, v.x, acc[k][c].x);
+                        acc[k][c].y = fmaf(pj, v.y, acc[k][c].y);
+                        acc[k][c].z = fmaf(pj, v.z, acc[k][c].z);
+                        acc[k][c].w = fmaf(pj, v.w, acc[k][c].w);
+                    }
                 }
             }
             m[k] = m_new;
@@ -242,26 +268,27 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(Params p) {
         const float total = warp_sum(l[k]);
         const int64_t i = my_row[k] / G, h = kvh * G + my_row[k] % G;
         const int64_t out_row = (b * p.heads + h) * S + i;
-        if (p.splits == 1) {
-            const float inv = total > 0.f ? 1.f / total : 0.f;  // no visible key: zeros
-            T *out = static_cast<T *>(p.out) + out_row * D;
+        const float inv = p.splits == 1 && total > 0.f ? 1.f / total : 1.f;  // no visible key: acc is 0
+        T *out = static_cast<T *>(p.out) + out_row * D;
+        const int64_t slot = split * p.batch * p.heads * S + out_row;
+        float *part = p.splits > 1 ? p.partial_acc + slot * D : nullptr;
 #pragma unroll
-            for (int c = 0; c < DC; ++c) {
-                const int d = lane + 32 * c;
-                if (d < D) out[d] = from_float<T>(acc[k][c] * inv);
-            }
-        } else {
-            const int64_t slot = split * p.batch * p.heads * S + out_row;
-            float *part = p.partial_acc + slot * D;
+        for (int c = 0; c < DC4; ++c) {
+            const float vals[4] = {acc[k][c].x, acc[k][c].y, acc[k][c].z, acc[k][c].w};
 #pragma unroll
-            for (int c = 0; c < DC; ++c) {
-                const int d = lane + 32 * c;
-                if (d < D) part[d] = acc[k][c];
+            for (int u = 0; u < 4; ++u) {
+                const int d = 4 * (lane + 32 * c) + u;
+                if (d >= D) continue;
+                if (part) {
+                    part[d] = vals[u];
+                } else {
+                    out[d] = from_float<T>(vals[u] * inv);
+                }
             }
-            if (lane == 0) {
-                p.partial_ml[2 * slot] = m[k];
-                p.partial_ml[2 * slot + 1] = total;
-            }
+        }
+        if (part && lane == 0) {
+            p.partial_ml[2 * slot] = m[k];
+            p.partial_ml[2 * slot + 1] = total;
         }
     }
 }
@@ -300,7 +327,8 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(Params p) {
 }
 
 size_t shared_bytes(int64_t head_dim) {
-    return sizeof(float) * (kTileKeys * (head_dim + 1) + kTileKeys * head_dim + kRowsPerBlock * head_dim) +
+    const int64_t padded = (head_dim + 3) / 4 * 4;  // as attention_kernel lays it out
+    return sizeof(float) * (kTileKeys * (padded + 4) + kTileKeys * padded + kRowsPerBlock * padded) +
            sizeof(int) * kTileKeys;
 }
 
@@ -324,11 +352,11 @@ int choose_splits(const Params &p, int64_t row_tiles) {
     return static_cast<int>(imax(1, imin(splits, kMaxSplits)));
 }
 
-template <typename T, int DC>
+template <typename T, int DC4>
 cudaError_t launch_typed(Params p, int64_t row_tiles, cudaStream_t stream) {
     const size_t smem = shared_bytes(p.head_dim);
-    auto kernel = attention_kernel<T, DC>;
-    if (smem > 48 * 1024) {
+    auto kernel = attention_kernel<T, DC4>;
+    if (smem > 48 * 1024) {  // above the default: opt in (up to 99 KB on sm_86/89, more on sm_80/90)
         cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                static_cast<int>(smem));
         if (err != cudaSuccess) return err;
@@ -344,10 +372,8 @@ cudaError_t launch_typed(Params p, int64_t row_tiles, cudaStream_t stream) {
 }
 
 template <typename T> cudaError_t launch_dc(const Params &p, int64_t row_tiles, cudaStream_t stream) {
-    if (p.head_dim <= 32) return launch_typed<T, 1>(p, row_tiles, stream);
-    if (p.head_dim <= 64) return launch_typed<T, 2>(p, row_tiles, stream);
-    if (p.head_dim <= 128) return launch_typed<T, 4>(p, row_tiles, stream);
-    return launch_typed<T, 8>(p, row_tiles, stream);
+    if (p.head_dim <= 128) return launch_typed<T, 1>(p, row_tiles, stream);
+    return launch_typed<T, 2>(p, row_tiles, stream);
 }
 
 }  // namespace
