@@ -463,22 +463,54 @@ def check_models(impl: Impl, report: Report, new_tokens: int = 24) -> None:
 # ---- bandwidth ------------------------------------------------------------------------------------------
 
 
+# Nominal peaks (GB/s) by product name, the last resort when no API reports the memory clock.
+NOMINAL_PEAK_GBS = {"H100 80GB HBM3": 3352, "H100 PCIe": 2039, "H100 NVL": 3938, "H200": 4800,
+                    "A100-SXM4-80GB": 2039, "A100-SXM4-40GB": 1555, "A100 80GB PCIe": 1935}  # fmt: skip
+
+
+def _driver_memory_clock() -> tuple[int, int] | None:
+    """(memory clock in kHz, bus width in bits) of device 0 from the CUDA driver (cuDeviceGetAttribute 36, 37),
+    which every GPU machine has, whatever the runtime's cudaDeviceProp still carries (CUDA 13 dropped its
+    memoryClockRate)."""
+    import ctypes
+
+    try:
+        driver = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+    device, clock, bus = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
+    if driver.cuInit(0) or driver.cuDeviceGet(ctypes.byref(device), 0):
+        return None
+    if driver.cuDeviceGetAttribute(ctypes.byref(clock), 36, device) or driver.cuDeviceGetAttribute(
+        ctypes.byref(bus), 37, device
+    ):
+        return None
+    return (clock.value, bus.value) if clock.value and bus.value else None
+
+
 def peak_bandwidth() -> tuple[float | None, str]:
     """The card's peak DRAM bandwidth in GB/s (2 transfers per memory clock x bus width), and its source."""
     import torch
 
     props = torch.cuda.get_device_properties(0)
-    clock_khz = getattr(props, "memory_clock_rate", None)
-    bus_bits = getattr(props, "memory_bus_width", None)
+    clock_khz, bus_bits = getattr(props, "memory_clock_rate", None), getattr(props, "memory_bus_width", None)
     source = "torch device properties"
     if not (clock_khz and bus_bits):
-        try:
-            import cupy
+        found, source = _driver_memory_clock(), "CUDA driver attributes"
+        if found is None:
+            try:
+                import cupy
 
-            attrs = cupy.cuda.runtime.getDeviceProperties(0)
-            clock_khz, bus_bits, source = attrs["memoryClockRate"], attrs["memoryBusWidth"], "cupy device properties"
-        except Exception:  # any failure means: unknown
-            return None, "unknown (neither torch nor cupy reports the memory clock)"
+                attrs = cupy.cuda.runtime.getDeviceProperties(0)
+                found, source = (attrs["memoryClockRate"], attrs["memoryBusWidth"]), "cupy device properties"
+            except Exception:  # any failure: try the names
+                found = None
+        if found is None:
+            for name, gbs in NOMINAL_PEAK_GBS.items():
+                if name in props.name:
+                    return float(gbs), f"nominal for {name}"
+            return None, "unknown (no API reports the memory clock)"
+        clock_khz, bus_bits = found
     return 2 * clock_khz * 1e3 * bus_bits / 8 / 1e9, source
 
 

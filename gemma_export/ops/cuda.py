@@ -4,7 +4,7 @@ The kernels are C ABI functions in one shared library, `libgemma_kernels.so` (gr
 This module finds it, in this order:
 
 1. `GEMMA_KERNELS_LIB`: a path to a library built elsewhere;
-2. `build/kernels/libgemma_kernels.so` in the repository (`make kernels`);
+2. `build/kernels/libgemma_kernels.so` in the repository (`make kernels`), unless a source is newer;
 3. a cache folder (`$GEMMA_EXPORT_CACHE/kernels/<hash>/`, else `~/.cache/gemma-export/...`), building it
    there with nvcc on first use, for the GPU at hand (its compute capability) plus compute_90 PTX; the hash
    covers the sources and the command, so an edited kernel is rebuilt.
@@ -148,6 +148,11 @@ def local_archs() -> tuple[str, ...]:
     return DEFAULT_ARCHS
 
 
+def _newer_than_sources(library: Path) -> bool:
+    built = library.stat().st_mtime
+    return all(not p.is_file() or p.stat().st_mtime <= built for p in (*SOURCES, *HEADERS))
+
+
 def library_path(build: bool = True) -> Path:
     """Where the library is (see the module docstring); builds it into the cache when `build` and none is."""
     env = os.environ.get("GEMMA_KERNELS_LIB")
@@ -155,7 +160,7 @@ def library_path(build: bool = True) -> Path:
         if not Path(env).is_file():
             raise KernelError(f"GEMMA_KERNELS_LIB={env} is not a file")
         return Path(env)
-    if REPO_LIBRARY.is_file():
+    if REPO_LIBRARY.is_file() and _newer_than_sources(REPO_LIBRARY):  # a stale `make kernels` is passed over
         return REPO_LIBRARY
     archs = local_archs()
     cached = cache_dir() / source_hash(archs, DEFAULT_PTX) / LIBRARY_NAME

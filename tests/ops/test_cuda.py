@@ -102,6 +102,20 @@ def test_without_a_library_and_without_building_it_says_how_to_get_one(monkeypat
         cuda.library_path(build=False)
 
 
+def test_a_repository_library_older_than_the_sources_is_passed_over(monkeypatch, tmp_path) -> None:
+    import os
+
+    monkeypatch.delenv("GEMMA_KERNELS_LIB", raising=False)
+    monkeypatch.setenv("GEMMA_EXPORT_CACHE", str(tmp_path / "cache"))
+    repo = tmp_path / "libgemma_kernels.so"
+    repo.write_bytes(b"")
+    monkeypatch.setattr(cuda, "REPO_LIBRARY", repo)
+    assert cuda.library_path(build=False) == repo  # written after the sources
+    os.utime(repo, (0, 0))  # older than every source: stale
+    with pytest.raises(cuda.KernelError, match="make kernels"):
+        cuda.library_path(build=False)
+
+
 def test_without_nvcc_building_fails_in_one_line(monkeypatch, tmp_path) -> None:
     monkeypatch.setattr(cuda, "find_nvcc", lambda: None)
     with pytest.raises(cuda.KernelError, match="nvcc not found"):
