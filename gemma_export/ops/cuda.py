@@ -44,6 +44,7 @@ HEADERS = (
     GRAPHS / "kernels" / "gemma_kernels_common.h",
     GRAPHS / "attention" / "kernels" / "gemma_attention.h",
     GRAPHS / "rglru" / "kernels" / "gemma_rglru.h",
+    GRAPHS / "kernels" / "launch.cuh",
 )
 LIBRARY_NAME = "libgemma_kernels.so"
 REPO_LIBRARY = ROOT / "build" / "kernels" / LIBRARY_NAME

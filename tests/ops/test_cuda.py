@@ -195,6 +195,72 @@ def test_the_built_library_loads_and_answers_without_a_gpu(built) -> None:
     assert lib.gemma_rglru_launch(*[None] * 6, 1, 4, 8, 0, None) == -4
 
 
+# ---- the kernels' own code on the CPU (graphs/kernels/emulation/; g++, slow: one OS thread per CUDA thread) ---
+
+A, R = gpu_check.AttentionCase, gpu_check.RglruCase
+# Small enough for the emulation (a few blocks each), yet through every path: key splits merged by the combine
+# kernel (decode: an "H100" of 132 SMs), sliding windows shorter than the prompt, a past, padding with fully
+# masked rows, soft-cap, bidirectional, float16 / bfloat16, head sizes that need padding (6) or none (80, 256).
+EMULATED_ATTENTION = (
+    A("decode split", 1, 4, 1, 1, 700, 64),
+    A("decode window padding softcap split", 2, 4, 2, 1, 600, 32, window=200, softcap=5.0, left_pad=(0, 450)),
+    A("decode bf16 d256 split", 1, 2, 1, 1, 300, 256, dtype="bfloat16"),
+    A("prefill longer than the window, softcap", 1, 2, 1, 48, 48, 16, window=8, softcap=2.0),
+    A("chunked prefill over a past", 1, 4, 2, 5, 90, 32, window=20),
+    A("fp16 prefill window", 1, 2, 1, 40, 40, 32, window=16, dtype="float16"),
+    A("bf16 prefill", 1, 2, 1, 40, 40, 32, dtype="bfloat16"),
+    A("head_dim 80 int32 mask", 1, 2, 1, 20, 20, 80, window=5, mask_dtype="int32"),
+    A("head_dim 6 fp16", 1, 2, 1, 20, 20, 6, dtype="float16"),
+    A("head_dim 6 window 1 bool mask", 1, 2, 1, 20, 20, 6, window=1, mask_dtype="bool"),
+    A("bidirectional window padding", 2, 2, 2, 30, 30, 16, window=5, causal=False, left_pad=(0, 10)),
+)
+EMULATED_RGLRU = (
+    R("from zero state", 2, 50, 300),
+    R("continuation", 1, 20, 100, resets="none"),
+    R("packed fp16", 2, 60, 300, dtype="float16", resets="packed"),
+    R("packed bf16", 1, 30, 64, dtype="bfloat16", resets="packed"),
+    R("empty sequence", 2, 0, 10, resets="none"),
+    R("decode step", 3, 1, 70, resets="none"),
+)
+
+
+@pytest.fixture(scope="module")
+def emulated(tmp_path_factory):
+    from tests.support import kernel_emulation
+
+    if kernel_emulation.available():
+        pytest.skip(kernel_emulation.available())
+    lib = cuda.load(kernel_emulation.build(tmp_path_factory.mktemp("emulation") / "libgemma_kernels_emulated.so"))
+    saved, cuda._library = cuda._library, lib  # the launchers call this library for the module's tests
+    yield gpu_check.Impl("emulated kernels", "cpu", kernel_emulation.attention, kernel_emulation.rglru)
+    cuda._library = saved
+
+
+@pytest.mark.slow
+def test_emulated_kernels_reproduce_every_vector(emulated) -> None:
+    for path in _vectors("attention"):
+        for mask_dtype in ("int64", "int32", "bool"):
+            error = gpu_check.attention_vector_error(emulated, path, mask_dtype)
+            assert error <= gpu_check.VECTOR_TOLERANCE, (path.stem, mask_dtype, error)
+    for path in _vectors("rglru"):
+        assert gpu_check.rglru_vector_error(emulated, path) <= gpu_check.VECTOR_TOLERANCE, path.stem
+
+
+@pytest.mark.slow
+def test_emulated_kernels_match_the_reference(emulated) -> None:
+    from tests.support import kernel_emulation
+
+    for case in EMULATED_ATTENTION:
+        error = gpu_check.attention_error(emulated, case)
+        assert error <= gpu_check.RANDOM_TOLERANCE[case.dtype], (case.name, error)
+    for case in EMULATED_RGLRU:
+        error = gpu_check.rglru_error(emulated, case)
+        assert error <= gpu_check.RANDOM_TOLERANCE[case.dtype], (case.name, error)
+    # the split path with the launcher's own scratch (no workspace passed)
+    no_workspace = gpu_check.Impl("", "cpu", lambda *a: kernel_emulation.attention(*a, workspace=False), None)
+    assert gpu_check.attention_error(no_workspace, EMULATED_ATTENTION[1]) <= gpu_check.RANDOM_TOLERANCE["float32"]
+
+
 # ---- on a GPU --------------------------------------------------------------------------------------------
 
 

@@ -32,6 +32,7 @@
 #include <stdint.h>
 
 #include "gemma_attention.h"
+#include "launch.cuh"
 
 namespace {
 
@@ -363,11 +364,11 @@ cudaError_t launch_typed(Params p, int64_t row_tiles, cudaStream_t stream) {
     }
     dim3 grid(static_cast<unsigned>(row_tiles), static_cast<unsigned>(p.kv_heads),
               static_cast<unsigned>(p.batch * p.splits));
-    kernel<<<grid, kThreads, smem, stream>>>(p);
+    GEMMA_LAUNCH(kernel, grid, kThreads, smem, stream, p);
     cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess || p.splits == 1) return err;
     const int64_t n_rows = p.batch * p.heads * p.q_len;
-    combine_kernel<T><<<static_cast<unsigned>((n_rows + kWarps - 1) / kWarps), kThreads, 0, stream>>>(p);
+    GEMMA_LAUNCH(combine_kernel<T>, static_cast<unsigned>((n_rows + kWarps - 1) / kWarps), kThreads, 0, stream, p);
     return cudaGetLastError();
 }
 

@@ -16,6 +16,7 @@
 #include <stdint.h>
 
 #include "gemma_rglru.h"
+#include "launch.cuh"
 
 namespace {
 
@@ -67,9 +68,9 @@ template <typename T>
 cudaError_t launch_typed(const void *x, const void *log_a, const void *reset, const float *h0, void *y,
                          float *h_last, int64_t batch, int64_t seq, int64_t width, cudaStream_t stream) {
     const int64_t n = batch * width;
-    rglru_scan_kernel<T><<<static_cast<unsigned>((n + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
-        static_cast<const T *>(x), static_cast<const T *>(log_a), static_cast<const uint8_t *>(reset), h0,
-        static_cast<T *>(y), h_last, batch, seq, width);
+    GEMMA_LAUNCH(rglru_scan_kernel<T>, static_cast<unsigned>((n + kThreads - 1) / kThreads), kThreads, 0, stream,
+                 static_cast<const T *>(x), static_cast<const T *>(log_a), static_cast<const uint8_t *>(reset), h0,
+                 static_cast<T *>(y), h_last, batch, seq, width);
     return cudaGetLastError();
 }
 
