@@ -314,9 +314,11 @@ def _dtype_name(tensor: Any) -> str:
     return name
 
 
-def attention_cuda(query, key, value, attention_mask, scale: float, softcap: float, window: int, causal: bool):
-    """`torch.ops.gemma.attention` for CUDA tensors, computed by our kernel (same arguments, same result as
-    `attention_reference` within the spec's tolerance; rows with no visible key are zeros)."""
+def attention_tensors(query, key, value, attention_mask, scale: float, softcap: float, window: int, causal: bool,
+                      *, stream: int, workspace: bool = True):  # fmt: skip
+    """`torch.ops.gemma.attention`'s computation by our kernel on tensors the library can address, enqueued on
+    `stream`: checks, contiguous copies where needed, the output, the split workspace (`workspace=False`:
+    the launcher allocates its own). `attention_cuda` is this on the tensors' GPU and its current stream."""
     import torch
 
     if query.dim() != 4 or key.dim() != 4 or value.shape != key.shape or attention_mask.dim() != 2:
@@ -329,28 +331,28 @@ def attention_cuda(query, key, value, attention_mask, scale: float, softcap: flo
     if value.dtype != query.dtype or key.dtype != query.dtype:
         raise KernelError("attention: query, key and value must share a dtype")
     out = torch.empty_like(query, memory_format=torch.contiguous_format)
-    if q_len == 0 or batch == 0:
+    if q_len == 0 or batch == 0:  # the reference's empty output (the kernel requires 1 <= q_len)
         return out
     q, k, v = query.contiguous(), key.contiguous(), value.contiguous()
     mask = attention_mask
     if mask.dtype not in (torch.int64, torch.int32, torch.bool):
         mask = mask != 0
     mask = mask.contiguous()
-    with torch.cuda.device(q.device):
-        workspace_bytes = attention_workspace_size(batch=batch, heads=heads, q_len=q_len, head_dim=head_dim)
-        workspace = torch.empty(workspace_bytes, dtype=torch.uint8, device=q.device) if workspace_bytes else None
-        attention_launch(
-            q.data_ptr(), k.data_ptr(), v.data_ptr(), mask.data_ptr(), out.data_ptr(),
-            batch=batch, heads=heads, kv_heads=kv_heads, q_len=q_len, kv_len=kv_len, head_dim=head_dim,
-            scale=scale, softcap=softcap, window=window, causal=causal, dtype=_dtype_name(q),
-            mask_dtype=str(mask.dtype).removeprefix("torch."), stream=torch.cuda.current_stream().cuda_stream,
-            workspace_ptr=workspace.data_ptr() if workspace is not None else 0, workspace_bytes=workspace_bytes,
-        )  # fmt: skip
+    size = attention_workspace_size(batch=batch, heads=heads, q_len=q_len, head_dim=head_dim) if workspace else 0
+    scratch = torch.empty(size, dtype=torch.uint8, device=q.device) if size else None
+    attention_launch(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), mask.data_ptr(), out.data_ptr(),
+        batch=batch, heads=heads, kv_heads=kv_heads, q_len=q_len, kv_len=kv_len, head_dim=head_dim,
+        scale=scale, softcap=softcap, window=window, causal=causal, dtype=_dtype_name(q),
+        mask_dtype=str(mask.dtype).removeprefix("torch."), stream=stream,
+        workspace_ptr=scratch.data_ptr() if scratch is not None else 0, workspace_bytes=size,
+    )  # fmt: skip
     return out
 
 
-def rglru_cuda(x, log_a, reset, h0):
-    """`torch.ops.gemma.rglru` for CUDA tensors, computed by our kernel: (y in x's dtype, h_last float32)."""
+def rglru_tensors(x, log_a, reset, h0, *, stream: int):
+    """`torch.ops.gemma.rglru`'s computation by our kernel, enqueued on `stream`: (y in x's dtype, h_last
+    float32). `rglru_cuda` is this on the tensors' GPU and its current stream."""
     import torch
 
     if x.dim() != 3 or log_a.shape != x.shape or reset.shape != x.shape[:2] or h0.shape != (x.shape[0], x.shape[2]):
@@ -364,11 +366,27 @@ def rglru_cuda(x, log_a, reset, h0):
     hc = h0.to(torch.float32).contiguous()
     y = torch.empty_like(xc)
     h_last = torch.empty_like(hc)
-    with torch.cuda.device(x.device):
-        rglru_launch(xc.data_ptr(), lc.data_ptr(), rc.data_ptr(), hc.data_ptr(), y.data_ptr(), h_last.data_ptr(),
-                     batch=batch, seq=seq, width=width, dtype=_dtype_name(xc),
-                     stream=torch.cuda.current_stream().cuda_stream)  # fmt: skip
+    rglru_launch(xc.data_ptr(), lc.data_ptr(), rc.data_ptr(), hc.data_ptr(), y.data_ptr(), h_last.data_ptr(),
+                 batch=batch, seq=seq, width=width, dtype=_dtype_name(xc), stream=stream)  # fmt: skip
     return y, h_last
+
+
+def attention_cuda(query, key, value, attention_mask, scale: float, softcap: float, window: int, causal: bool):
+    """`torch.ops.gemma.attention` for CUDA tensors, computed by our kernel (same arguments, same result as
+    `attention_reference` within the spec's tolerance; rows with no visible key are zeros)."""
+    import torch
+
+    with torch.cuda.device(query.device):
+        stream = torch.cuda.current_stream().cuda_stream
+        return attention_tensors(query, key, value, attention_mask, scale, softcap, window, causal, stream=stream)
+
+
+def rglru_cuda(x, log_a, reset, h0):
+    """`torch.ops.gemma.rglru` for CUDA tensors, computed by our kernel: (y in x's dtype, h_last float32)."""
+    import torch
+
+    with torch.cuda.device(x.device):
+        return rglru_tensors(x, log_a, reset, h0, stream=torch.cuda.current_stream().cuda_stream)
 
 
 def register_torch_kernels() -> None:

@@ -9,6 +9,7 @@ generating through `torch.ops.gemma.*` on CUDA (the same functions `make gpu-che
 from __future__ import annotations
 
 import ctypes
+import os
 import re
 import subprocess
 import sys
@@ -237,6 +238,28 @@ def emulated(tmp_path_factory):
 
 
 @pytest.mark.slow
+def test_registering_the_torch_kernels_leaves_cpu_tensors_to_the_reference(emulated) -> None:
+    """`register_torch_kernels()` on this torch (in a child: registration is for the process's life) loads the
+    library named by GEMMA_KERNELS_LIB and registers both ops for CUDA; CPU tensors still get the reference."""
+    code = (
+        "import os, torch\n"
+        "from gemma_export.ops import cuda\n"
+        "from gemma_export.ops.attention import attention_reference\n"
+        "cuda.register_torch_kernels(); cuda.register_torch_kernels()  # idempotent\n"
+        "assert str(cuda._library._name) == os.environ['GEMMA_KERNELS_LIB']\n"
+        "q, k, v = torch.rand(1, 2, 3, 8), torch.rand(1, 1, 5, 8), torch.rand(1, 1, 5, 8)\n"
+        "m = torch.ones(1, 5, dtype=torch.int64)\n"
+        "got = torch.ops.gemma.attention(q, k, v, m, 0.5, 0.0, 2, True)\n"
+        "assert torch.equal(got, attention_reference(q, k, v, m, 0.5, 0.0, 2, True))\n"
+        "y, h = torch.ops.gemma.rglru(torch.rand(1, 4, 3), -torch.rand(1, 4, 3), torch.zeros(1, 4, dtype=torch.bool),"
+        " torch.zeros(1, 3))\n"
+        "assert y.shape == (1, 4, 3) and h.dtype == torch.float32\n"
+    )
+    env = {**os.environ, "GEMMA_KERNELS_LIB": str(cuda._library._name), "PYTHONPATH": str(ROOT)}
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env=env)
+
+
+@pytest.mark.slow
 def test_emulated_kernels_reproduce_every_vector(emulated) -> None:
     for path in _vectors("attention"):
         for mask_dtype in ("int64", "int32", "bool"):
@@ -259,6 +282,36 @@ def test_emulated_kernels_match_the_reference(emulated) -> None:
     # the split path with the launcher's own scratch (no workspace passed)
     no_workspace = gpu_check.Impl("", "cpu", lambda *a: kernel_emulation.attention(*a, workspace=False), None)
     assert gpu_check.attention_error(no_workspace, EMULATED_ATTENTION[1]) <= gpu_check.RANDOM_TOLERANCE["float32"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", ["gemma2", "recurrent_gemma"])
+def test_the_reference_model_generates_the_same_tokens_through_the_emulated_kernels(emulated, model_type) -> None:
+    """What `make gpu-check` does on a GPU, on the CPU: a tiny model (Gemma 2: soft-cap, GQA, a window of 16;
+    RecurrentGemma: the RG-LRU, a window of 8 over its buffer) generates greedily for a left-padded batch with
+    `torch.ops.gemma.*` overridden by the emulated kernels (in a child, the override is for its life): the
+    same tokens as the reference, and close logits."""
+    code = f"""
+import torch
+from gemma_export.dev import gpu_check
+from gemma_export.ops import cuda
+from tests.support import kernel_emulation
+
+model = gpu_check.tiny_model({model_type!r})
+g = torch.Generator().manual_seed(1)
+prompts = [torch.randint(3, model.cfg.vocab_size, (n,), generator=g).tolist() for n in (20, 9, 3)]
+want, want_logits = gpu_check.greedy(model, prompts, 5, "cpu")
+cuda.load()
+override = torch.library.Library("gemma", "IMPL")
+override.impl("attention", kernel_emulation.attention, "CPU")
+override.impl("rglru", kernel_emulation.rglru, "CPU")
+got, got_logits = gpu_check.greedy(model, prompts, 5, "cpu")
+assert got == want, (got, want)
+error = float((got_logits - want_logits).abs().max() / want_logits.abs().max())
+assert 0 < error < 1e-5, error  # not 0: the kernels did run
+"""
+    env = {**os.environ, "GEMMA_KERNELS_LIB": str(cuda._library._name), "PYTHONPATH": str(ROOT)}
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env=env, timeout=600)
 
 
 # ---- on a GPU --------------------------------------------------------------------------------------------

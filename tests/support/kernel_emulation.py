@@ -1,8 +1,8 @@
 """Our CUDA kernels run on the CPU (graphs/kernels/emulation/): g++ builds the .cu files against an emulation of
-the few CUDA features they use, and `attention` / `rglru` below call the result through the same ctypes
-launchers as on a GPU, with CPU tensors' pointers. It runs the kernels' own index arithmetic, tiling, key
-splits and online softmax on machines without a GPU; it cannot find races or measure anything (one block at a
-time, one OS thread per CUDA thread)."""
+the few CUDA features they use, and `attention` / `rglru` below call the result through the same tensor
+wrappers and ctypes launchers as on a GPU (`ops.cuda.attention_tensors`, `rglru_tensors`), with CPU tensors.
+It runs the kernels' own index arithmetic, tiling, key splits and online softmax on machines without a GPU; it
+cannot find races or measure anything (one block at a time, one OS thread per CUDA thread)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,6 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
-
-import torch
 
 from gemma_export.ops import cuda
 
@@ -49,29 +47,11 @@ def build(out: Path) -> Path:
 
 
 def attention(query, key, value, attention_mask, scale, softcap, window, causal, *, workspace: bool = True):
-    """`torch.ops.gemma.attention`'s arguments, CPU tensors, through `cuda.attention_launch`, with the caller's
-    workspace as `ops.cuda.attention_cuda` passes it, or (`workspace=False`) the launcher's own scratch."""
-    q, k, v = query.contiguous(), key.contiguous(), value.contiguous()
-    mask = attention_mask.contiguous()
-    out = torch.empty_like(q)
-    batch, heads, q_len, head_dim = q.shape
-    size = cuda.attention_workspace_size(batch=batch, heads=heads, q_len=q_len, head_dim=head_dim) if workspace else 0
-    scratch = torch.empty(size, dtype=torch.uint8) if size else None
-    cuda.attention_launch(
-        q.data_ptr(), k.data_ptr(), v.data_ptr(), mask.data_ptr(), out.data_ptr(),
-        batch=batch, heads=heads, kv_heads=k.shape[1], q_len=q_len, kv_len=k.shape[2], head_dim=head_dim,
-        scale=scale, softcap=softcap, window=window, causal=causal, dtype=str(q.dtype).removeprefix("torch."),
-        mask_dtype=str(mask.dtype).removeprefix("torch."), stream=0,
-        workspace_ptr=scratch.data_ptr() if scratch is not None else 0, workspace_bytes=size,
-    )  # fmt: skip
-    return out
+    """`torch.ops.gemma.attention`'s arguments, CPU tensors, through `ops.cuda.attention_tensors` (what
+    `attention_cuda` runs on a GPU), with its workspace or (`workspace=False`) the launcher's own scratch."""
+    return cuda.attention_tensors(query, key, value, attention_mask, scale, softcap, window, causal, stream=0,
+                                  workspace=workspace)  # fmt: skip
 
 
 def rglru(x, log_a, reset, h0):
-    xc, lc, rc, hc = x.contiguous(), log_a.contiguous(), reset.contiguous(), h0.float().contiguous()
-    y, h_last = torch.empty_like(xc), torch.empty_like(hc)
-    batch, seq, width = xc.shape
-    dtype = str(xc.dtype).removeprefix("torch.")
-    cuda.rglru_launch(xc.data_ptr(), lc.data_ptr(), rc.data_ptr(), hc.data_ptr(), y.data_ptr(), h_last.data_ptr(),
-                      batch=batch, seq=seq, width=width, dtype=dtype, stream=0)  # fmt: skip
-    return y, h_last
+    return cuda.rglru_tensors(x, log_a, reset, h0, stream=0)
