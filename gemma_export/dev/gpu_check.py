@@ -648,7 +648,11 @@ def build_kernels(report: Report) -> Path | None:
 
 def run(dry_run: bool, lib: Path | None, quick: bool, report: Report) -> int:
     stubbed = _stub_missing()
-    import torch
+    try:
+        import torch
+    except ImportError as e:
+        print(f"gpu-check: error: {e} (run it with a python3 that has torch; .venv's is CPU-only)", file=sys.stderr)
+        return 2
 
     print(f"gpu-check: torch {torch.__version__}, numpy {np.__version__}"
           + (f"; placeholders for {', '.join(stubbed)}" if stubbed else ""), flush=True)  # fmt: skip

@@ -20,7 +20,9 @@
 
 namespace {
 
-constexpr int kThreads = 256;
+// Small blocks: with few rows (decode, batch 1) the batch x width threads are few, and small blocks spread
+// them over more multiprocessors, each adding its own loads in flight.
+constexpr int kThreads = 64;
 
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
