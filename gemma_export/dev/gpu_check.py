@@ -25,12 +25,14 @@ nvcc). `--dry-run` runs the same harness on the CPU with the PyTorch reference s
 
 Only torch and numpy are needed. The exporter's modules import onnx and onnxscript at module level for the
 ops' ONNX faces; where those are not installed (the GPU machine) they are replaced by inert placeholder
-modules (`_stub_missing`), which is enough for the PyTorch faces this check uses.
+modules (`_stub_missing`), which is enough for the PyTorch faces this check uses. Nothing else of the
+exporter's dependencies (pydantic, tokenizers, safetensors, transformers, onnxruntime) is imported.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import copy
 import functools
 import importlib.abc
@@ -59,7 +61,9 @@ VECTOR_TOLERANCE = 1e-5  # graphs/README.md: an implementation's tolerance on th
 # thousands of keys / steps; 16-bit outputs are rounded to their type (half an ulp at 1: 4.9e-4 for float16,
 # 3.9e-3 for bfloat16) and the reference rounds P to the type before P.V where the kernel keeps float32.
 RANDOM_TOLERANCE = {"float32": 2e-5, "float16": 2e-3, "bfloat16": 1.6e-2}
-OPTIONAL_MODULES = ("onnx", "onnxscript", "tokenizers")  # imported by the exporter's modules, unused here
+# Imported at module level by ops/attention.py and ops/rglru.py for the ops' ONNX faces, unused here. Stubbed
+# together (a lone onnx of another version could refuse the schema registration).
+OPTIONAL_MODULES = ("onnx", "onnxscript")
 
 
 # ---- placeholders for modules the GPU machine lacks ----------------------------------------------------
@@ -112,13 +116,18 @@ class _InertFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
 
 def _stub_missing(names: tuple[str, ...] = OPTIONAL_MODULES) -> list[str]:
-    """Install inert placeholders for those of `names` that cannot be imported; returns their names.
-    GEMMA_GPU_CHECK_HIDE=onnx,... hides installed ones too (how the tests reproduce the GPU machine)."""
-    hidden = {n for n in os.environ.get("GEMMA_GPU_CHECK_HIDE", "").split(",") if n}
-    missing = {n for n in names if n in hidden or importlib.util.find_spec(n) is None}
-    if missing:
-        sys.meta_path.insert(0, _InertFinder(missing))
-    return sorted(missing)
+    """Install inert placeholders for `names` when any of them cannot be imported; returns their names.
+    How the tests reproduce the GPU machine: GEMMA_GPU_CHECK_ABSENT=pydantic,... makes modules look missing."""
+    absent = {n for n in os.environ.get("GEMMA_GPU_CHECK_ABSENT", "").split(",") if n}
+    for name in absent:  # `import name` fails, importlib.util.find_spec(name) is None: as if not installed
+        sys.modules[name] = None  # type: ignore[assignment]
+    missing = {n for n in names if n in absent or importlib.util.find_spec(n) is None}
+    if not missing:
+        return []
+    for name in names:
+        sys.modules.pop(name, None)
+    sys.meta_path.insert(0, _InertFinder(set(names)))
+    return sorted(names)
 
 
 # ---- results --------------------------------------------------------------------------------------------
@@ -388,16 +397,34 @@ def check_random(impl: Impl, report: Report, quick: bool = False) -> None:
 MODEL_TYPES = ("gemma2", "gemma3_text", "recurrent_gemma")
 
 
+def tiny_configs() -> dict[str, dict[str, Any]]:
+    """`dev.random_checkpoint.TINY_CONFIGS`, read without importing that module: importing it runs its recipe
+    loading (pydantic) and imports tokenizers, neither needed here nor on the GPU machine. Its `_COMMON` and
+    `TINY_CONFIGS` assignments are evaluated alone (tests/dev/test_gpu_check.py checks the result equals the
+    module's own)."""
+    from gemma_export.config.model_config import SLIDING
+
+    source = Path(__file__).with_name("random_checkpoint.py").read_text()
+    wanted = {"_COMMON", "TINY_CONFIGS"}
+    body = []
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.target.id in wanted:
+            body.append(ast.copy_location(ast.Assign(targets=[node.target], value=node.value), node))
+    namespace: dict[str, Any] = {"SLIDING": SLIDING, "Any": Any}
+    exec(compile(ast.fix_missing_locations(ast.Module(body=body, type_ignores=[])), "random_checkpoint.py", "exec"),
+         namespace)  # fmt: skip
+    return namespace["TINY_CONFIGS"]
+
+
 def tiny_model(model_type: str, seed: int = 0) -> Any:
     """A tiny random-weight model of `dev.random_checkpoint.TINY_CONFIGS`, built in-process (no files)."""
     import torch
 
     from gemma_export.config.model_config import parse_config, parse_griffin_config
-    from gemma_export.dev.random_checkpoint import TINY_CONFIGS
     from gemma_export.models.gemma import GemmaModel
     from gemma_export.models.griffin import GriffinModel
 
-    raw = TINY_CONFIGS[model_type]
+    raw = tiny_configs()[model_type]
     torch.manual_seed(seed)
     if model_type == "recurrent_gemma":
         model = GriffinModel(parse_griffin_config(raw))
