@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 LOCK   := constraints.txt
 
 .PHONY: install lock demo test lint bench bench-gemma3 bench-recurrentgemma bench-embeddinggemma llama-cpp bench-real \
-	clean
+	kernels gpu-check clean
 
 install: $(STAMP)
 
@@ -92,6 +92,21 @@ bench-real: install llama-cpp
 	$(BIN)/gemma-export build "$$hf" -o build/real/artifact-int4 --quant int4 --force; \
 	$(BIN)/gemma-export bench build/real/artifact-int4 --checkpoint "$$hf" --gguf "$$gguf" $(BENCH_REAL_ARGS) \
 		--workdir build/bench --json-out build/bench/real-gemma-3-270m-int4.json
+
+# CUDA kernels of the ai.gemma ops (graphs/*/kernels/, graphs/README.md "Kernels"): one libgemma_kernels.so with
+# SASS for sm_80/86/89/90 and compute_90 PTX, built by nvcc (gemma_export/ops/cuda.py holds the one nvcc command;
+# it needs only python3, not .venv). No GPU needed to build; 1-2 min on 2 cores.
+KERNEL_ARCHS ?= 80,86,89,90
+kernels:
+	$(PYTHON) -m gemma_export.ops.cuda build --out build/kernels/libgemma_kernels.so --arch $(KERNEL_ARCHS)
+
+# On a machine with an NVIDIA GPU, nvcc and a CUDA build of torch (a lent H100/H200: the machine's own python3,
+# not .venv): builds the kernels for that GPU, runs them on the conformance vectors, against the PyTorch
+# reference and inside the tiny reference models, and reports their memory bandwidth (gemma_export/dev/gpu_check.py,
+# ~2-4 min). Exit 1 on a failed check, 2 without a GPU. GPU_CHECK_ARGS=--dry-run runs the harness on the CPU.
+GPU_CHECK_ARGS ?=
+gpu-check:
+	$(PYTHON) -m gemma_export.dev.gpu_check $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf build $(VENV) .pytest_cache .ruff_cache
