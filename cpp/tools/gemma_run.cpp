@@ -1,6 +1,6 @@
 // gemma-run: the C++ runtime's command line, with the Python CLI's arguments, JSON and one-line errors.
 //   gemma-run ARTIFACT (--prompt TEXT ... | --token-ids 2,10,...) [--max-new-tokens N] [--temperature T --top-k K
-//             --top-p P --seed S] [--threads N] [--stream] [--json] [--dump-logits FILE] [--bench]
+//             --top-p P --seed S] [--threads N] [--stream] [--json] [--dump-logits FILE] [--bench] [--ignore-eos]
 //   gemma-run embed ARTIFACT --text TEXT ... [--task NAME] [--threads N] [--json]
 //   gemma-run tokenize TOKENIZER_JSON   (stdin: one JSON string (encode) or id list (decode) per line)
 // Exit codes as gemma-export's: 0 ok, 2 bad input ("gemma-run: error: ..." on stderr), 3 internal error.
@@ -27,7 +27,7 @@ struct Args {
   std::optional<std::string> token_ids, task, dump_logits;
   gemma::GenerateOptions generate;
   gemma::RuntimeOptions runtime;
-  bool json = false, stream = false, bench = false;
+  bool json = false, stream = false, bench = false, ignore_eos = false;
 };
 
 int64_t parse_int(const std::string& option, const std::string& value) {
@@ -77,6 +77,7 @@ Args parse(int argc, char** argv) {
     else if (o == "--json") a.json = true;
     else if (o == "--stream") a.stream = true;
     else if (o == "--bench") a.bench = true;
+    else if (o == "--ignore-eos") a.ignore_eos = true;
     else if (o.rfind("--", 0) == 0) throw Error("No such option: " + o);
     else if (a.artifact.empty()) a.artifact = o;
     else throw Error("Got unexpected extra argument (" + o + ")");
@@ -136,9 +137,18 @@ int generate(Args& a) {
       return true;
     };
   }
-  auto started = std::chrono::steady_clock::now();
+  if (a.ignore_eos) a.generate.stop_ids = {-1};  // no id is -1: exactly --max-new-tokens (benchmarks)
+  // --bench: prompt in -> first token picked (prefill_s), then the other tokens (decode_s), as bench/workers.py
+  using clock = std::chrono::steady_clock;
+  clock::time_point started, first, last;
+  if (a.bench && !a.generate.on_token) {
+    a.generate.on_token = [&](size_t row, int64_t) {
+      if (row == 0) (first == clock::time_point{} ? first : last) = clock::now();
+      return true;
+    };
+  }
+  started = clock::now();
   gemma::Generation gen = model.generate(batch, a.generate);
-  double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
   if (a.dump_logits) {
     std::ofstream f(*a.dump_logits, std::ios::binary);
     f.write(reinterpret_cast<const char*>(gen.last_logits.data()), static_cast<std::streamsize>(gen.last_logits.size() * 4));
@@ -157,10 +167,9 @@ int generate(Args& a) {
   }
   ordered result{{"artifact", gemma::python_path(a.artifact)}, {"outputs", outputs}};
   if (a.bench) {
-    size_t tokens = 0;
-    for (const auto& ids : gen.new_ids) tokens += ids.size();
-    result["seconds"] = seconds;
-    result["new_tokens"] = tokens;
+    result["prefill_s"] = std::chrono::duration<double>(first - started).count();
+    result["decode_s"] = last == clock::time_point{} ? 0.0 : std::chrono::duration<double>(last - first).count();
+    result["new_tokens"] = gen.new_ids[0].size();
   }
   if (a.json) {
     print(result);

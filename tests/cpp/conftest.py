@@ -34,10 +34,8 @@ def _build(checkpoint: Path, out: Path, **options) -> Path:
     return out
 
 
-@pytest.fixture(scope="session", params=sorted(DECODERS))
-def decoder_artifact(request, artifacts, checkpoints, tmp_path_factory) -> tuple[str, Path]:
-    """(kind, artifact folder); the Gemma 1/2/3 full-cache ones are conftest's session artifacts."""
-    kind = request.param
+def _decoder(kind: str, artifacts: dict[str, Path], checkpoints: dict[str, Path], tmp_path_factory) -> Path:
+    """Built once per session; the Gemma 1/2/3 full-cache ones are conftest's session artifacts."""
     model_type, layout = DECODERS[kind]
     if kind not in artifacts:
         if model_type == "recurrent_gemma":
@@ -47,7 +45,19 @@ def decoder_artifact(request, artifacts, checkpoints, tmp_path_factory) -> tuple
         else:
             checkpoint = checkpoints[model_type]
         artifacts[kind] = _build(checkpoint, tmp_path_factory.mktemp("artifacts") / kind, cache_layout=layout)
-    return kind, artifacts[kind]
+    return artifacts[kind]
+
+
+@pytest.fixture(scope="session", params=sorted(DECODERS))
+def decoder_artifact(request, artifacts, checkpoints, tmp_path_factory) -> tuple[str, Path]:
+    """(kind, artifact folder), every kind in DECODERS."""
+    return request.param, _decoder(request.param, artifacts, checkpoints, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def gemma3_artifact(artifacts, checkpoints, tmp_path_factory) -> Path:
+    """One decoder, for what does not depend on the model (bad inputs)."""
+    return _decoder("gemma3_text", artifacts, checkpoints, tmp_path_factory)
 
 
 @pytest.fixture(scope="session")

@@ -61,18 +61,10 @@ CASES = {
 }  # fmt: skip
 
 
-@pytest.fixture
-def gemma3(decoder_artifact) -> Path:
-    kind, artifact = decoder_artifact
-    if kind != "gemma3_text":
-        pytest.skip("the errors do not depend on the model")
-    return artifact
-
-
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_same_one_line_error(cpp_runtime, gemma3, tmp_path, capsys, case) -> None:
+def test_same_one_line_error(cpp_runtime, gemma3_artifact, tmp_path, capsys, case) -> None:
     where, argv = CASES[case]
-    artifact = where(gemma3, tmp_path)
+    artifact = where(gemma3_artifact, tmp_path)
     code, out, err = run(capsys, "generate", artifact, *argv, "--json")
     assert code == 2 and out == ""
     expected = error_message(err, "gemma-export: error: ")
@@ -85,8 +77,8 @@ def test_same_one_line_error(cpp_runtime, gemma3, tmp_path, capsys, case) -> Non
         assert error_message(java.stderr, ERROR_PREFIX) == expected
 
 
-def test_corrupt_json_names_the_file(cpp_runtime, gemma3, tmp_path, capsys) -> None:
-    artifact = corrupt(gemma3, tmp_path, lambda s: s[: len(s) // 2])
+def test_corrupt_json_names_the_file(cpp_runtime, gemma3_artifact, tmp_path, capsys) -> None:
+    artifact = corrupt(gemma3_artifact, tmp_path, lambda s: s[: len(s) // 2])
     code, _, err = run(capsys, "generate", artifact, "--token-ids", "2", "--json")
     python = error_message(err, "gemma-export: error: ")
     cpp = cpp_runtime.run(artifact, "--token-ids", "2")
@@ -96,19 +88,19 @@ def test_corrupt_json_names_the_file(cpp_runtime, gemma3, tmp_path, capsys) -> N
     assert python.startswith(head) and ours.startswith(head)
 
 
-def test_onnx_runtime_missing_or_unloadable(cpp_runtime, gemma3, tmp_path) -> None:
+def test_onnx_runtime_missing_or_unloadable(cpp_runtime, gemma3_artifact, tmp_path) -> None:
     env = {**cpp_runtime.env, "GEMMA_ORT_LIBRARY": str(tmp_path / "libonnxruntime.so.1.99.0")}
-    done = cpp_runtime.run(gemma3, "--token-ids", "2,3", env=env)
+    done = cpp_runtime.run(gemma3_artifact, "--token-ids", "2,3", env=env)
     assert done.returncode == 2
     assert error_message(done.stderr, ERROR_PREFIX).startswith("ONNX Runtime library not found (")
     not_ort = {**cpp_runtime.env, "GEMMA_ORT_LIBRARY": "libm.so.6"}  # a library, but not ONNX Runtime
-    done = cpp_runtime.run(gemma3, "--token-ids", "2,3", env=not_ort)
+    done = cpp_runtime.run(gemma3_artifact, "--token-ids", "2,3", env=not_ort)
     assert done.returncode == 2
     assert "not an ONNX Runtime library" in error_message(done.stderr, ERROR_PREFIX)
 
 
-def test_embed_refuses_a_decoder(cpp_runtime, gemma3, capsys) -> None:
-    code, _, err = run(capsys, "embed", gemma3, "--text", "hi")
-    cpp = cpp_runtime.run("embed", gemma3, "--text", "hi")
+def test_embed_refuses_a_decoder(cpp_runtime, gemma3_artifact, capsys) -> None:
+    code, _, err = run(capsys, "embed", gemma3_artifact, "--text", "hi")
+    cpp = cpp_runtime.run("embed", gemma3_artifact, "--text", "hi")
     assert cpp.returncode == code == 2
     assert error_message(cpp.stderr, ERROR_PREFIX) == error_message(err, "gemma-export: error: ")
