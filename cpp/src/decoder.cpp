@@ -119,7 +119,7 @@ const std::vector<float>& Decoder::step(const std::vector<int64_t>& ids, int64_t
       feeds.push_back(Ort::Value::CreateTensor<int64_t>(cpu_, keep_value.data(), 1, nullptr, 0));
       names.push_back("logits_to_keep");
     }
-    run_plain(feeds, names, seq);
+    run_plain(feeds, names);
   }
   return last_;
 }
@@ -130,7 +130,7 @@ void Decoder::take_last_logits(const float* data, int64_t rows) {
     std::memcpy(last_.data() + b * vocab_, data + ((b * rows) + rows - 1) * vocab_, vocab_ * sizeof(float));
 }
 
-void Decoder::run_plain(std::vector<Ort::Value>& feeds, std::vector<std::string>& names, int64_t seq) {
+void Decoder::run_plain(std::vector<Ort::Value>& feeds, std::vector<std::string>& names) {
   for (auto& c : caches_) {
     feeds.push_back(c->value(cpu_));
     names.push_back(c->spec->input);
@@ -142,7 +142,6 @@ void Decoder::run_plain(std::vector<Ort::Value>& feeds, std::vector<std::string>
                               out_names.size());
   auto logits_shape = outputs[0].GetTensorTypeAndShapeInfo().GetShape();
   take_last_logits(outputs[0].GetTensorData<float>(), logits_shape[1]);
-  (void)seq;
   for (size_t i = 0; i < caches_.size(); ++i) {
     Cache& c = *caches_[i];
     c.shape = outputs[i + 1].GetTensorTypeAndShapeInfo().GetShape();

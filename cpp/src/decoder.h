@@ -30,7 +30,7 @@ class Decoder {
 
  private:
   struct Cache;
-  void run_plain(std::vector<Ort::Value>& feeds, std::vector<std::string>& names, int64_t seq);
+  void run_plain(std::vector<Ort::Value>& feeds, std::vector<std::string>& names);
   void run_in_place(std::vector<Ort::Value>& feeds, std::vector<std::string>& names, int64_t total);
   void take_last_logits(const float* data, int64_t rows);
 
