@@ -98,6 +98,9 @@ class Model {
   Model& operator=(Model&&) noexcept;
   ~Model();
 
+  // Loads ONNX Runtime and the model now (otherwise the first generate() or embed() does).
+  void prepare();
+
   bool is_embedding_model() const;
   int64_t vocab_size() const;
   int64_t max_length() const;

@@ -195,11 +195,8 @@ void Decoder::run_in_place(std::vector<Ort::Value>& feeds, std::vector<std::stri
     binding_->BindInput(c->spec->input.c_str(), fixed.back());
   }
   int64_t seq = feeds[0].GetTensorTypeAndShapeInfo().GetShape()[1];
-  if (seq != bound_seq_) {
-    step_logits_.assign(batch_ * seq * vocab_, 0.0f);
-    std::vector<int64_t> shape{batch_, seq, vocab_};
-    Ort::Value logits = Ort::Value::CreateTensor<float>(cpu_, step_logits_.data(), step_logits_.size(), shape.data(), shape.size());
-    binding_->BindOutput("logits", logits);  // the binding keeps its own reference
+  if (seq != bound_seq_) {  // ONNX Runtime allocates the logits once per shape, then writes into them (as Python)
+    binding_->BindOutput("logits", cpu_);
     bound_seq_ = seq;
   }
   session_.Run(Ort::RunOptions{nullptr}, *binding_);

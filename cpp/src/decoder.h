@@ -42,7 +42,6 @@ class Decoder {
   std::vector<std::unique_ptr<Cache>> caches_;
   std::unique_ptr<Ort::IoBinding> binding_;
   bool rebind_ = true;
-  std::vector<float> step_logits_;  // the io-bound logits output
   int64_t bound_seq_ = -1;
   std::vector<float> last_;
 };

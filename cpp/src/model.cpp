@@ -95,6 +95,8 @@ Model::Model(Model&&) noexcept = default;
 Model& Model::operator=(Model&&) noexcept = default;
 Model::~Model() = default;
 
+void Model::prepare() { impl_->get_session(); }
+
 bool Model::is_embedding_model() const { return impl_->manifest.is_embedding_model(); }
 int64_t Model::vocab_size() const { return impl_->manifest.vocab_size; }
 int64_t Model::max_length() const { return impl_->manifest.max_length; }

@@ -137,6 +137,7 @@ int generate(Args& a) {
       return true;
     };
   }
+  if (a.bench) model.prepare();  // the timings below are generation's, not loading's
   if (a.ignore_eos) a.generate.stop_ids = {-1};  // no id is -1: exactly --max-new-tokens (benchmarks)
   // --bench: prompt in -> first token picked (prefill_s), then the other tokens (decode_s), as bench/workers.py
   using clock = std::chrono::steady_clock;

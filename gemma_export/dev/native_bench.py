@@ -4,7 +4,8 @@
                                            [--repeat 3] [--gemma-run build/cpp/gemma-run]
 
 Both run the same greedy loop on the same prompt (bench/workers.py's synthetic ids), end-of-sequence ignored so
-that both decode exactly --new-tokens, each repeat in a fresh process, the two interleaved; medians are
+that both decode exactly --new-tokens, each repeat in a fresh process, the two interleaved (who goes first
+alternates); medians are
 reported. prefill_s: prompt in -> first token picked; decode_s: the other N - 1 tokens. Both sides must pick
 the same tokens (a check that they computed the same thing). ONNX Runtime: the onnxruntime package's library
 for both ($GEMMA_ORT_LIBRARY set to it for gemma-run).
@@ -82,11 +83,14 @@ def main(argv: list[str] | None = None) -> int:
                str(args.new_tokens), "--threads", str(args.threads), "--ignore-eos", "--bench", "--json"]  # fmt: skip
     env = {**os.environ, "GEMMA_ORT_LIBRARY": os.environ.get("GEMMA_ORT_LIBRARY") or ort_library()}
     runs: dict[str, list[dict]] = {"python": [], "c++": []}
-    for _ in range(args.repeat):
-        py = subprocess.run(python_cmd, capture_output=True, text=True, check=True, env=env)
-        runs["python"].append(json.loads(py.stdout.splitlines()[-1]))
-        cpp = json.loads(subprocess.run(cpp_cmd, capture_output=True, text=True, check=True, env=env).stdout)
-        runs["c++"].append({**cpp, "tokens": cpp["outputs"][0]["new_ids"]})
+    for repeat in range(args.repeat):
+        for side in ("python", "c++")[:: 1 if repeat % 2 == 0 else -1]:  # alternate who goes first
+            if side == "python":
+                py = subprocess.run(python_cmd, capture_output=True, text=True, check=True, env=env)
+                runs["python"].append(json.loads(py.stdout.splitlines()[-1]))
+            else:
+                cpp = json.loads(subprocess.run(cpp_cmd, capture_output=True, text=True, check=True, env=env).stdout)
+                runs["c++"].append({**cpp, "tokens": cpp["outputs"][0]["new_ids"]})
     same = sum(a == b for a, b in zip(runs["python"][0]["tokens"], runs["c++"][0]["tokens"], strict=True))
     print(f"{args.artifact}: prompt {args.prompt_tokens}, {args.new_tokens} new tokens, {args.threads} threads, "
           f"median of {args.repeat}; same greedy tokens: {same}/{args.new_tokens}")  # fmt: skip

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -104,3 +105,16 @@ def test_embed_refuses_a_decoder(cpp_runtime, gemma3_artifact, capsys) -> None:
     cpp = cpp_runtime.run("embed", gemma3_artifact, "--text", "hi")
     assert cpp.returncode == code == 2
     assert error_message(cpp.stderr, ERROR_PREFIX) == error_message(err, "gemma-export: error: ")
+
+
+def test_verify_files_names_a_changed_file(cpp_runtime, gemma3_artifact, tmp_path) -> None:
+    """--verify-files re-hashes every file (sha256) against the manifest: an intact copy runs, a changed one not."""
+    copy = tmp_path / "copy"
+    shutil.copytree(gemma3_artifact, copy)
+    done = cpp_runtime.run(copy, "--token-ids", "2,3", "--max-new-tokens", "2", "--verify-files")
+    assert done.returncode == 0, done.stderr
+    with (copy / "tokenizer.json").open("a") as f:
+        f.write(" ")
+    done = cpp_runtime.run(copy, "--token-ids", "2,3", "--max-new-tokens", "2", "--verify-files")
+    assert done.returncode == 1
+    assert error_message(done.stderr, ERROR_PREFIX).startswith(f"{copy}/tokenizer.json: file changed since the build")
