@@ -104,7 +104,7 @@ JAVA_BUILD := build/java
 JAVA_HOME  ?= $(shell dirname $$(dirname $$(readlink -f $$(command -v javac))))
 CPP_JOBS   ?= 2
 
-.PHONY: cpp java
+.PHONY: cpp java bench-cpp
 cpp:
 	sh cpp/fetch_deps.sh build/deps
 	cmake -S cpp -B $(CPP_BUILD) -DCMAKE_BUILD_TYPE=Release >/dev/null
@@ -121,3 +121,10 @@ java: cpp
 $(JAVA_BUILD)/libgemma_runtime_jni.so: java/native/gemma_jni.cpp cpp/include/gemma_runtime.h $(CPP_BUILD)/libgemma_runtime.so
 	g++ -std=c++17 -O2 -fPIC -shared -Icpp/include -I$(JAVA_HOME)/include -I$(JAVA_HOME)/include/linux \
 		$< -L$(JAVA_BUILD) -lgemma_runtime -Wl,-rpath,'$$ORIGIN' -o $@
+
+# gemma-run's decode speed beside the Python client's, same run (README "C++ and Java"):
+# `make bench-cpp BENCH_ARTIFACT=out/gemma-3-270m` (default: the real fp32 build, `gemma-export build HF_FOLDER -o build/real/fp32`)
+BENCH_ARTIFACT ?= build/real/fp32
+bench-cpp: cpp install
+	$(BIN)/python -m gemma_export.dev.native_bench $(BENCH_ARTIFACT) --prompt-tokens 128 --new-tokens 128 \
+		--threads $(BENCH_THREADS) --repeat $(BENCH_REPEAT)
