@@ -110,3 +110,36 @@ gpu-check:
 
 clean:
 	rm -rf build $(VENV) .pytest_cache .ruff_cache
+
+# --- C++ and Java runtimes (README "C++ and Java") ------------------------------------------------------------
+# Headers only come from outside (cpp/fetch_deps.sh: Debian's libonnxruntime-dev and nlohmann-json, unpacked
+# under build/deps, never installed); ONNX Runtime itself is loaded at run time ($GEMMA_ORT_LIBRARY).
+CPP_BUILD  := build/cpp
+JAVA_BUILD := build/java
+JAVA_HOME  ?= $(shell dirname $$(dirname $$(readlink -f $$(command -v javac))))
+CPP_JOBS   ?= 2
+
+.PHONY: cpp java bench-cpp
+cpp:
+	sh cpp/fetch_deps.sh build/deps
+	cmake -S cpp -B $(CPP_BUILD) -DCMAKE_BUILD_TYPE=Release >/dev/null
+	cmake --build $(CPP_BUILD) -j$(CPP_JOBS)
+
+# The jar (javac, no Maven) and libgemma_runtime_jni.so beside a copy of libgemma_runtime.so (RPATH $ORIGIN).
+java: cpp
+	rm -rf $(JAVA_BUILD)/classes && mkdir -p $(JAVA_BUILD)/classes
+	javac -d $(JAVA_BUILD)/classes $$(find java/src -name '*.java')
+	jar --create --file $(JAVA_BUILD)/gemma-runtime.jar -C $(JAVA_BUILD)/classes .
+	cp $(CPP_BUILD)/libgemma_runtime.so $(JAVA_BUILD)/
+	$(MAKE) $(JAVA_BUILD)/libgemma_runtime_jni.so
+
+$(JAVA_BUILD)/libgemma_runtime_jni.so: java/native/gemma_jni.cpp cpp/include/gemma_runtime.h $(CPP_BUILD)/libgemma_runtime.so
+	g++ -std=c++17 -O2 -fPIC -shared -Icpp/include -I$(JAVA_HOME)/include -I$(JAVA_HOME)/include/linux \
+		$< -L$(JAVA_BUILD) -lgemma_runtime -Wl,-rpath,'$$ORIGIN' -o $@
+
+# gemma-run's decode speed beside the Python client's, same run (README "C++ and Java"):
+# `make bench-cpp BENCH_ARTIFACT=out/gemma-3-270m` (default: the real fp32 build, `gemma-export build HF_FOLDER -o build/real/fp32`)
+BENCH_ARTIFACT ?= build/real/fp32
+bench-cpp: cpp install
+	$(BIN)/python -m gemma_export.dev.native_bench $(BENCH_ARTIFACT) --prompt-tokens 128 --new-tokens 128 \
+		--threads $(BENCH_THREADS) --repeat $(BENCH_REPEAT)

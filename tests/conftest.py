@@ -59,6 +59,7 @@ BUILDING_FIXTURES = frozenset({
     "artifact", "artifacts", "built", "document", "real_artifacts", "perplexities", "portable_windowed",
     "lowered_windowed", "windowed", "griffin_artifact", "gguf_artifacts", "exported", "attached",
     "attached_session", "traced", "traced_file", "trace_once_per_model", "workdir",
+    "cpp_runtime", "decoder_artifact", "gemma3_artifact", "embedding_artifact",  # tests/cpp: compile the runtimes
 })  # fmt: skip
 
 

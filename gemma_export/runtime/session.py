@@ -16,6 +16,7 @@ import numpy as np
 
 from gemma_export.errors import BadInput
 from gemma_export.manifest import Manifest
+from gemma_export.runtime.sampler import SplitMix64, sample_row
 
 Cache = list[np.ndarray]  # the carried state, in the order of the manifest's `state` list
 
@@ -213,25 +214,15 @@ class Sampling:
 GREEDY = Sampling()
 
 
-def pick(logits: np.ndarray, sampling: Sampling = GREEDY, rng: np.random.Generator | None = None) -> np.ndarray:
-    """Next token per row from the last position's logits [batch, vocab]; sampling draws them from `rng`."""
+def pick(logits: np.ndarray, sampling: Sampling = GREEDY, rng: SplitMix64 | None = None) -> np.ndarray:
+    """Next token per row from the last position's logits [batch, vocab]: the first argmax (greedy), or one
+    draw of `rng` per row, in row order, by the specified sampler (runtime/sampler.py, shared with C++ and Java)."""
     if sampling.temperature == 0:
         return logits.argmax(-1)
     if rng is None:
         raise ValueError("sampling (temperature > 0) needs a random generator")
-    scaled = logits.astype(np.float64) / sampling.temperature
-    if sampling.top_k:
-        kth = np.sort(scaled, axis=-1)[:, -min(sampling.top_k, scaled.shape[-1])][:, None]
-        scaled = np.where(scaled < kth, -np.inf, scaled)
-    probs = np.exp(scaled - scaled.max(-1, keepdims=True))
-    probs /= probs.sum(-1, keepdims=True)
-    if sampling.top_p < 1:
-        order = np.argsort(-probs, axis=-1)
-        sorted_p = np.take_along_axis(probs, order, -1)
-        drop = np.cumsum(sorted_p, -1) - sorted_p >= sampling.top_p  # keep the smallest prefix reaching top_p
-        np.put_along_axis(probs, order, np.where(drop, 0.0, sorted_p), -1)
-        probs /= probs.sum(-1, keepdims=True)
-    return np.array([rng.choice(len(p), p=p) for p in probs])
+    t, k, p = sampling.temperature, sampling.top_k, sampling.top_p
+    return np.array([sample_row(row, t, k, p, rng.next_double()) for row in logits], np.int64)
 
 
 LOGITS_BUDGET_BYTES = 512 << 20  # a 4K-token prompt of a 256K vocabulary has 4 GiB of logits: chunk it
@@ -294,7 +285,7 @@ def generate(
     sampling: Sampling = Sampling(),
 ) -> list[list[int]]:
     """New tokens for each prompt (stopping at an end-of-sequence id), with the KV cache carried."""
-    rng = np.random.default_rng(sampling.seed)
+    rng = SplitMix64(sampling.seed)
     ids, mask = left_pad(prompts, pad_id)
     pos = positions(mask)
     decoder.reserve(ids.shape[1] + max_new_tokens)
