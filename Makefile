@@ -5,6 +5,9 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 # The lock: exact versions of every distribution the suite passed with, used as pip constraints (`make lock`).
 LOCK   := constraints.txt
+# make test: pytest-xdist workers (one per core here); each takes whole test files, so an artifact a file
+# builds once is built once (session fixtures are per worker: a few tiny ones are built by both).
+TEST_WORKERS ?= 2
 
 .PHONY: install lock demo test lint bench bench-gemma3 bench-recurrentgemma bench-embeddinggemma llama-cpp bench-real \
 	kernels gpu-check clean
@@ -33,7 +36,7 @@ demo: install
 	$(BIN)/gemma-export demo --out build/demo
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 lint: install
 	$(BIN)/ruff check gemma_export tests
