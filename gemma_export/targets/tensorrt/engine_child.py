@@ -44,6 +44,8 @@ def build(request: dict[str, Any]) -> dict[str, Any]:
             config.num_compute_capabilities = 1
             cc = getattr(trt.ComputeCapability, "SM" + engine["cc"].replace(".", ""))
             config.set_compute_capability(cc, 0)
+        if request.get("precision", "fp32") == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
+            config.clear_flag(trt.BuilderFlag.TF32)  # float32 products in float32, as the parity gate assumes
         profile = builder.create_optimization_profile()
         for name, (lo, opt, hi) in request["shapes"].items():
             profile.set_shape(name, lo, opt, hi)
