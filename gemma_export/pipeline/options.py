@@ -57,7 +57,7 @@ class BuildOptions:
                 "fp16 weights with fp32 compute gain nothing on ONNX Runtime CPU (it folds the Casts back to fp32 "
                 "at load); for smaller weights use --quant int8|int4 (bf16: no CPU MatMul kernel)"
             )
-        if self.precision not in PRECISIONS:
+        elif self.precision not in PRECISIONS:
             raise BadInput(
                 f"--precision {self.precision!r} is not supported for {self.target}; choose one of: "
                 f"{', '.join(PRECISIONS)}"
