@@ -397,7 +397,8 @@ def _nested_models(annotation: Any) -> list[type[BaseModel]]:
 def _type_name(annotation: Any) -> str:
     text = getattr(annotation, "__name__", None) if isinstance(annotation, type) else None
     if text is None:
-        text = str(annotation).replace("typing.", "").replace("gemma_export.manifest.", "")
+        # (run as `python -m gemma_export.manifest`, the classes live in __main__)
+        text = str(annotation).replace("typing.", "").replace("gemma_export.manifest.", "").replace("__main__.", "")
         text = re.sub(r"Annotated\[(.*), FieldInfo\(.*\)\]", r"\1", text)
     return f"`{text}`".replace("NoneType", "None").replace("|", "\\|")
 
