@@ -298,3 +298,13 @@ def test_no_builder_is_one_line_and_onnx_only_is_the_way_out(tmp_path, capsys, m
     cli.error_line(err, "no TensorRT builder", "--onnx-only")
     cli.assert_no_output(out)
     BuildOptions(target="tensorrt", onnx_only=True).check()  # accepted: it builds no engine
+
+
+def test_verify_reruns_the_bf16_gate_without_writing_into_the_artifact(trt_bf16, trt_checkpoints, capsys) -> None:
+    before = sorted(p.name for p in trt_bf16.iterdir())
+    code, stdout, _ = cli.run(capsys, "verify", trt_bf16, "--checkpoint", trt_checkpoints["gemma3_text"], "--json")
+    assert code == 0
+    result = json.loads(stdout)
+    assert result["parity"]["metric"] == "agreement" and result["parity"]["passed"]
+    assert result["engine_parity"]["ran"] or result["engine_parity"]["reason"]
+    assert sorted(p.name for p in trt_bf16.iterdir()) == before

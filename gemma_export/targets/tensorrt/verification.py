@@ -1,8 +1,9 @@
 """`gemma-export verify` on a tensorrt artifact: the graph on ONNX Runtime, and the engines where they can run.
 
 What runs where (README "TensorRT target"):
-  * the graph: everywhere, on ONNX Runtime's CPU provider (bf16 through emulation.py, in a scratch folder that
-    links the artifact's weights: the artifact folder is not written to);
+  * the graph: everywhere, on ONNX Runtime's CPU provider (bf16 through emulation.py, in a scratch folder with a
+    hard link to (or, across file systems, a copy of) the artifact's weights: ONNX Runtime refuses external data
+    that resolves outside the graph's folder, so a symbolic link will not do; the artifact is not written to);
   * an engine: only on an NVIDIA GPU of a compute capability it was built for, with the TensorRT runtime that
     built it (TensorRT-RTX engines do not run on Hopper: there is no SM90 target) and PyTorch with CUDA to hold
     the tensors. Elsewhere `engine_status` says why not, and verify prints that reason instead of a result.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,8 +36,11 @@ def graph_folder(artifact: Path, manifest: Manifest) -> Iterator[tuple[Path, Man
     with tempfile.TemporaryDirectory(prefix="gemma-export-bf16-") as scratch:
         folder = Path(scratch)
         weights = manifest.files["weights"].path
-        os.symlink(Path(artifact).resolve() / weights, folder / weights)
-        os.symlink(Path(artifact).resolve() / manifest.files["model"].path, folder / "model.onnx")
+        try:
+            os.link(Path(artifact) / weights, folder / weights)
+        except OSError:  # another file system, or no hard links there
+            shutil.copyfile(Path(artifact) / weights, folder / weights)
+        shutil.copyfile(Path(artifact) / manifest.files["model"].path, folder / "model.onnx")
         path = emulation.write(folder)
         files = {**manifest.files, "model": FileEntry(path=path.name, sha256="-", bytes=0)}
         yield folder, manifest.model_copy(update={"files": files})
