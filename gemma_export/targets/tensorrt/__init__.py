@@ -79,7 +79,9 @@ class TensorRT(Target):
         configured = TensorRT(settings)
         if not settings.onnx_only:
             configured.builder = builder.find_builder()
-            if configured.builder is None:
+            if configured.builder is not None:
+                builder.check_targets(configured.builder, settings.compute_capabilities)
+            else:
                 raise BadInput("no TensorRT builder is installed (pip install tensorrt-rtx==1.7.1.116, or NVIDIA's "
                                "tensorrt); --onnx-only writes the graph and the trtexec command instead")  # fmt: skip
         return configured

@@ -69,10 +69,11 @@ def parse_compute_capabilities(text: str | Sequence[str] | None) -> tuple[str, .
 
 
 def find_builder(preferred: Sequence[str] = BUILDERS) -> Builder | None:
-    """The first TensorRT module that imports (datacenter TensorRT's `-libs` stubs install but do not import)."""
+    """The first TensorRT module that imports (datacenter TensorRT's `-libs` stubs install but do not import).
+    GEMMA_EXPORT_NO_TENSORRT=1 hides them all (the tests' machine without a builder)."""
+    if os.environ.get("GEMMA_EXPORT_NO_TENSORRT") == "1":
+        return None
     for name in preferred:
-        if os.environ.get("GEMMA_EXPORT_NO_TENSORRT") == "1":  # tests: the machine without a builder
-            return None
         if importlib.util.find_spec(name) is None:
             continue
         try:
@@ -81,6 +82,28 @@ def find_builder(preferred: Sequence[str] = BUILDERS) -> Builder | None:
             continue
         return Builder(name, str(getattr(module, "__version__", "unknown")))
     return None
+
+
+def check_targets(builder: Builder, ccs: Sequence[str]) -> None:
+    """Datacenter TensorRT has no compute-capability option: it builds for the GPU it runs on, so the engines can
+    only be for that GPU's compute capability (TensorRT-RTX builds for any of COMPUTE_CAPABILITIES, GPU or not)."""
+    if builder.module == "tensorrt_rtx":
+        return
+    device = _device_compute_capability()
+    if device is None or list(ccs) != [device]:
+        here = f"this machine's GPU is {device}" if device else "this machine has no CUDA GPU"
+        raise BadInput(f"{builder.module} builds engines for the GPU it runs on ({here}); --compute-capability "
+                       f"{','.join(ccs)} needs TensorRT-RTX (pip install tensorrt-rtx==1.7.1.116)")  # fmt: skip
+
+
+def _device_compute_capability() -> str | None:
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    return "{}.{}".format(*torch.cuda.get_device_capability())
 
 
 def engine_name(cc: str, plugins: bool) -> str:
