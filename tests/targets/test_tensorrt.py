@@ -46,9 +46,13 @@ def plugin_nodes(proto: onnx.ModelProto) -> collections.Counter:
 
 
 @pytest.fixture(scope="session")
-def trt_checkpoints(tmp_path_factory) -> dict[str, Path]:
+def trt_checkpoints(checkpoints, tmp_path_factory) -> dict[str, Path]:
+    """conftest's tiny Gemma 1/2/3 checkpoints (shared with the other tests) and a tiny RecurrentGemma."""
     root = tmp_path_factory.mktemp("trt-checkpoints")
-    return {t: save_hf_checkpoint(root / t, t, **FIXTURE_OVERRIDES.get(t, {})) for t in FAMILIES}
+    extra = {
+        t: save_hf_checkpoint(root / t, t, **FIXTURE_OVERRIDES.get(t, {})) for t in FAMILIES if t not in checkpoints
+    }
+    return {**checkpoints, **extra}
 
 
 @pytest.fixture(scope="session")
