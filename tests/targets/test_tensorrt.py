@@ -183,8 +183,10 @@ def trt_bf16(trt_checkpoints, tmp_path_factory) -> Path:
     return out
 
 
-def test_bf16_keeps_norms_and_residuals_float32(trt_bf16) -> None:
+def test_bf16_keeps_norms_and_residuals_float32(trt_bf16, trt_checkpoints) -> None:
     manifest = Manifest.read(trt_bf16)
+    fp32_bytes = (trt_checkpoints["gemma3_text"] / "model.safetensors").stat().st_size
+    assert manifest.files["weights"].bytes < 0.55 * fp32_bytes  # bf16 weights; no float32 copy of the tied table
     assert manifest.build.precision == "bf16" and manifest.parity.metric == "agreement" and manifest.parity.passed
     proto = package.graph_proto(trt_bf16)
     types = {v.name: v.type.tensor_type.elem_type for v in [*proto.graph.value_info, *proto.graph.output]}

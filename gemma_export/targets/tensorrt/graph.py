@@ -74,12 +74,11 @@ def reduce_precision(model: ir.Model, precision: str) -> int:
         graph.insert_before(node, cast_in)
         node.replace_input_with(x_index, cast_in.outputs[0])
         node.replace_input_with(w_index, converted[weight.name])
-        if node.op_type == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None:
-            bias = node.inputs[2]
-            if bias.const_value is not None and bias.name not in converted:
+        bias = node.inputs[2] if len(node.inputs) > 2 else None
+        if bias is not None and bias.const_value is not None:  # Gemm's C, added in the product's type
+            if bias.name not in converted:
                 converted[bias.name] = _converted(graph, bias, low)
-            if bias.const_value is not None:
-                node.replace_input_with(2, converted[bias.name])
+            node.replace_input_with(2, converted[bias.name])
         out = node.outputs[0]
         result = ir.Value(name=f"{out.name}_float", type=out.type, shape=out.shape)
         out.replace_all_uses_with(result, replace_graph_outputs=True)
@@ -90,11 +89,31 @@ def reduce_precision(model: ir.Model, precision: str) -> int:
         cast_in.outputs[0].type = ir.TensorType(low)
         cast_in.outputs[0].shape = cast_in.inputs[0].shape
         rewritten += 1
+    _gather_from_converted(graph, converted)
     for name in converted:  # the float32 originals, unless something else still reads them
         original = graph.initializers.get(name)
         if original is not None and not original.uses() and original not in graph.inputs:
             del graph.initializers[name]
     return rewritten
+
+
+def _gather_from_converted(graph: ir.Graph, converted: dict[str, ir.Value]) -> None:
+    """A Gather from a table that a product now reads in 16 bits (the tied embedding / LM head) gathers from the
+    16-bit copy and casts the rows to float32, so that the float32 table is not kept beside it (two thirds of
+    Gemma-3-270M's weights). The embedding rows are then bf16-rounded, as in a bf16 checkpoint; the residual
+    stream they start stays float32."""
+    for node in list(graph):
+        table = node.inputs[0] if node.op_type == "Gather" and node.domain == "" and node.inputs else None
+        if table is None or table.name not in converted:
+            continue
+        node.replace_input_with(0, converted[table.name])
+        out = node.outputs[0]
+        rows = ir.Value(name=f"{out.name}_float", type=out.type, shape=out.shape)
+        out.replace_all_uses_with(rows, replace_graph_outputs=True)
+        cast = ir.Node("", "Cast", [out], {"to": ir.AttrInt64("to", ir.DataType.FLOAT)}, outputs=[rows],
+                       name=f"{node.name}_cast_out")  # fmt: skip
+        graph.insert_after(node, cast)
+        out.type = converted[table.name].type
 
 
 def _converted(graph: ir.Graph, weight: ir.Value, low: ir.DataType) -> ir.Value:
