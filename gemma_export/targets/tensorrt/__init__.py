@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import shlex
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +59,6 @@ class TensorRT(Target):
         self.plugin_nodes = 0
         self.products = 0
         self.record: dict[str, Any] = {}
-        self.timings: list[dict[str, Any]] = []
 
     def configure(self, options: Any) -> TensorRT:
         if options.quant != "none":
@@ -114,7 +113,6 @@ class TensorRT(Target):
                 roles[role] = names[e["cc"]]
                 engines.append({"file": role, "compute_capability": e["cc"], "plugins": plugins,
                                 "layers": result["num_layers"], "plugin_layers": result["plugin_layers"]})  # fmt: skip
-                self.timings.append({"file": names[e["cc"]], "seconds": e["seconds"], "bytes": e["bytes"]})
         self.record = {
             "builder": self.builder.module if self.builder else None,
             "builder_version": self.builder.version if self.builder else None,
@@ -154,9 +152,6 @@ class TensorRT(Target):
             yield path.name
         finally:
             path.unlink(missing_ok=True)
-
-    def with_settings(self, **changes: Any) -> TensorRT:
-        return TensorRT(replace(self.settings, **changes))
 
 
 def trtexec_command(shapes: dict[str, list[list[int]]]) -> str:
