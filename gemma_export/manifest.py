@@ -25,7 +25,9 @@ from gemma_export.errors import BadInput
 
 MANIFEST = "manifest.json"
 FORMAT_PREFIX = "gemma-export/manifest-v"
-VERSION = (2, 1)  # 2.0: the first typed manifest (1: the untyped dict of gemma-export 0.1); 2.1: GPTQ's records
+# 2.0: the first typed manifest (1: the untyped dict of gemma-export 0.1); 2.1: GPTQ's records
+# (quantization.gptq, .calibration) and build.tensorrt, all optional
+VERSION = (2, 1)
 FORMAT = f"{FORMAT_PREFIX}{VERSION[0]}.{VERSION[1]}"
 
 
@@ -108,15 +110,52 @@ class ModelInfo(_Strict):
     dim: int | None = Field(None, description="embedding models: the output width (Matryoshka)")
 
 
+class TensorRTProfile(_Strict):
+    axes: dict[str, list[int]] = Field(description="batch, sequence, past -> [min, opt, max]")
+    shapes: dict[str, list[list[int]]] = Field(description="graph input -> [min shape, opt shape, max shape]")
+
+
+class TensorRTPlugin(_Strict):
+    name: str = Field(description="the plugin's name (the node's op_type): GemmaAttention, GemmaRGLRU")
+    version: str = Field(description="plugin_version")
+    namespace: str = Field(description="plugin_namespace")
+    op: str = Field(description="the op it implements (graphs/): ai.gemma::Attention, ai.gemma::RGLRU")
+    module: str = Field(description="the Python module whose register(trt) registers its creator")
+
+
+class TensorRTEngine(_Strict):
+    file: str = Field(description="its role in `files` (engine.sm86, engine.sm86.plugins, ...)")
+    compute_capability: str = Field(description="the GPU generation it runs on: 8.0, 8.6, 8.9, 12.0")
+    plugins: bool = Field(description="built with our plugins (else the function bodies inlined)")
+    layers: int = Field(description="layers of the network it was built from")
+    plugin_layers: int = Field(description="plugin layers among them")
+
+
+class TensorRTInfo(_Strict):
+    """`--target tensorrt` (targets/tensorrt/): how the engines were built and how to load them."""
+
+    builder: str | None = Field(description="tensorrt | tensorrt_rtx; null: --onnx-only (no engines)")
+    builder_version: str | None
+    precision: str = Field(description="fp32 | bf16 | fp16: the weight products' type (the rest float32)")
+    strongly_typed: bool = Field(description="the network is built with the graph's own types")
+    reduced_precision_products: int = Field(description="MatMul / Gemm nodes computing in the 16-bit type")
+    profile: TensorRTProfile = Field(description="the engines' optimization profile")
+    plugins: list[TensorRTPlugin] = Field(description="plugin nodes in the graph (each keeps its function body)")
+    load: str = Field(description="how a TensorRT user registers the plugins")
+    engines: list[TensorRTEngine] = Field(description="one per compute capability and form")
+    trtexec: str = Field(description="the command that builds the engine with datacenter TensorRT")
+
+
 class BuildInfo(_Strict):
-    target: str = Field(description="the target it was lowered for (targets/: onnx, ort-cpu)")
+    target: str = Field(description="the target it was lowered for (targets/: onnx, ort-cpu, tensorrt)")
     providers: list[str] = Field(description="ONNX Runtime execution providers that run it, in order")
-    precision: str = Field(description="fp32")
+    precision: str = Field(description="fp32 (tensorrt: also bf16, fp16)")
     quant: str = Field(description="none | int8 | int4 | int4-rtn | int4-plain")
     opset: int = Field(description="the default-domain ONNX opset")
     domains: dict[str, int] = Field(description="every opset import: domain -> version")
     max_length: int = Field(description="the longest sequence (prompt + generated) it serves")
     cache_layout: Literal["full", "windowed"] | None = Field(None, description="decoders' KV cache layout")
+    tensorrt: TensorRTInfo | None = Field(None, description="--target tensorrt: builder, profile, plugins, engines")
 
 
 class Width(_Strict):
@@ -382,7 +421,8 @@ def _nested_models(annotation: Any) -> list[type[BaseModel]]:
 def _type_name(annotation: Any) -> str:
     text = getattr(annotation, "__name__", None) if isinstance(annotation, type) else None
     if text is None:
-        text = str(annotation).replace("typing.", "").replace("gemma_export.manifest.", "")
+        # (run as `python -m gemma_export.manifest`, the classes live in __main__)
+        text = str(annotation).replace("typing.", "").replace("gemma_export.manifest.", "").replace("__main__.", "")
         text = re.sub(r"Annotated\[(.*), FieldInfo\(.*\)\]", r"\1", text)
     return f"`{text}`".replace("NoneType", "None").replace("|", "\\|")
 

@@ -58,7 +58,8 @@ def hf_model(checkpoint):
 BUILDING_FIXTURES = frozenset({
     "artifact", "artifacts", "built", "document", "real_artifacts", "perplexities", "portable_windowed",
     "lowered_windowed", "windowed", "griffin_artifact", "gguf_artifacts", "exported", "attached",
-    "attached_session", "traced", "traced_file", "trace_once_per_model", "workdir",
+    "attached_session", "traced", "traced_file", "trace_once_per_model", "workdir", "trt_artifact", "trt_artifacts",
+    "trt_bf16",
     "cpp_runtime", "decoder_artifact", "gemma3_artifact", "embedding_artifact",  # tests/cpp: compile the runtimes
 })  # fmt: skip
 

@@ -39,7 +39,9 @@ def build(
     target: Annotated[
         str | None, typer.Option(help=f"One of: {', '.join(targets.NAMES)} (targets/). Default: {targets.DEFAULT}.")
     ] = None,
-    precision: Annotated[str | None, typer.Option(help="Weights and activations: fp32.")] = None,
+    precision: Annotated[
+        str | None, typer.Option(help="fp32; --target tensorrt: also bf16 (16-bit products, float32 norms/residuals).")
+    ] = None,
     tolerance: Annotated[
         float | None,
         typer.Option(
@@ -80,6 +82,21 @@ def build(
             "only their window). Default: full (RecurrentGemma: windowed, its only layout)."
         ),
     ] = None,
+    compute_capability: Annotated[
+        str | None,
+        typer.Option(help="--target tensorrt: GPUs to build engines for, of 8.0,8.6,8.9,12.0 (default 8.6)."),
+    ] = None,
+    onnx_only: Annotated[
+        bool, typer.Option("--onnx-only", help="--target tensorrt: the graph and manifest only (no engines).")
+    ] = False,
+    engines: Annotated[
+        str | None,
+        typer.Option(help="--target tensorrt: inlined (function bodies), plugins (our plugins) or both (default)."),
+    ] = None,
+    profile: Annotated[
+        list[str] | None,
+        typer.Option(help="--target tensorrt: an optimization-profile axis, AXIS=MIN:OPT:MAX (batch, sequence, past)."),
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
     allow_pickle: AllowPickleFlag = False,
     as_json: JsonFlag = False,
@@ -101,7 +118,9 @@ def build(
         raise BadInput("missing option '-o' / '--out': the artifact folder to create")
     given = {"target": target, "precision": precision, "tolerance": tolerance, "dim": dim, "quant": quant,
              "block_size": block_size, "min_top1": min_top1, "max_kl": max_kl,
-             "cache_layout": cache_layout, "calibration": calibration}  # fmt: skip
+             "cache_layout": cache_layout, "calibration": calibration,
+             "compute_capabilities": compute_capability, "engines": engines,
+             "profile": tuple(profile) if profile else None, "onnx_only": onnx_only or None}  # fmt: skip
     given = {k: v for k, v in given.items() if v is not None}
     random_record = {"seed": seed, "layers": layers} if random else None
     options = BuildOptions(

@@ -47,21 +47,59 @@ def verify(
         if cfg.to_json() != manifest.model.config.to_json():
             raise BadInput(f"{checkpoint}: config differs from the one the artifact was built from")
         parity = manifest.parity
-        if parity.metric == "agreement":  # a quantized artifact: the agreement gate it was built with
-            if tolerance is not None:
-                raise BadInput(f"--tolerance gates fp32 artifacts; this one is {parity.quant} (agreement gate)")
-            report = verify_stage.compare_agreement(TorchDecoder(model), OrtDecoder(artifact, manifest), cfg,
-                                                    parity.quant, parity.min_top1, parity.max_kl)  # fmt: skip
-        elif embedding:
-            tol = tolerance if tolerance is not None else parity.tolerance
-            report = verify_stage.compare_embeddings(TorchEncoder(model), OrtEncoder(artifact, manifest), cfg, tol)
-        else:
-            tol = tolerance if tolerance is not None else parity.tolerance
-            report = verify_stage.compare(TorchDecoder(model), OrtDecoder(artifact, manifest), cfg, tol)
+        if parity.metric == "agreement" and tolerance is not None:
+            raise BadInput(f"--tolerance gates fp32 artifacts; this one is {parity.quant} (agreement gate)")
+        tol = tolerance if tolerance is not None else getattr(parity, "tolerance", None)
+        with _runnable_graph(artifact, manifest) as (folder, opened):
+            if parity.metric == "agreement":  # a quantized or 16-bit artifact: the agreement gate it was built with
+                report = verify_stage.compare_agreement(TorchDecoder(model), OrtDecoder(folder, opened), cfg,
+                                                        parity.quant, parity.min_top1, parity.max_kl)  # fmt: skip
+            elif embedding:
+                report = verify_stage.compare_embeddings(TorchEncoder(model), OrtEncoder(folder, opened), cfg, tol)
+            else:
+                report = verify_stage.compare(TorchDecoder(model), OrtDecoder(folder, opened), cfg, tol)
         result["parity"] = report.to_json()
         text += f"\nparity: {report.summary()}"
-        if not report.passed:
+        passed = report.passed
+        if manifest.build.tensorrt is not None:  # the engines: where a GPU and TensorRT can run them, else why not
+            engines = _engine_parity(artifact, manifest, model, cfg, tol)
+            result["engine_parity"] = engines
+            text += "\nengine parity: " + (engines["summary"] if engines["ran"] else f"skipped: {engines['reason']}")
+            passed = passed and engines.get("passed", True)
+        if not passed:
             if as_json:
                 print(json.dumps({"ok": False, **result}, indent=2))
             raise ParityError(text.replace("\n", "; "))
     emit(result, as_json, text)
+
+
+def _runnable_graph(artifact: Path, manifest: Any) -> Any:
+    """(folder, manifest) of the graph ONNX Runtime runs (a bf16 tensorrt graph: its emulation)."""
+    import contextlib
+
+    if manifest.build.tensorrt is None:
+        return contextlib.nullcontext((artifact, manifest))
+    from gemma_export.targets.tensorrt import verification
+
+    return verification.graph_folder(artifact, manifest)
+
+
+def _engine_parity(artifact: Path, manifest: Any, model: Any, cfg: Any, tolerance: float | None) -> dict[str, Any]:
+    """Engine vs reference, the graph's gate, where an engine can run here; else the reason it cannot."""
+    from gemma_export.targets.tensorrt import verification
+    from gemma_export.verify import gate as verify_stage
+    from gemma_export.verify.reference import TorchDecoder
+
+    engine, reason = verification.engine_status(manifest)
+    if engine is None:
+        return {"ran": False, "reason": reason}
+    decoder = verification.TrtDecoder(artifact, manifest, engine)
+    parity = manifest.parity
+    if parity.metric == "agreement":
+        report = verify_stage.compare_agreement(TorchDecoder(model), decoder, cfg, parity.quant, parity.min_top1,
+                                                parity.max_kl)  # fmt: skip
+    else:
+        report = verify_stage.compare(TorchDecoder(model), decoder, cfg, tolerance)
+    summary = f"{manifest.files[engine['file']].path}: {report.summary()}"
+    return {"ran": True, "engine": engine["file"], "passed": report.passed, "summary": summary,
+            "parity": report.to_json()}  # fmt: skip

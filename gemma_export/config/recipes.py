@@ -65,11 +65,23 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
+ProfileRange = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=3, max_length=3)]
+
+
+class TensorRTSection(_Strict):
+    """`[build.tensorrt]`: what `--target tensorrt` offers for this variant (targets/tensorrt/)."""
+
+    precisions: Annotated[list[Precision], Field(min_length=1)]  # 16-bit products; norms and residuals float32
+    refused: dict[str, str] = {}  # precision -> why not (for TensorRT)
+    profile: dict[Literal["batch", "sequence", "past"], ProfileRange] = {}  # axis -> [min, opt, max]
+
+
 class BuildSection(_Strict):
     targets: Annotated[list[Target], Field(min_length=1)]
     precisions: Annotated[list[Precision], Field(min_length=1)]
     quantizations: list[Quantization] = []
     refused: dict[str, str] = {}  # precision or quantization -> why this variant does not offer it
+    tensorrt: TensorRTSection | None = None
 
     @model_validator(mode="after")
     def _defaults_first(self) -> BuildSection:

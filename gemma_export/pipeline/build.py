@@ -18,12 +18,13 @@ from gemma_export import targets
 from gemma_export.checkpoint import load
 from gemma_export.checkpoint.gguf import manifest_source
 from gemma_export.errors import BadInput, ParityError
-from gemma_export.manifest import FORMAT, MANIFEST, ArtifactSpec, BuildInfo, Manifest
+from gemma_export.manifest import FORMAT, MANIFEST, ArtifactSpec, BuildInfo, FileEntry, Manifest
 from gemma_export.models.embedding import is_sentence_transformers_folder
 from gemma_export.pipeline import calibrate, gptq, logits_to_keep, memory, optimize, package, quantize, trace
 from gemma_export.pipeline.options import BuildOptions, check_output_location, check_recipe_architecture
 from gemma_export.pipeline.progress import Stages
 from gemma_export.runtime.session import OrtEncoder
+from gemma_export.targets.base import Target
 from gemma_export.verify import gate as verify
 from gemma_export.verify.child import ArtifactInChild
 from gemma_export.verify.reference import TorchDecoder, TorchEncoder
@@ -142,12 +143,45 @@ def calibrate_decoder(loaded: Loaded, checkpoint_dir: Path, spec: quantize.Quant
     return calibrate.calibrate(loaded.model, sequences, spec, record, report)
 
 
+def _spec(options: BuildOptions, target: Target, loaded: Loaded, proto: Any, io: dict[str, Any], shared: set[str],
+          cache_layout: str | None, staging: Path, roles: dict[str, str], quantization: dict[str, Any] | None
+          ) -> ArtifactSpec:  # fmt: skip
+    """The manifest but for its parity: what the artifact is, its files hashed."""
+    return ArtifactSpec(
+        format=FORMAT,
+        model=loaded.model_info,
+        build=BuildInfo(
+            target=target.name,
+            providers=list(target.providers),
+            precision=options.precision,
+            quant=options.quant,
+            opset=trace.OPSET,
+            domains={imp.domain or "ai.onnx": imp.version for imp in proto.opset_import},
+            max_length=loaded.max_length,
+            cache_layout=cache_layout,
+            **target.build_info(),
+        ),
+        **io,
+        state=[{**s, "shared_buffer": s["output"] in shared} for s in loaded.state],
+        files=package.file_table(staging, roles),
+        quantization=quantization,
+        recipe=recipe_record(options),
+        versions=package.versions(),
+    )
+
+
+def _with_model_file(spec: ArtifactSpec, model_file: str) -> ArtifactSpec:
+    """`spec` with another graph file in the `model` role (the verify stage's emulated graph)."""
+    files = {**spec.files, "model": FileEntry(path=model_file, sha256="-", bytes=0)}
+    return spec.model_copy(update={"files": files})
+
+
 def build(checkpoint_dir: Path, out_dir: Path, options: BuildOptions, stages: Stages) -> Manifest:
     """Build the artifact; returns its manifest. Raises BadInput / ParityError; leaves no partial OUT_DIR."""
     options.check()
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
     check_output_location(checkpoint_dir, out_dir, options.force)
-    target = targets.target(options.target)
+    target = targets.target(options.target).configure(options)  # this build's instance (its own options)
 
     encoder = is_sentence_transformers_folder(checkpoint_dir)
     check_recipe_architecture(options, checkpoint_dir, encoder)
@@ -186,27 +220,17 @@ def build(checkpoint_dir: Path, out_dir: Path, options: BuildOptions, stages: St
             roles = {"model": package.MODEL_FILE, "weights": package.WEIGHTS_FILE}
             roles.update(target.write_extra_files(staging, loaded.cfg, cache_layout, loaded.max_length, encoder))
             roles.update({name: name for name in package.copy_tokenizer(checkpoint_dir, staging)})
-            spec = ArtifactSpec(
-                format=FORMAT,
-                model=loaded.model_info,
-                build=BuildInfo(
-                    target=target.name,
-                    providers=list(target.providers),
-                    precision=options.precision,
-                    quant=options.quant,
-                    opset=trace.OPSET,
-                    domains={imp.domain or "ai.onnx": imp.version for imp in proto.opset_import},
-                    max_length=loaded.max_length,
-                    cache_layout=cache_layout,
-                ),
-                **package.io_spec(proto),
-                state=[{**s, "shared_buffer": s["output"] in shared} for s in loaded.state],
-                files=package.file_table(staging, roles),
-                quantization=quantization,
-                recipe=recipe_record(options),
-                versions=package.versions(),
-            )
-            st.bytes = sum(f.bytes for f in spec.files.values())
+            io = package.io_spec(proto)
+            compiles = type(target).compile is not Target.compile  # builds more from the graph (TensorRT engines)
+            if not compiles:
+                spec = _spec(options, target, loaded, proto, io, shared, cache_layout, staging, roles, quantization)
+                st.bytes = sum(f.bytes for f in spec.files.values())
+        if compiles:
+            with stages.stage("compile") as st:
+                compiled = target.compile(staging, io["inputs"], loaded.max_length)
+                roles.update(compiled)
+                spec = _spec(options, target, loaded, proto, io, shared, cache_layout, staging, roles, quantization)
+                st.bytes = sum(spec.files[role].bytes for role in compiled)
 
         with stages.stage("verify"):
             # Factories: verify opens each side when its turn comes, the reference first (taken from `loaded`).
@@ -215,13 +239,17 @@ def build(checkpoint_dir: Path, out_dir: Path, options: BuildOptions, stages: St
                 memory.drop_after_forward(model)  # about one layer of the checkpoint resident at a time
                 return (TorchEncoder if encoder else TorchDecoder)(model)
 
-            if quantization:  # agreement with the fp32 reference, not equality. The session as deployed: MatMulNBits
-                # uses int8 activations only on pre-packed weights (and quantized weights are small anyway).
-                artifact = ArtifactInChild(staging, spec, low_memory=False)
-                report = verify.compare_agreement(take_reference, artifact, loaded.cfg, options.quant,
-                                                  *options.agreement_gate(), spill_dir=staging)  # fmt: skip
-            else:
-                report = loaded.compare(take_reference, staging, spec, loaded.tolerance)
+            with target.verify_model(staging) as model_file:  # the graph, or its emulation (bf16 on a CPU)
+                checked = spec if model_file == spec.files["model"].path else _with_model_file(spec, model_file)
+                if quantization or options.precision != "fp32":  # agreement with the fp32 reference, not
+                    # equality. The session as deployed: MatMulNBits uses int8 activations only on pre-packed
+                    # weights (and quantized weights are small anyway).
+                    artifact = ArtifactInChild(staging, checked, low_memory=False)
+                    label = options.quant if quantization else options.precision
+                    report = verify.compare_agreement(take_reference, artifact, loaded.cfg, label,
+                                                      *options.agreement_gate(), spill_dir=staging)  # fmt: skip
+                else:
+                    report = loaded.compare(take_reference, staging, checked, loaded.tolerance)
         manifest = Manifest(**dict(spec), parity=report.to_json())
         if not report.passed:
             raise ParityError(f"parity gate failed: {report.summary()}")

@@ -33,16 +33,32 @@ class BuildOptions:
     max_kl: float | None = None
     cache_layout: str | None = None  # decoders' KV cache: full | windowed (models/gemma.py); None: the model's own
     calibration: Path | None = None  # GPTQ's calibration text (UTF-8); None: the built-in one (calibrate.py)
+    # --target tensorrt only (targets/tensorrt/): GPUs to build engines for, the graph alone, which engine forms
+    # (inlined, plugins, both), optimization-profile axes (AXIS=MIN:OPT:MAX)
+    compute_capabilities: str | None = None
+    onnx_only: bool = False
+    engines: str | None = None
+    profile: tuple[str, ...] = ()
 
     def check(self) -> None:
-        targets.target(self.target)  # a one-line error naming the registered targets
-        if self.precision == "fp16":
+        target = targets.target(self.target)  # a one-line error naming the registered targets
+        self.check_target_options()
+        if target.precisions != PRECISIONS:  # a target with precisions of its own (tensorrt)
+            if self.precision not in target.precisions:
+                raise BadInput(f"--precision {self.precision!r} is not supported for {self.target}; choose one of: "
+                               f"{', '.join(target.precisions)}")  # fmt: skip
+            if self.precision == "fp16" and not self._recipe_offers("fp16"):
+                raise BadInput(
+                    "--precision 'fp16' needs a recipe that offers it for --target tensorrt: Gemma's activations "
+                    "exceed the fp16 range (65504) unless a recipe proves otherwise; use bf16"
+                )
+        elif self.precision == "fp16":
             raise BadInput(
                 "--precision 'fp16' is refused: Gemma's residual activations exceed the fp16 range (65504), and "
                 "fp16 weights with fp32 compute gain nothing on ONNX Runtime CPU (it folds the Casts back to fp32 "
                 "at load); for smaller weights use --quant int8|int4 (bf16: no CPU MatMul kernel)"
             )
-        if self.precision not in PRECISIONS:
+        elif self.precision not in PRECISIONS:
             raise BadInput(
                 f"--precision {self.precision!r} is not supported for {self.target}; choose one of: "
                 f"{', '.join(PRECISIONS)}"
@@ -53,6 +69,22 @@ class BuildOptions:
             raise BadInput(f"--cache-layout {self.cache_layout!r} is not supported; choose one of: "
                            f"{', '.join(CACHE_LAYOUTS)}")  # fmt: skip
         self.check_quant()
+
+    def check_target_options(self) -> None:
+        """TensorRT's options apply to --target tensorrt only (and are checked by it, targets/tensorrt/)."""
+        given = {"--compute-capability": self.compute_capabilities, "--onnx-only": self.onnx_only or None,
+                 "--engines": self.engines, "--profile": self.profile or None}  # fmt: skip
+        flags = [flag for flag, value in given.items() if value is not None]
+        if flags and self.target != "tensorrt":
+            raise BadInput(f"{flags[0]} applies to --target tensorrt")
+        if self.target == "tensorrt":
+            targets.target(self.target).configure(self)  # one-line errors before any slow stage
+
+    def _recipe_offers(self, precision: str) -> bool:
+        if self.recipe is None:
+            return False
+        trt = self.recipe.recipe.build.tensorrt
+        return trt is not None and precision in trt.precisions
 
     def check_quant(self) -> None:
         if self.quant not in quantize.QUANTS:
@@ -75,8 +107,9 @@ class BuildOptions:
                 raise BadInput(f"--calibration {self.calibration}: no such file")
 
     def agreement_gate(self) -> tuple[float, float]:
-        """(min_top1, max_kl) of a quantized build: the options', else the quantization's defaults."""
-        min_top1, max_kl = verify.AGREEMENT_GATES[self.quant]
+        """(min_top1, max_kl) of a quantized or reduced-precision build: the options', else the defaults of its
+        quantization or precision."""
+        min_top1, max_kl = verify.AGREEMENT_GATES[self.quant if self.quant != "none" else self.precision]
         return (min_top1 if self.min_top1 is None else self.min_top1, max_kl if self.max_kl is None else self.max_kl)
 
 
@@ -99,7 +132,13 @@ def with_recipe(options: BuildOptions, given: set[str]) -> BuildOptions:
     if options.target not in recipe.build.targets:
         raise BadInput(f"recipe {recipe.name} does not offer --target {options.target!r} "
                        f"(it offers: {', '.join(recipe.build.targets)})")  # fmt: skip
-    if options.precision not in recipe.build.precisions:
+    trt = recipe.build.tensorrt if options.target == "tensorrt" else None
+    if trt is not None:  # the recipe's TensorRT precisions (16-bit products, float32 norms and residuals)
+        if options.precision not in trt.precisions:
+            reason = trt.refused.get(options.precision)
+            raise BadInput(f"recipe {recipe.name} does not offer --precision {options.precision!r} for --target "
+                           f"tensorrt" + (f": {reason}" if reason else ""))  # fmt: skip
+    elif options.precision not in recipe.build.precisions:
         raise BadInput(recipe.refusal("--precision", options.precision))
     if options.quant != "none":
         if options.quant not in recipe.build.quantizations:

@@ -2,6 +2,7 @@
 
     onnx     the portable graph: ai.gemma ops with their function bodies (any ONNX runtime; ONNX Runtime inlines)
     ort-cpu  ONNX Runtime's CPU kernels (GroupQueryAttention, fused norms and RoPE), where exact
+    tensorrt TensorRT engines; the graph with plugin nodes that keep their function bodies (a package)
 
 Adding a target: a module here with a `Target` subclass and `TARGET = ...`, and one entry below. Modules are
 imported on first use: the lowering code (onnxscript's rewriter, torch's reference ops) is not loaded by a
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
 _MODULES = {  # name -> module defining TARGET; the first is the default
     "ort-cpu": "gemma_export.targets.ort_cpu",
     "onnx": "gemma_export.targets.onnx",
+    "tensorrt": "gemma_export.targets.tensorrt",
 }
 NAMES: tuple[str, ...] = tuple(_MODULES)
 DEFAULT = NAMES[0]

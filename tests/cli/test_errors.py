@@ -335,7 +335,7 @@ def test_build_json_mode_error_is_exactly_one_line(tmp_path: Path, capsys: pytes
 
 BAD_OPTIONS = {
     "fp16": (["--precision", "fp16"], ("--precision", "'fp16'", "fp32")),
-    "tensorrt": (["--target", "tensorrt"], ("--target", "'tensorrt'", "ort-cpu, onnx")),
+    "unknown-target": (["--target", "coreml"], ("--target", "'coreml'", "ort-cpu, onnx, tensorrt")),
     "zero tolerance": (["--tolerance", "0"], ("--tolerance", "positive")),
     "negative tolerance": (["--tolerance", "-1e-3"], ("--tolerance", "positive")),
     "nan tolerance": (["--tolerance", "nan"], ("--tolerance",)),

@@ -101,7 +101,7 @@ def test_codegemma_is_gemma_7b_and_embedding_head_matches() -> None:
         ({"build.targets": "ort-cpu"}, "build.targets: Input should be a valid list"),
         (
             {"build.targets": ["tensorrt-9"]},
-            "build.targets.0: Value error, unknown target 'tensorrt-9' (registered: ort-cpu, onnx)",
+            "build.targets.0: Value error, unknown target 'tensorrt-9' (registered: ort-cpu, onnx, tensorrt)",
         ),
         ({"build.precisions": ["fp32", "fp32"]}, "lists a value twice"),
         ({"export.opset": 17}, "opset 17 is not supported"),
@@ -222,7 +222,11 @@ def test_build_refuses_a_checkpoint_of_another_size(
     [
         (["--recipe", "embeddinggemma-300m"], "recipe embeddinggemma-300m is for a embedding model"),
         (["--recipe", "gemma-3-1b", "--precision", "bf16"], "no bf16 MatMul kernel"),
-        (["--recipe", "gemma-3-1b", "--target", "tensorrt"], "does not offer --target 'tensorrt'"),
+        (["--recipe", "embeddinggemma-300m", "--target", "tensorrt"], "does not offer --target 'tensorrt'"),
+        (
+            ["--recipe", "gemma-3-1b", "--target", "tensorrt", "--precision", "fp16"],
+            "does not offer --precision 'fp16' for --target tensorrt: activations exceed the fp16 range",
+        ),
         (["--recipe", "no-such-model"], "unknown recipe 'no-such-model'; known: codegemma-7b"),
         (["--random"], "need --recipe NAME"),
     ],
