@@ -68,6 +68,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if BUILDING_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+    # The real-weight tier first: it is the longest file, and pytest-xdist (make test) hands whole files to its
+    # workers in this order; started last, it would run alone at the end while the other worker idles.
+    items.sort(key=lambda item: item.get_closest_marker("real") is None)
 
 
 @pytest.fixture(autouse=True)

@@ -101,3 +101,10 @@ def test_every_field_of_the_schema_is_in_the_table() -> None:
         assert f"| `{name}` |" in rows
     for name in manifest.BuildInfo.model_fields:
         assert f"| `build.{name}` |" in rows
+
+
+def test_the_cpp_reader_knows_this_manifest_version() -> None:
+    """The C++ runtime (and Java through it) refuses newer minors: it must be bumped with manifest.VERSION."""
+    header = (ROOT / "cpp" / "src" / "manifest.h").read_text()
+    found = re.search(r"kManifestMajor = (\d+), kManifestMinor = (\d+);", header)
+    assert found and (int(found[1]), int(found[2])) == manifest.VERSION, "bump cpp/src/manifest.h with manifest.py"

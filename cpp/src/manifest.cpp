@@ -184,7 +184,7 @@ Manifest Manifest::read(const std::string& artifact_dir) {
   r.object(build, "domains", "build", "dict");
   m.max_length = r.integer(build, "max_length", "build");
   m.cache_layout = build.contains("cache_layout") && build["cache_layout"].is_string() ? build["cache_layout"].get<std::string>() : "full";
-  r.only(build, {"target", "providers", "precision", "quant", "opset", "domains", "max_length", "cache_layout"}, "build");
+  r.only(build, {"target", "providers", "precision", "quant", "opset", "domains", "max_length", "cache_layout", "tensorrt"}, "build");
 
   m.inputs = tensors(r, doc, "inputs");
   m.outputs = tensors(r, doc, "outputs");
