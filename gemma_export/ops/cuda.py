@@ -237,6 +237,23 @@ def attention_workspace_size(*, batch: int, heads: int, q_len: int, head_dim: in
     return int(load().gemma_attention_workspace_size(batch, heads, q_len, head_dim))
 
 
+# attention.cu's kMaxSplits and kSplitMaxQueries: only queries of at most SPLIT_MAX_QUERIES positions (decode)
+# split the keys, into at most MAX_SPLITS parts, each keeping a float32 partial row (head_dim + 2 floats).
+# Mirrored here because a TensorRT engine asks its plugins for scratch at build time, where no GPU (and maybe no
+# built library) exists; tests/ops/test_cuda.py checks this mirror against the library's own answer.
+ATTENTION_MAX_SPLITS = 64
+ATTENTION_SPLIT_MAX_QUERIES = 16
+
+
+def attention_workspace_bound(*, batch: int, heads: int, max_q_len: int, head_dim: int) -> int:
+    """Scratch bytes enough for `attention_launch` at every query length up to `max_q_len` (the others the same):
+    what a TensorRT plugin asks for once, for a profile's largest shapes. Needs no library."""
+    q_len = min(max_q_len, ATTENTION_SPLIT_MAX_QUERIES)
+    if min(batch, heads, q_len, head_dim) <= 0:
+        return 0
+    return ATTENTION_MAX_SPLITS * batch * heads * q_len * (head_dim + 2) * 4
+
+
 def attention_launch(
     query_ptr: int,
     key_ptr: int,

@@ -184,6 +184,11 @@ def test_the_built_library_loads_and_answers_without_a_gpu(built) -> None:
     assert lib.gemma_kernels_error_string(-3) == b"head_dim must be between 1 and 256"
     assert lib.gemma_attention_workspace_size(1, 8, 1, 256) == 64 * 8 * (256 + 2) * 4
     assert lib.gemma_attention_workspace_size(1, 8, 17, 256) == 0  # long queries never split
+    for batch, heads, q_len, head_dim in [(1, 8, 1, 256), (3, 2, 16, 64), (2, 4, 5, 1), (1, 1, 17, 8)]:
+        # the Python mirror TensorRT plugins ask at build time (no library there) is the library's own size
+        assert cuda.attention_workspace_bound(batch=batch, heads=heads, max_q_len=q_len, head_dim=head_dim) == (
+            lib.gemma_attention_workspace_size(batch, heads, min(q_len, 16), head_dim)
+        )
     args = [None] * 5
     # q_len > kv_len, heads not a multiple of kv_heads, head_dim 512, dtype 7: refused with their codes
     assert lib.gemma_attention_launch(*args, 1, 8, 2, 9, 8, 64, 1.0, 0.0, 0, 1, 0, 0, None, 0, None) == -1

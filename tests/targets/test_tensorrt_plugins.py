@@ -11,6 +11,7 @@ import types
 import numpy as np
 import pytest
 
+from gemma_export.ops import cuda
 from gemma_export.targets.tensorrt import builder, plugins
 
 trt_module = next((b.module for b in [builder.find_builder()] if b is not None), None)
@@ -83,22 +84,35 @@ def test_enqueue_calls_the_kernels_with_the_spec_layout(trt, monkeypatch) -> Non
     fake = types.SimpleNamespace(
         attention_launch=lambda *ptrs, **kw: calls.append(("attention", ptrs, kw)),
         rglru_launch=lambda *ptrs, **kw: calls.append(("rglru", ptrs, kw)),
+        attention_workspace_bound=cuda.attention_workspace_bound,
     )
     monkeypatch.setitem(sys.modules, plugins.KERNELS, fake)
     f, i64, b = trt.DataType.FLOAT, trt.DataType.INT64, trt.DataType.BOOL
     attention = create(trt, plugins.ATTENTION, ATTRS)
     ins = [desc(trt, f, (2, 4, 3, 8)), desc(trt, f, (2, 2, 7, 8)), desc(trt, f, (2, 2, 7, 8)), desc(trt, i64, (2, 7))]
-    attention.enqueue(ins, [desc(trt, f, (2, 4, 3, 8))], [11, 12, 13, 14], [15], 0, 99)
+    attention.enqueue(ins, [desc(trt, f, (2, 4, 3, 8))], [11, 12, 13, 14], [15], 777, 99)
     kind, ptrs, kw = calls[-1]
     assert kind == "attention" and ptrs == (11, 12, 13, 14, 15)
     assert kw == {"batch": 2, "heads": 4, "kv_heads": 2, "q_len": 3, "kv_len": 7, "head_dim": 8, "scale": 0.25,
                   "softcap": 50.0, "window": 16, "causal": True, "dtype": "float32", "mask_dtype": "int64",
-                  "stream": 99}  # fmt: skip
+                  "stream": 99, "workspace_ptr": 777, "workspace_bytes": 64 * 2 * 4 * 3 * (8 + 2) * 4}  # fmt: skip
     rglru = create(trt, plugins.RGLRU)
     ins = [desc(trt, f, (3, 5, 6)), desc(trt, f, (3, 5, 6)), desc(trt, b, (3, 5)), desc(trt, f, (3, 6))]
     rglru.enqueue(ins, [desc(trt, f, (3, 5, 6)), desc(trt, f, (3, 6))], [1, 2, 3, 4], [5, 6], 0, 7)
     assert calls[-1] == ("rglru", (1, 2, 3, 4, 5, 6), {"batch": 3, "seq": 5, "width": 6, "dtype": "float32",
                                                        "stream": 7})  # fmt: skip
+
+
+def test_attention_asks_for_the_decode_scratch_of_the_largest_shape(trt) -> None:
+    """The workspace TensorRT hands every enqueue covers the split (decode) path at the profile's maxima, so
+    no decode step allocates; queries longer than the split limit need no more than it."""
+    attention = create(trt, plugins.ATTENTION, ATTRS)
+    inputs = [dynamic(trt, trt.DataType.FLOAT) for _ in range(4)]
+    inputs[0].min, inputs[0].max = trt.Dims((1, 4, 1, 256)), trt.Dims((2, 4, 2048, 256))
+    assert attention.get_workspace_size(inputs, []) == 64 * 2 * 4 * 16 * (256 + 2) * 4
+    inputs[0].max = trt.Dims((1, 4, 1, 256))  # a decode-only profile
+    assert attention.get_workspace_size(inputs, []) == 64 * 4 * (256 + 2) * 4
+    assert create(trt, plugins.RGLRU).get_workspace_size(inputs, []) == 0
 
 
 def test_enqueue_without_the_kernels_says_which_module_is_missing(trt, monkeypatch) -> None:

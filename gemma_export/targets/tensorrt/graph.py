@@ -79,13 +79,7 @@ def reduce_precision(model: ir.Model, precision: str) -> int:
             if bias.name not in converted:
                 converted[bias.name] = _converted(graph, bias, low)
             node.replace_input_with(2, converted[bias.name])
-        out = node.outputs[0]
-        result = ir.Value(name=f"{out.name}_float", type=out.type, shape=out.shape)
-        out.replace_all_uses_with(result, replace_graph_outputs=True)
-        cast_out = ir.Node("", "Cast", [out], {"to": ir.AttrInt64("to", ir.DataType.FLOAT)}, outputs=[result],
-                           name=f"{node.name}_cast_out")  # fmt: skip
-        graph.insert_after(node, cast_out)
-        out.type = ir.TensorType(low)
+        _cast_output_to_float(graph, node, ir.TensorType(low))
         cast_in.outputs[0].type = ir.TensorType(low)
         cast_in.outputs[0].shape = cast_in.inputs[0].shape
         rewritten += 1
@@ -107,13 +101,19 @@ def _gather_from_converted(graph: ir.Graph, converted: dict[str, ir.Value]) -> N
         if table is None or table.name not in converted:
             continue
         node.replace_input_with(0, converted[table.name])
-        out = node.outputs[0]
-        rows = ir.Value(name=f"{out.name}_float", type=out.type, shape=out.shape)
-        out.replace_all_uses_with(rows, replace_graph_outputs=True)
-        cast = ir.Node("", "Cast", [out], {"to": ir.AttrInt64("to", ir.DataType.FLOAT)}, outputs=[rows],
-                       name=f"{node.name}_cast_out")  # fmt: skip
-        graph.insert_after(node, cast)
-        out.type = converted[table.name].type
+        _cast_output_to_float(graph, node, converted[table.name].type)
+
+
+def _cast_output_to_float(graph: ir.Graph, node: ir.Node, low: ir.TypeProtocol) -> None:
+    """`node` now computes its output in the 16-bit type `low`; a Cast after it gives its readers (and any graph
+    output) the float32 value they read before, under a new name."""
+    out = node.outputs[0]
+    result = ir.Value(name=f"{out.name}_float", type=out.type, shape=out.shape)
+    out.replace_all_uses_with(result, replace_graph_outputs=True)
+    cast = ir.Node("", "Cast", [out], {"to": ir.AttrInt64("to", ir.DataType.FLOAT)}, outputs=[result],
+                   name=f"{node.name}_cast_out")  # fmt: skip
+    graph.insert_after(node, cast)
+    out.type = low
 
 
 def _converted(graph: ir.Graph, weight: ir.Value, low: ir.DataType) -> ir.Value:

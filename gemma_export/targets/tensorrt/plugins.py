@@ -128,16 +128,24 @@ def make_classes(trt: Any) -> dict[str, tuple[type, type]]:
                 return desc.type in masks
             return desc.type == in_out[0].desc.type  # key, value and the output: the query's type
 
+        def get_workspace_size(self, inputs: Any, outputs: Any) -> int:
+            # The decode path's key-split scratch, for the profile's largest query: TensorRT hands it to every
+            # enqueue, so no step allocates (the kernel falls back to cudaMallocAsync without it).
+            b, h, s, d = tuple(inputs[0].max)
+            return kernels().attention_workspace_bound(batch=b, heads=h, max_q_len=s, head_dim=d)
+
         def enqueue(self, input_desc: Any, output_desc: Any, inputs: Any, outputs: Any, workspace: int,
                     stream: int) -> None:  # fmt: skip
             b, h, s, d = tuple(input_desc[0].dims)
             _, hkv, t, _ = tuple(input_desc[1].dims)
-            f = self.fields
-            kernels().attention_launch(
+            f, k = self.fields, kernels()
+            k.attention_launch(
                 inputs[0], inputs[1], inputs[2], inputs[3], outputs[0],
                 batch=b, heads=h, kv_heads=hkv, q_len=s, kv_len=t, head_dim=d,
                 scale=f["scale"], softcap=f["softcap"], window=f["window"], causal=bool(f["causal"]),
                 dtype=names[input_desc[0].type], mask_dtype=names[input_desc[3].type], stream=int(stream),
+                workspace_ptr=int(workspace),  # at least this shape's bound: get_workspace_size's is the maximum's
+                workspace_bytes=k.attention_workspace_bound(batch=b, heads=h, max_q_len=s, head_dim=d),
             )  # fmt: skip
 
     class RglruPlugin(_Plugin):
