@@ -86,3 +86,30 @@ def load_embedding(
         if spec.bias:
             layer.bias.data = found["linear.bias"].float()
     return cfg, head, model.eval()
+
+
+def load_vision(checkpoint_dir: Path, dtype: torch.dtype = torch.float32, *, allow_pickle: bool = False):
+    """A multimodal checkpoint's vision tower and projector (models/siglip.py), its weights validated by name and
+    shape; the text decoder's and the tower's unused head (`vision_tower.head.`) are left to their readers."""
+    from gemma_export.config.model_config import read_json
+    from gemma_export.models.siglip import VisionConfig, VisionModel, checkpoint_name
+
+    raw = read_json(checkpoint_dir / "config.json")
+    cfg = VisionConfig.from_checkpoint(raw if isinstance(raw, dict) else {}, str(checkpoint_dir / "config.json"))
+    with torch.device("meta"):
+        model = VisionModel(cfg)
+    tensors = read_tensors(checkpoint_dir, allow_pickle=allow_pickle)
+    # published files nest the tower one level deeper (`vision_tower.vision_model.encoder...`): drop that level
+    tensors = {k.replace("vision_tower.vision_model.", "vision_tower."): v for k, v in tensors.items()}
+    to_checkpoint = {name: checkpoint_name(name) for name, _ in model.named_parameters()}
+    expected = {to_checkpoint[name]: (tuple(p.shape), None) for name, p in model.named_parameters()}
+    found = select_weights(
+        tensors,
+        expected,
+        ("model.", ""),
+        source=str(checkpoint_dir),
+        ignore_prefixes=("lm_head.", "language_model.", "vision_tower.head."),
+        anchor="vision_tower.embeddings.patch_embedding.weight",
+    )
+    model.load_state_dict({n: found[c].to(dtype) for n, c in to_checkpoint.items()}, strict=True, assign=True)
+    return cfg, model.eval()
