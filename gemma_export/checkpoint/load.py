@@ -113,3 +113,26 @@ def load_vision(checkpoint_dir: Path, dtype: torch.dtype = torch.float32, *, all
     )
     model.load_state_dict({n: found[c].to(dtype) for n, c in to_checkpoint.items()}, strict=True, assign=True)
     return cfg, model.eval()
+
+
+def has_vision(checkpoint_dir: Path) -> bool:
+    """A multimodal Gemma 3 folder (config.json with a `vision_config`): it builds a vision artifact."""
+    from gemma_export.config.model_config import read_json
+
+    path = checkpoint_dir / "config.json"
+    raw = read_json(path) if path.is_file() else None
+    return isinstance(raw, dict) and raw.get("model_type") == "gemma3" and isinstance(raw.get("vision_config"), dict)
+
+
+def load_multimodal(checkpoint_dir: Path, *, allow_pickle: bool = False):
+    """A multimodal Gemma 3 folder -> (text config, vision config, vision model, multimodal decoder)."""
+    from gemma_export.config.model_config import read_json
+    from gemma_export.models.multimodal import Gemma3MultimodalDecoder
+
+    cfg, decoder = load_model(checkpoint_dir, allow_pickle=allow_pickle)
+    vision_cfg, vision = load_vision(checkpoint_dir, allow_pickle=allow_pickle)
+    raw = read_json(checkpoint_dir / "config.json")
+    image_token_id = raw.get("image_token_id", raw.get("image_token_index"))
+    if not isinstance(image_token_id, int):
+        raise BadInput(f"{checkpoint_dir}/config.json: no integer image_token_index (or image_token_id)")
+    return cfg, vision_cfg, vision, Gemma3MultimodalDecoder(decoder, image_token_id)
