@@ -3,7 +3,8 @@ the vision graph's features. Pillow + numpy only: transformers' PIL-backend imag
 reproduces (tests/pipeline/test_vision_artifact.py holds it to it), never a dependency.
 
     pixels   = normalize(rescale(resize(convert_rgb(image), (height, width), resample)))   channels first
-    prompt   = each `<start_of_image>` -> "\\n\\n<start_of_image>" + mm_tokens x <image_soft_token> + "<end_of_image>\\n\\n"
+    prompt   = each `<start_of_image>` -> "\\n\\n<start_of_image>" + mm_tokens x <image_soft_token>
+               + "<end_of_image>\\n\\n"
     token_type_ids = 1 at the image tokens, 0 elsewhere (and 0 for every generated token)
 """
 
