@@ -49,7 +49,8 @@ def read_processor(checkpoint_dir: Path, mm_tokens_per_image: int, image_token_i
     if "height" not in size or "width" not in size:
         raise BadInput(f"{checkpoint_dir}: the image processor's size must give height and width, got {size}")
     tokenizer = read("tokenizer_config.json")
-    special = tokenizer.get("extra_special_tokens") or {}
+    special = tokenizer.get("extra_special_tokens")  # a dict, or a list beside top-level entries (transformers 5)
+    special = special if isinstance(special, dict) else {}
     boi = special.get("boi_token") or tokenizer.get("boi_token") or "<start_of_image>"
     eoi = special.get("eoi_token") or tokenizer.get("eoi_token") or "<end_of_image>"
     image_token = special.get("image_token") or tokenizer.get("image_token") or "<image_soft_token>"
@@ -112,16 +113,6 @@ def expand_prompt(text: str, pre: dict[str, Any]) -> str:
     return text.replace(pre["image_marker"], full)
 
 
-def check_image_counts(prompts: Sequence[str], images: Sequence[Sequence[Any]], marker: str) -> None:
-    """One marker per image in each prompt: a one-line error names the row."""
-    for row, (prompt, row_images) in enumerate(zip(prompts, images, strict=True)):
-        markers = prompt.count(marker)
-        if markers != len(row_images):
-            where = f"prompt {row + 1}" if len(prompts) > 1 else "the prompt"
-            raise BadInput(f"{where} has {markers} image marker(s) {marker} but {len(row_images)} image(s) were "
-                           f"given: put one {marker} where each image goes")  # fmt: skip
-
-
 def generate_with_images(
     decoder,
     prompts: Sequence[Sequence[int]],
@@ -165,3 +156,71 @@ def generate_with_images(
             break
         ids, mask, pos = feed_back(np.where(done, pad_id, nxt), mask, pos)
     return out
+
+
+class OrtVision:
+    """An image + text artifact's vision graph in an ONNX Runtime session: pixel_values -> image_features."""
+
+    def __init__(self, artifact_dir: Path, manifest, threads: int = 0) -> None:
+        import onnxruntime as ort
+
+        from gemma_export.runtime.session import session_options
+
+        if manifest.vision is None:
+            raise BadInput(f"{artifact_dir}: a text-only artifact; it takes no --image")
+        self.preprocessing = manifest.vision.preprocessing.model_dump()
+        path = str(Path(artifact_dir) / manifest.files[manifest.vision.model].path)
+        self.session = ort.InferenceSession(path, session_options(threads), providers=list(manifest.build.providers))
+
+    def encode(self, pixels: np.ndarray) -> np.ndarray:
+        """[num_images, mm_tokens_per_image, hidden] float32."""
+        return self.session.run(["image_features"], {"pixel_values": pixels})[0]
+
+
+def image_prompts(tokenizer, prompts: Sequence[str], image_paths: Sequence[Path], pre: dict[str, Any]):
+    """(token ids per prompt, pixel_values of every image in order): the images go to the markers in order,
+    prompt after prompt. Each prompt's markers must be matched by images, and every image by a marker."""
+    marker = pre["image_marker"]
+    counts = [p.count(marker) for p in prompts]
+    if sum(counts) != len(image_paths):
+        where = "the prompt has" if len(prompts) == 1 else "the prompts have"
+        raise BadInput(f"{where} {sum(counts)} image marker(s) {marker} but {len(image_paths)} --image(s) were given: "
+                       f"put one {marker} where each image goes")  # fmt: skip
+    images = [load_image(Path(p)) for p in image_paths]
+    ids = [enc.ids for enc in tokenizer.encode_batch([expand_prompt(p, pre) for p in prompts])]
+    return ids, pixel_values(images, pre)
+
+
+def run(
+    artifact_dir: Path,
+    *,
+    prompts: list[str],
+    images: list[Path],
+    max_new_tokens: int,
+    sampling: Sampling = GREEDY,
+    threads: int = 0,
+) -> dict[str, Any]:
+    """`gemma-export generate --image`: the Python runtime API of image prompts (runtime/generation.py's `run`
+    with images)."""
+    from gemma_export.manifest import Manifest
+    from gemma_export.runtime.generation import load_tokenizer
+    from gemma_export.runtime.session import OrtDecoder, check_prompts
+
+    manifest = Manifest.read(artifact_dir)
+    if manifest.vision is None:
+        raise BadInput(f"{artifact_dir}: a text-only artifact; it takes no --image")
+    if not prompts:
+        raise BadInput("--image needs --prompt text with an image marker (not --token-ids)")
+    cfg = manifest.model.config
+    vision = OrtVision(artifact_dir, manifest, threads)
+    pre = vision.preprocessing
+    tokenizer = load_tokenizer(artifact_dir)
+    batch, pixels = image_prompts(tokenizer, prompts, images, pre)
+    check_prompts(batch, cfg.vocab_size, manifest.build.max_length, max_new_tokens)
+    features = vision.encode(pixels) if len(pixels) else np.zeros((0, 0, cfg.hidden_size), np.float32)
+    decoder = OrtDecoder(artifact_dir, manifest, threads=threads)
+    new = generate_with_images(decoder, batch, features, pre["image_token_id"], max_new_tokens,
+                               eos_ids=cfg.eos_token_ids, pad_id=cfg.pad_token_id, sampling=sampling)  # fmt: skip
+    outputs = [{"prompt_ids": p, "new_ids": t, "text": tokenizer.decode(t, skip_special_tokens=True)}
+               for p, t in zip(batch, new, strict=True)]  # fmt: skip
+    return {"artifact": str(artifact_dir), "images": [str(p) for p in images], "outputs": outputs}
