@@ -100,7 +100,8 @@ def load_vision(checkpoint_dir: Path, dtype: torch.dtype = torch.float32, *, all
         model = VisionModel(cfg)
     tensors = read_tensors(checkpoint_dir, allow_pickle=allow_pickle)
     # published files nest the tower one level deeper (`vision_tower.vision_model.encoder...`): drop that level
-    tensors = {k.replace("vision_tower.vision_model.", "vision_tower."): v for k, v in tensors.items()}
+    tensors = {k.replace("vision_tower.vision_model.", "vision_tower."): v for k, v in tensors.items()
+               if "vision_tower." in k or "multi_modal_projector." in k}  # the text decoder's are load_model's
     to_checkpoint = {name: checkpoint_name(name) for name, _ in model.named_parameters()}
     expected = {to_checkpoint[name]: (tuple(p.shape), None) for name, p in model.named_parameters()}
     found = select_weights(
@@ -108,7 +109,7 @@ def load_vision(checkpoint_dir: Path, dtype: torch.dtype = torch.float32, *, all
         expected,
         ("model.", ""),
         source=str(checkpoint_dir),
-        ignore_prefixes=("lm_head.", "language_model.", "vision_tower.head."),
+        ignore_prefixes=("vision_tower.head.",),
         anchor="vision_tower.embeddings.patch_embedding.weight",
     )
     model.load_state_dict({n: found[c].to(dtype) for n, c in to_checkpoint.items()}, strict=True, assign=True)

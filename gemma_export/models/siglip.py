@@ -79,6 +79,8 @@ class VisionConfig:
             )
         except KeyError as e:
             raise BadInput(f"{source}: vision_config lacks {e.args[0]!r}") from None
+        except (TypeError, ValueError) as e:
+            raise BadInput(f"{source}: vision_config has a value of the wrong type ({e})") from None
         side, tokens = cfg.patches_per_side, math.isqrt(cfg.mm_tokens_per_image)
         if tokens * tokens != cfg.mm_tokens_per_image or side % max(tokens, 1):
             raise BadInput(f"{source}: mm_tokens_per_image {cfg.mm_tokens_per_image} does not pool a "
