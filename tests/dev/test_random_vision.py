@@ -8,16 +8,16 @@ import tomllib
 from pathlib import Path
 
 import pytest
-import torch
 import tomli_w
+import torch
 
 from gemma_export.checkpoint import load
 from gemma_export.cli.main import main
 from gemma_export.config import recipes
 from gemma_export.dev.random_checkpoint import TINY_CONFIGS, write_once
 
-TINY_VISION = {"mm_tokens_per_image": 4, "image_size": 28, "patch_size": 7, "hidden_size": 32,
-               "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 2, "layer_norm_eps": 1e-6}  # fmt: skip
+TINY_VISION = {"mm_tokens_per_image": 4, "image_size": 28, "patch_size": 7, "hidden_size": 32, "intermediate_size": 48,
+               "num_hidden_layers": 2, "num_attention_heads": 2, "layer_norm_eps": 1e-6}  # fmt: skip
 
 
 def test_shipped_gemma3_multimodal_recipes_carry_the_published_tower() -> None:
