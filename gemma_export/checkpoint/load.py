@@ -100,8 +100,11 @@ def load_vision(checkpoint_dir: Path, dtype: torch.dtype = torch.float32, *, all
         model = VisionModel(cfg)
     tensors = read_tensors(checkpoint_dir, allow_pickle=allow_pickle)
     # published files nest the tower one level deeper (`vision_tower.vision_model.encoder...`): drop that level
-    tensors = {k.replace("vision_tower.vision_model.", "vision_tower."): v for k, v in tensors.items()
-               if "vision_tower." in k or "multi_modal_projector." in k}  # the text decoder's are load_model's
+    tensors = {
+        k.replace("vision_tower.vision_model.", "vision_tower."): v
+        for k, v in tensors.items()
+        if "vision_tower." in k or "multi_modal_projector." in k
+    }  # the text decoder's are load_model's
     to_checkpoint = {name: checkpoint_name(name) for name, _ in model.named_parameters()}
     expected = {to_checkpoint[name]: (tuple(p.shape), None) for name, p in model.named_parameters()}
     found = select_weights(
