@@ -26,8 +26,8 @@ from gemma_export.errors import BadInput
 MANIFEST = "manifest.json"
 FORMAT_PREFIX = "gemma-export/manifest-v"
 # 2.0: the first typed manifest (1: the untyped dict of gemma-export 0.1); 2.1: GPTQ's records
-# (quantization.gptq, .calibration) and build.tensorrt, all optional
-VERSION = (2, 1)
+# (quantization.gptq, .calibration) and build.tensorrt, all optional; 2.2: `vision` (image prompts), optional
+VERSION = (2, 2)
 FORMAT = f"{FORMAT_PREFIX}{VERSION[0]}.{VERSION[1]}"
 
 
@@ -289,6 +289,46 @@ class EmbeddingParity(_Strict):
 Parity = Annotated[LogitParity | AgreementParity | EmbeddingParity, Field(discriminator="metric")]
 
 
+class ImagePreprocessing(_Strict):
+    """How an image becomes `pixel_values` and its prompt tokens, read from the checkpoint's processor files
+    (runtime/images.py; transformers' PIL-backend image processor and processor)."""
+
+    size: list[int] = Field(description="[height, width] every image is resized to")
+    resample: str = Field(description="Pillow filter of the resize: bilinear, bicubic, ...")
+    do_convert_rgb: bool = Field(description="convert to RGB first")
+    do_rescale: bool
+    rescale_factor: float = Field(description="pixel values (0..255) times this (1/255)")
+    do_normalize: bool
+    image_mean: list[float] = Field(description="per channel, subtracted after rescaling")
+    image_std: list[float] = Field(description="per channel, divided by after the mean")
+    image_marker: str = Field(description="the prompt's placeholder for one image: <start_of_image>")
+    image_sequence: list[str] = Field(description="what a marker expands to: before, begin, image token (repeated "
+                                      "mm_tokens_per_image times), end, after")  # fmt: skip
+    mm_tokens_per_image: int = Field(description="image tokens (and feature rows) per image")
+    image_token_id: int = Field(description="the image token's id: the decoder puts a feature row there")
+
+
+class VisionParity(_Strict):
+    max_abs_error: float = Field(description="image features, artifact vs the PyTorch reference")
+    tolerance: float
+    images: int = Field(description="random images compared")
+    passed: bool
+
+
+class VisionInfo(_Strict):
+    """An image + text artifact (Gemma 3 with its SigLIP tower, 2.2): the vision graph, its preprocessing, and
+    the decoder's two extra inputs (README "Image prompts")."""
+
+    model: str = Field(description="the role in `files` of the vision graph (vision_model)")
+    inputs: list[TensorSpec] = Field(description="pixel_values [num_images, 3, height, width] float32")
+    outputs: list[TensorSpec] = Field(description="image_features [num_images, mm_tokens_per_image, hidden]")
+    config: dict[str, Any] = Field(description="the tower's config (models/siglip.py VisionConfig)")
+    preprocessing: ImagePreprocessing
+    quant: Literal["none"] = Field(description="the vision graph stays float32 whatever --quant")
+    decoder_inputs: list[str] = Field(description="the decoder's extra inputs: token_type_ids, image_features")
+    parity: VisionParity | None = Field(None, description="the build's check of the image features")
+
+
 class ArtifactSpec(_Strict):
     """What the artifact is, before its verification: everything a runtime needs to open and run it (the build's
     verify stage opens the artifact with this). `Manifest` adds the verification's result."""
@@ -302,6 +342,7 @@ class ArtifactSpec(_Strict):
     files: dict[str, FileEntry] = Field(description="role (model, weights, genai_config, tokenizer.json, ...) -> file")
     quantization: Quantization | None = Field(None, description="quantized builds: widths and what was rewritten")
     recipe: RecipeRecord | None = Field(None, description="the recipe it was built from, if any")
+    vision: VisionInfo | None = Field(None, description="image + text artifacts: the vision graph (2.2)")
     versions: dict[str, str] = Field(description="gemma-export and its toolchain (torch, onnx, onnxruntime, ...)")
 
     @field_validator("format")

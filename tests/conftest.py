@@ -52,6 +52,25 @@ def hf_model(checkpoint):
     return transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
 
 
+@pytest.fixture(scope="session")
+def vision_checkpoint(tmp_path_factory) -> Path:
+    """A tiny `Gemma3ForConditionalGeneration` with its processor (tests/support/vision.py)."""
+    from tests.support.vision import save_gemma3_vision_checkpoint
+
+    return save_gemma3_vision_checkpoint(tmp_path_factory.mktemp("checkpoints") / "gemma3_vision")
+
+
+@pytest.fixture(scope="session")
+def vision_artifact(vision_checkpoint, tmp_path_factory) -> Path:
+    """Its image + text artifact (--target ort-cpu, the default), built once per session."""
+    from gemma_export.pipeline.build import BuildOptions, build
+    from gemma_export.pipeline.progress import Stages
+
+    out = tmp_path_factory.mktemp("artifacts") / "gemma3_vision"
+    build(vision_checkpoint, out, BuildOptions(), Stages(quiet=True))
+    return out
+
+
 # ---- the `slow` marker: every test that builds or traces an artifact -------------------------------------
 
 # Fixtures that trace or build (a test using one is slow, whatever module defines it).
@@ -59,7 +78,7 @@ BUILDING_FIXTURES = frozenset({
     "artifact", "artifacts", "built", "document", "real_artifacts", "perplexities", "portable_windowed",
     "lowered_windowed", "windowed", "griffin_artifact", "gguf_artifacts", "exported", "attached",
     "attached_session", "traced", "traced_file", "trace_once_per_model", "workdir", "trt_artifact", "trt_artifacts",
-    "trt_bf16",
+    "trt_bf16", "vision_artifact",
     "cpp_runtime", "decoder_artifact", "gemma3_artifact", "embedding_artifact",  # tests/cpp: compile the runtimes
 })  # fmt: skip
 

@@ -86,3 +86,57 @@ def load_embedding(
         if spec.bias:
             layer.bias.data = found["linear.bias"].float()
     return cfg, head, model.eval()
+
+
+def load_vision(checkpoint_dir: Path, dtype: torch.dtype = torch.float32, *, allow_pickle: bool = False):
+    """A multimodal checkpoint's vision tower and projector (models/siglip.py), its weights validated by name and
+    shape; the text decoder's and the tower's unused head (`vision_tower.head.`) are left to their readers."""
+    from gemma_export.config.model_config import read_json
+    from gemma_export.models.siglip import VisionConfig, VisionModel, checkpoint_name
+
+    raw = read_json(checkpoint_dir / "config.json")
+    cfg = VisionConfig.from_checkpoint(raw if isinstance(raw, dict) else {}, str(checkpoint_dir / "config.json"))
+    with torch.device("meta"):
+        model = VisionModel(cfg)
+    tensors = read_tensors(checkpoint_dir, allow_pickle=allow_pickle)
+    # published files nest the tower one level deeper (`vision_tower.vision_model.encoder...`): drop that level
+    tensors = {
+        k.replace("vision_tower.vision_model.", "vision_tower."): v
+        for k, v in tensors.items()
+        if "vision_tower." in k or "multi_modal_projector." in k
+    }  # the text decoder's are load_model's
+    to_checkpoint = {name: checkpoint_name(name) for name, _ in model.named_parameters()}
+    expected = {to_checkpoint[name]: (tuple(p.shape), None) for name, p in model.named_parameters()}
+    found = select_weights(
+        tensors,
+        expected,
+        ("model.", ""),
+        source=str(checkpoint_dir),
+        ignore_prefixes=("vision_tower.head.",),
+        anchor="vision_tower.embeddings.patch_embedding.weight",
+    )
+    model.load_state_dict({n: found[c].to(dtype) for n, c in to_checkpoint.items()}, strict=True, assign=True)
+    return cfg, model.eval()
+
+
+def has_vision(checkpoint_dir: Path) -> bool:
+    """A multimodal Gemma 3 folder (config.json with a `vision_config`): it builds a vision artifact."""
+    from gemma_export.config.model_config import read_json
+
+    path = checkpoint_dir / "config.json"
+    raw = read_json(path) if path.is_file() else None
+    return isinstance(raw, dict) and raw.get("model_type") == "gemma3" and isinstance(raw.get("vision_config"), dict)
+
+
+def load_multimodal(checkpoint_dir: Path, *, allow_pickle: bool = False):
+    """A multimodal Gemma 3 folder -> (text config, vision config, vision model, multimodal decoder)."""
+    from gemma_export.config.model_config import read_json
+    from gemma_export.models.multimodal import Gemma3MultimodalDecoder
+
+    cfg, decoder = load_model(checkpoint_dir, allow_pickle=allow_pickle)
+    vision_cfg, vision = load_vision(checkpoint_dir, allow_pickle=allow_pickle)
+    raw = read_json(checkpoint_dir / "config.json")
+    image_token_id = raw.get("image_token_id", raw.get("image_token_index"))
+    if not isinstance(image_token_id, int):
+        raise BadInput(f"{checkpoint_dir}/config.json: no integer image_token_index (or image_token_id)")
+    return cfg, vision_cfg, vision, Gemma3MultimodalDecoder(decoder, image_token_id)

@@ -154,4 +154,5 @@ def _random_checkpoint(recipe: Any, root: Path, seed: int, layers: int | None, s
             layers=layers,
             dense=tuple(embedding.dense) if embedding else None,
             max_seq_length=embedding.max_seq_length if embedding else None,
+            vision=recipe.vision,
         )

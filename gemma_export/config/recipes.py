@@ -136,6 +136,8 @@ class Recipe(_Strict):
     parity: ParitySection
     prompts: Annotated[list[str], Field(min_length=1)]
     embedding: EmbeddingSection | None = None
+    # image + text models (Gemma 3 4B+): the published vision_config's fields and mm_tokens_per_image
+    vision: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:
@@ -221,6 +223,13 @@ def parse(raw_bytes: bytes, path: Path) -> Recipe:
     if recipe.name != path.stem:
         raise BadInput(f"{path}: name {recipe.name!r} must match the file name {path.stem!r}")
     cfg = recipe.config(str(path))  # BadInput naming the field if the architecture does not parse
+    if recipe.vision is not None:  # BadInput naming the field, as a checkpoint's vision_config would
+        from gemma_export.models.siglip import VisionConfig
+
+        vision = {k: v for k, v in recipe.vision.items() if k != "mm_tokens_per_image"}
+        raw = {"vision_config": vision, "text_config": {"hidden_size": cfg.hidden_size},
+               "mm_tokens_per_image": recipe.vision.get("mm_tokens_per_image", 256)}  # fmt: skip
+        VisionConfig.from_checkpoint(raw, f"{path}: [vision]")
     if recipe.export.max_length is not None and recipe.export.max_length > cfg.max_position_embeddings:
         raise BadInput(f"{path}: export.max_length {recipe.export.max_length} exceeds the architecture's "
                        f"max_position_embeddings {cfg.max_position_embeddings}")  # fmt: skip

@@ -564,6 +564,80 @@ def write_published(
     )
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Image + text (Gemma 3 4B+): the SigLIP tower, the projector, the processor files
+# ---------------------------------------------------------------------------------------------------------
+
+LAYER_NORM_SCALE = "layer_norm_scale"
+IMAGE_TOKENS = ("<start_of_image>", "<end_of_image>", "<image_soft_token>")  # boi, eoi, the image token
+
+
+def add_image_tokens(out: Path) -> dict[str, int]:
+    """Gemma 3's image tokens added to the folder's tokenizer (ids after its vocabulary), named in
+    tokenizer_config.json as transformers' Gemma3Processor reads them (`boi_token`, `eoi_token`, `image_token`)."""
+    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in IMAGE_TOKENS])
+    tok.save(str(out / "tokenizer.json"), pretty=True)
+    ids = {t: tok.token_to_id(t) for t in IMAGE_TOKENS}
+    config = json.loads((out / "tokenizer_config.json").read_text(encoding="utf-8"))
+    for token, i in ids.items():
+        config["added_tokens_decoder"][str(i)] = {"content": token, "special": True, **_NOT_STRIPPED}
+    config["extra_special_tokens"] = dict(zip(("boi_token", "eoi_token", "image_token"), IMAGE_TOKENS, strict=True))
+    _write_json(out / "tokenizer_config.json", config)
+    return ids
+
+
+def add_vision(out: Path, vision: dict[str, Any], *, seed: int = 0) -> Path:
+    """Make the text checkpoint at `out` (written by `write_random_checkpoint`, sharded) an image + text Gemma 3
+    one: config.json becomes `gemma3` (its text part under `text_config`), random SigLIP tower and projector
+    weights go into one more shard (the published names: `vision_tower.vision_model.`), the tokenizer gains the
+    image tokens and processor_config.json describes the preprocessing (SigLIP's: mean = std = 0.5, bilinear).
+    `vision`: a recipe's [vision] table (the published vision_config and mm_tokens_per_image)."""
+    from gemma_export.models.siglip import VisionConfig, VisionModel, checkpoint_name
+
+    text = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    vision = dict(vision)
+    mm_tokens = int(vision.pop("mm_tokens_per_image"))
+    vision_config = {"model_type": "siglip_vision_model", "hidden_act": "gelu_pytorch_tanh", "num_channels": 3,
+                     "vision_use_head": False, **vision}  # fmt: skip
+    ids = add_image_tokens(out)
+    raw = {
+        "architectures": ["Gemma3ForConditionalGeneration"],
+        "model_type": "gemma3",
+        "text_config": {k: v for k, v in text.items() if k != "architectures"},
+        "vision_config": vision_config,
+        "mm_tokens_per_image": mm_tokens,
+        "boi_token_index": ids[IMAGE_TOKENS[0]],
+        "eoi_token_index": ids[IMAGE_TOKENS[1]],
+        "image_token_index": ids[IMAGE_TOKENS[2]],
+        "tie_word_embeddings": True,
+    }
+    cfg = VisionConfig.from_checkpoint(raw, str(out / "config.json"))
+    with torch.device("meta"):
+        model = VisionModel(cfg)
+    specs: list[Spec] = []
+    for name, p in model.named_parameters():
+        ckpt = checkpoint_name(name).replace("vision_tower.", "vision_tower.vision_model.", 1)
+        layer_norm = name.endswith("weight") and ("layer_norm" in name or "post_layernorm" in name)
+        init: float | str = LAYER_NORM_SCALE if layer_norm else (0.1 if p.ndim == 1 else 0.02)
+        specs.append((ckpt, tuple(p.shape), init))
+    shard = "model-vision.safetensors"
+    _write_safetensors(out / shard, specs, torch.Generator().manual_seed(seed + 1), *DTYPES["float32"])
+    index = json.loads((out / INDEX_FILE).read_text(encoding="utf-8"))
+    index["weight_map"].update({spec[0]: shard for spec in specs})
+    index["weight_map"] = dict(sorted(index["weight_map"].items()))
+    _write_json(out / INDEX_FILE, index)
+    _write_json(out / "config.json", raw)
+    image_processor = {
+        "image_processor_type": "Gemma3ImageProcessor", "do_convert_rgb": True, "do_resize": True,
+        "size": {"height": cfg.image_size, "width": cfg.image_size}, "resample": 2, "do_rescale": True,
+        "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.5] * 3, "image_std": [0.5] * 3,
+    }  # fmt: skip
+    _write_json(out / "processor_config.json", {"image_processor": image_processor, "image_seq_length": mm_tokens,
+                                                "processor_class": "Gemma3Processor"})  # fmt: skip
+    return out
+
+
 def cut_depth(config: dict[str, Any], layers: int | None, name: str) -> dict[str, Any]:
     """`config` with only its first `layers` layers at full width (a cheaper stand-in; not the real size)."""
     config = dict(config)
@@ -583,8 +657,10 @@ def write_once(
     seed: int = 0,
     dense: tuple[int, ...] | None = None,
     max_seq_length: int | None = None,
+    vision: dict[str, Any] | None = None,
 ) -> Path:
-    """A random checkpoint of `config` at `out`, written once and reused afterwards.
+    """A random checkpoint of `config` at `out`, written once and reused afterwards (`vision`: with a SigLIP
+    tower, `add_vision`).
 
     An embedding config (`is_embedding_config`) is written as a sentence-transformers folder with the head's
     Dense widths `dense`. The files go to a `.partial` folder that is renamed when complete, so an
@@ -602,6 +678,8 @@ def write_once(
                                       max_seq_length=max_seq_length)  # fmt: skip
     else:
         write_random_checkpoint(partial, config, seed=seed, max_shard_bytes=2**31)
+        if vision is not None:
+            add_vision(partial, vision, seed=seed)
     shutil.rmtree(out, ignore_errors=True)
     partial.rename(out)
     return out
@@ -616,11 +694,12 @@ def write_cached(
     layers: int | None = None,
     dense: tuple[int, ...] | None = None,
     max_seq_length: int | None = None,
+    vision: dict[str, Any] | None = None,
 ) -> Path:
-    """`write_once` under root/NAME-seedS[-Nl], `layers` cutting the depth (`cut_depth`)."""
+    """`write_once` under root/NAME-seedS[-Nl], `layers` cutting the depth (`cut_depth`; the tower is kept whole)."""
     tag = f"{name}-seed{seed}" + (f"-{layers}l" if layers is not None else "")
     config = cut_depth(config, layers, name)
-    return write_once(Path(root) / tag, config, seed=seed, dense=dense, max_seq_length=max_seq_length)
+    return write_once(Path(root) / tag, config, seed=seed, dense=dense, max_seq_length=max_seq_length, vision=vision)
 
 
 # sentence-transformers' module classes, by the names sentence-transformers 6.2 records in modules.json.
@@ -808,6 +887,8 @@ def _write_safetensors(
 
 def _draw(shape: tuple[int, ...], init: float | str, generator: torch.Generator) -> torch.Tensor:
     """One tensor's float32 values (see `Spec`), from the generator's next numbers."""
+    if init == LAYER_NORM_SCALE:  # a LayerNorm's weight multiplies (no 1 + w): near 1
+        return torch.empty(shape, dtype=torch.float32).normal_(1.0, 0.02, generator=generator)
     if init == RG_LRU_DECAY:
         a2 = torch.empty(shape, dtype=torch.float32).uniform_(0.9**2 + 1e-8, 0.999**2 + 1e-8, generator=generator)
         return a2.log().mul(-0.5).exp().sub(1.0).log()  # log(1 / a - 1): softplus of it is -log(a)

@@ -67,6 +67,7 @@ class Attention(nn.Module):
         self.softcap = cfg.attn_logit_softcapping
         self.window = cfg.window_of(layer)
         self.causal = not cfg.use_bidirectional_attention
+        self.blocks = False  # the mask may name image blocks (values >= 2): models/multimodal.py sets it
         self.slots: int | None = None  # a windowed cache's buffer size; None: the cache grows (full layout)
         self.q_proj = nn.Linear(cfg.hidden_size, self.heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=False)
@@ -90,7 +91,9 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k = torch.cat((past[0], k), dim=2)
         v = torch.cat((past[1], v), dim=2)
-        out = torch.ops.gemma.attention(q, k, v, attention_mask, self.scale, self.softcap, self.window, self.causal)
+        out = torch.ops.gemma.attention(
+            q, k, v, attention_mask, self.scale, self.softcap, self.window, self.causal, self.blocks
+        )
         out = out.transpose(1, 2).reshape(batch, seq, self.heads * self.head_dim)
         if self.slots is not None:  # keep the last `slots` positions (a slice that is empty when slots == 0)
             k, v = k[:, :, k.shape[2] - self.slots :], v[:, :, v.shape[2] - self.slots :]
@@ -176,10 +179,22 @@ class GemmaModel(nn.Module):
         state: list[torch.Tensor],
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The final-normed hidden states [batch, seq, hidden] (what an encoder pools) and the new cache."""
+        return self.run_layers(self.embed(input_ids), attention_mask, position_ids, state)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         dtype = self.embed_tokens.weight.dtype
-        x = self.embed_tokens(input_ids) * torch.tensor(self.cfg.hidden_size**0.5, dtype=dtype)
+        return self.embed_tokens(input_ids) * torch.tensor(self.cfg.hidden_size**0.5, dtype=dtype)
+
+    def run_layers(
+        self,
+        x: torch.Tensor,  # [batch, seq, hidden]: the embedded tokens
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        state: list[torch.Tensor],
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        dtype = self.embed_tokens.weight.dtype
         tables = {kind: rope_cos_sin(getattr(self, f"inv_freq_{kind}"), position_ids, dtype) for kind in self.cfg.rope}
-        seq = input_ids.shape[1]
+        seq = x.shape[1]
         masks = {None: attention_mask}  # per buffer size (None: a growing cache), computed once
         for layer in self.layers:
             slots = layer.self_attn.slots

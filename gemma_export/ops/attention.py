@@ -62,6 +62,7 @@ def _register_schema() -> None:
             attr("window", kind.INT, "keys visible to a query, the current one included; 0 = all"),
             attr("causal", kind.INT, "1 = causal, 0 = bidirectional"),
             attr("kv_num_heads", kind.INT, "number of key/value heads (grouped-query attention)"),
+            attr("blocks", kind.INT, "1: the mask may carry values >= 2 (image blocks); absent: 0", required=False),
         ],
     )
     onnx.defs.register_schema(schema)
@@ -82,6 +83,7 @@ def attention_reference(
     softcap: float,
     window: int,
     causal: bool,
+    blocks: bool = False,
 ) -> torch.Tensor:
     batch, heads, seq, head_dim = query.shape
     kv_heads = key.shape[1]
@@ -90,7 +92,8 @@ def attention_reference(
     scores = torch.matmul(q, key.unsqueeze(2).transpose(-1, -2)).float() * scale  # [b, kv, g, s, t]
     scores = layers.softcap(scores, softcap)  # in float32, before the mask
 
-    visible = visibility.visible(attention_mask, seq, window, causal)[:, None, None]  # [b, 1, 1, s, t]
+    # [b, 1, 1, s, t]; `blocks` is a declaration for kernels: the rule reads block values wherever they are
+    visible = visibility.visible(attention_mask, seq, window, causal)[:, None, None]
     scores = scores.masked_fill(~visible, _MASKED)
     probs = torch.softmax(scores, dim=-1).to(value.dtype)
     out = torch.matmul(probs, value.unsqueeze(2))  # [b, kv, g, s, d]
@@ -107,12 +110,13 @@ def attention(
     softcap: float,
     window: int,
     causal: bool,
+    blocks: bool = False,
 ) -> torch.Tensor:
-    return attention_reference(query, key, value, attention_mask, scale, softcap, window, causal)
+    return attention_reference(query, key, value, attention_mask, scale, softcap, window, causal, blocks)
 
 
 @attention.register_fake
-def _(query, key, value, attention_mask, scale, softcap, window, causal):
+def _(query, key, value, attention_mask, scale, softcap, window, causal, blocks=False):
     # Shapes only. Deliberately no check that attention_mask.shape[1] == key.shape[2]: it would tie two
     # symbolic sizes together at export time; the ONNX op checks it at run time instead.
     return torch.empty_like(query)
@@ -133,6 +137,8 @@ def Attention(
     causal: int,
     kv_num_heads: int,
 ) -> FLOAT["batch", "heads", "seq", "head_dim"]:
+    # (The optional attribute `blocks` is the schema's only: a declaration for kernels and lowerings. This body
+    # applies blocks whenever the mask has them, so it needs no attribute, whose default onnx's inliner drops.)
     zero = op.Constant(value_int=0)
     one = op.Constant(value_int=1)
     q_shape = op.Shape(query)
@@ -162,12 +168,17 @@ def Attention(
     win = op.Constant(value_int=window)
     no_window = op.LessOrEqual(win, zero)
     is_causal = op.Greater(op.Constant(value_int=causal), zero)
-    in_causal_window = op.And(op.GreaterOrEqual(dist, zero), op.Or(no_window, op.Less(dist, win)))
-    in_bidir_window = op.Or(no_window, op.Less(op.Abs(dist), win))
-    # (ONNX Runtime has no boolean Where kernel, hence And/Or.)
-    visible = op.Or(op.And(is_causal, in_causal_window), op.And(op.Not(is_causal), in_bidir_window))
-    keep = op.Unsqueeze(op.Not(op.Equal(attention_mask, op.CastLike(zero, attention_mask))), [1, 2, 3])
-    visible = op.And(visible, keep)  # [b, 1, 1, s, t]
+    below_hi = op.Or(no_window, op.Less(dist, win))  # d < W (or no window)
+    # d >= lo: 0 when causal, 1 - W when bidirectional. (ONNX Runtime has no boolean Where kernel: And/Or.)
+    above_lo = op.Or(op.And(is_causal, op.GreaterOrEqual(dist, zero)),
+                     op.And(op.Not(is_causal), op.Or(no_window, op.Less(op.Neg(dist), win))))  # fmt: skip
+    # blocks: a key of the query's own block (equal mask values >= 2) is visible whatever the lower bound
+    ids = op.Cast(attention_mask, to=7)  # int64, whatever M is
+    own = op.Unsqueeze(op.Slice(ids, op.Sub(total, seq), total, op.Constant(value_ints=[1])), [2])  # [b, s, 1]
+    same = op.And(op.Equal(own, op.Unsqueeze(ids, [1])), op.GreaterOrEqual(own, op.Constant(value_int=2)))
+    visible = op.And(below_hi, op.Or(above_lo, same))  # [b, s, t]
+    keep = op.Unsqueeze(op.Not(op.Equal(attention_mask, op.CastLike(zero, attention_mask))), [1])
+    visible = op.Unsqueeze(op.And(visible, keep), [1, 2])  # [b, 1, 1, s, t]
 
     scores = op.Where(visible, scores, op.Constant(value_float=-3.4028234663852886e38))
     probs = op.CastLike(op.Softmax(scores, axis=-1), value)
@@ -184,8 +195,10 @@ def _translate_attention(
     softcap: float,
     window: int,
     causal: bool,
+    blocks: bool = False,
 ) -> FLOAT:
-    """What torch.onnx emits for `torch.ops.gemma.attention`: a single `ai.gemma::Attention` node."""
+    """What torch.onnx emits for `torch.ops.gemma.attention`: a single `ai.gemma::Attention` node (`blocks`
+    only where set, so every graph without image blocks is as before)."""
     kv_num_heads = key.shape[1] if key.shape is not None else None
     if not isinstance(kv_num_heads, int):
         raise ValueError("the number of key/value heads must be static at export time")
@@ -199,6 +212,7 @@ def _translate_attention(
         window=int(window),
         causal=int(bool(causal)),
         kv_num_heads=kv_num_heads,
+        **({"blocks": 1} if blocks else {}),
     )
 
 

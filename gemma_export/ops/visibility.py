@@ -7,6 +7,13 @@ d = p - j lies in the layer's reach:
     causal          0 <= d            and, with a window W > 0,  d < W   (W keys, the current one included)
     bidirectional   every key         or,  with a window W > 0,  |d| < W (EmbeddingGemma's local layers)
 
+Mask values >= 2 also name bidirectional blocks (an image's tokens: Gemma 3's `token_type_ids`; PaliGemma's
+prefix): a key whose mask value equals the query's own value (>= 2) is visible whatever the lower bound on d
+(a later key of the same block), but the window's upper bound d < W still applies, as transformers composes
+it for sliding layers: AND(window, OR(causal, block)). A mask of 0 and 1 (every text graph) has no blocks;
+a node that may receive blocks says so with the op's attribute `blocks = 1`, so that a kernel or lowering
+without blocks (CUDA, GroupQueryAttention, the TensorRT plugin) can refuse or avoid it.
+
 `visible` evaluates it for numpy arrays (graphs/attention/make_vectors.py, the tests) and torch tensors
 (`attention_reference`, what the PyTorch model computes). The faces written in another IR, the function body
 of the ONNX op (ops/attention.py) and the ort-cpu lowering's nodes (targets/ort_cpu.py), are checked against
@@ -29,13 +36,15 @@ def reach(window: int, causal: bool, total: int) -> tuple[int, int]:
 def visible(attention_mask: Any, seq: int, window: int, causal: bool) -> Any:
     """visible[b, i, j], boolean [batch, seq, total]: key j is visible to query i of batch row b.
 
-    `attention_mask` [batch, total] (nonzero: a real token) is a numpy array or a torch tensor; the result
-    is of the same kind (and device)."""
+    `attention_mask` [batch, total] (nonzero: a real token; values >= 2 name bidirectional blocks) is a numpy
+    array or a torch tensor; the result is of the same kind (and device)."""
     total = attention_mask.shape[-1]
     arange = _arange_like(attention_mask)
     distance = arange(total - seq, total)[:, None] - arange(0, total)[None, :]  # [S, T]: p - j
     lo, hi = reach(window, bool(causal), total)
-    return (attention_mask != 0)[:, None, :] & (distance >= lo) & (distance <= hi)
+    own = attention_mask[:, total - seq :][:, :, None]  # [B, S, 1]: each query's own mask value
+    after_lo = (distance >= lo) | ((own == attention_mask[:, None, :]) & (own >= 2))  # [B, S, T]
+    return (attention_mask != 0)[:, None, :] & after_lo & (distance <= hi)
 
 
 def _arange_like(array: Any):

@@ -20,7 +20,7 @@ from gemma_export.checkpoint.gguf import manifest_source
 from gemma_export.errors import BadInput, ParityError
 from gemma_export.manifest import FORMAT, MANIFEST, ArtifactSpec, BuildInfo, FileEntry, Manifest
 from gemma_export.models.embedding import is_sentence_transformers_folder
-from gemma_export.pipeline import calibrate, gptq, logits_to_keep, memory, optimize, package, quantize, trace
+from gemma_export.pipeline import calibrate, gptq, logits_to_keep, memory, optimize, package, quantize, trace, vision
 from gemma_export.pipeline.options import BuildOptions, check_output_location, check_recipe_architecture
 from gemma_export.pipeline.progress import Stages
 from gemma_export.runtime.session import OrtEncoder
@@ -67,6 +67,7 @@ class Loaded:
     tolerance: float
     max_length: int
     state: list[dict[str, Any]]
+    vision: Any = None  # pipeline/vision.py Vision: an image + text checkpoint's tower and preprocessing
 
     def take_model(self) -> Any:
         """Hand the reference model over, keeping no reference to it here: the verify stage runs it first and
@@ -79,7 +80,11 @@ class Loaded:
 def load_decoder(checkpoint_dir: Path, options: BuildOptions) -> Loaded:
     if options.dim is not None:
         raise BadInput("--dim applies to embedding models (a sentence-transformers folder)")
-    cfg, model = load.load_model(checkpoint_dir, allow_pickle=options.allow_pickle)
+    vision_half = None
+    if load.has_vision(checkpoint_dir):  # Gemma 3 with its SigLIP tower: an image + text artifact
+        cfg, vision_half, model = _load_multimodal(checkpoint_dir, options)
+    else:
+        cfg, model = load.load_model(checkpoint_dir, allow_pickle=options.allow_pickle)
     if options.cache_layout is not None:
         model.use_cache_layout(options.cache_layout)
     source = manifest_source(checkpoint_dir)  # a GGUF's file, sha256 and tensor types; {} for a folder
@@ -101,7 +106,20 @@ def load_decoder(checkpoint_dir: Path, options: BuildOptions) -> Loaded:
         tolerance=options.tolerance or verify.DEFAULT_TOLERANCE,
         max_length=cfg.max_position_embeddings,
         state=[spec.to_json() for spec in model.state_specs()],
+        vision=vision_half,
     )
+
+
+def _load_multimodal(checkpoint_dir: Path, options: BuildOptions) -> tuple[Any, Any, Any]:
+    from gemma_export.pipeline.vision import Vision
+    from gemma_export.runtime.images import read_processor
+
+    if options.target == "tensorrt":
+        raise BadInput("--target tensorrt does not build image + text checkpoints yet (the attention plugin has "
+                       "no image blocks): use --target ort-cpu or onnx")  # fmt: skip
+    cfg, vision_cfg, vision_model, model = load.load_multimodal(checkpoint_dir, allow_pickle=options.allow_pickle)
+    pre = read_processor(checkpoint_dir, vision_cfg.mm_tokens_per_image, model.image_token_id)
+    return cfg, Vision(vision_cfg, vision_model, pre), model
 
 
 def load_encoder(folder: Path, options: BuildOptions) -> Loaded:
@@ -220,10 +238,16 @@ def build(checkpoint_dir: Path, out_dir: Path, options: BuildOptions, stages: St
             roles = {"model": package.MODEL_FILE, "weights": package.WEIGHTS_FILE}
             roles.update(target.write_extra_files(staging, loaded.cfg, cache_layout, loaded.max_length, encoder))
             roles.update({name: name for name in package.copy_tokenizer(checkpoint_dir, staging)})
+            vision_info = None
+            if loaded.vision is not None:  # the vision graph beside the decoder (pipeline/vision.py)
+                vision_roles, vision_info = vision.build(loaded.vision, staging, target)
+                roles.update(vision_roles)
+                loaded.vision = None  # its weights are not needed by the decoder's verify
             io = package.io_spec(proto)
             compiles = type(target).compile is not Target.compile  # builds more from the graph (TensorRT engines)
             if not compiles:
                 spec = _spec(options, target, loaded, proto, io, shared, cache_layout, staging, roles, quantization)
+                spec = spec.model_copy(update={"vision": vision_info})
                 st.bytes = sum(f.bytes for f in spec.files.values())
         if compiles:
             with stages.stage("compile") as st:

@@ -30,18 +30,22 @@ from gemma_export.ops import attention, rglru
 
 OPSET = 23
 BATCH, SEQ, PAST, TOTAL = "batch", "sequence_length", "past_sequence_length", "total_sequence_length"
+IMAGES, IMAGE_TOKENS = "num_images", "num_image_tokens"
 TRANSLATION_TABLE = {**attention.TRANSLATION_TABLE, **rglru.TRANSLATION_TABLE}
 
 
 class _FlatDecoder(nn.Module):
-    """The model with the flat signature of the ONNX graph: one tensor per carried state."""
+    """The model with the flat signature of the ONNX graph: one tensor per carried state (after a multimodal
+    decoder's extra inputs, models/multimodal.py: token_type_ids, image_features)."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
+        self.extras = len(getattr(model, "extra_inputs", ()))
 
-    def forward(self, input_ids, attention_mask, position_ids, *state):
-        logits, new_state = self.model(input_ids, attention_mask, position_ids, list(state))
+    def forward(self, input_ids, attention_mask, position_ids, *rest):
+        extra, state = rest[: self.extras], rest[self.extras :]
+        logits, new_state = self.model(input_ids, attention_mask, position_ids, list(state), *extra)
         return (logits, *new_state)
 
 
@@ -63,6 +67,12 @@ def export_decoder(model: nn.Module) -> ir.Model:
     b, s, p, t = (torch.export.Dim(n, min=1 if n != PAST else 0) for n in (BATCH, SEQ, PAST, TOTAL))
     state_dims = tuple({0: b, spec.grows: p} if spec.grows is not None else {0: b} for spec in specs)
     dynamic = ({0: b, 1: s}, {0: b, 1: t if model.mask_covers_past else s}, {0: b, 1: s}, state_dims)
+    extra_names = list(getattr(model, "extra_inputs", ()))
+    if extra_names:  # a multimodal decoder: token_type_ids [batch, total], image_features [image tokens, hidden]
+        example = (*example[:3], torch.zeros((batch, total), dtype=torch.int64),
+                   torch.zeros((5, model.cfg.hidden_size)), *example[3:])  # fmt: skip
+        images = torch.export.Dim(IMAGE_TOKENS, min=0)
+        dynamic = (*dynamic[:3], ({0: b, 1: t}, {0: images}, *state_dims))  # *rest: extras then the state
 
     with warnings.catch_warnings(), _quiet_exporter():
         warnings.simplefilter("ignore")
@@ -71,7 +81,7 @@ def export_decoder(model: nn.Module) -> ir.Model:
             example,
             dynamo=True,
             opset_version=OPSET,
-            input_names=["input_ids", "attention_mask", "position_ids", *(spec.input for spec in specs)],
+            input_names=["input_ids", "attention_mask", "position_ids", *extra_names, *(spec.input for spec in specs)],
             output_names=["logits", *(spec.output for spec in specs)],
             dynamic_shapes=dynamic,
             custom_translation_table=TRANSLATION_TABLE,
@@ -111,6 +121,32 @@ def export_encoder(model: nn.Module) -> ir.Model:
         for axis, name in names.items():
             dims[axis] = ir.SymbolicDim(name)
         out.shape = ir.Shape(dims)
+    return graph
+
+
+def export_vision(model: nn.Module) -> ir.Model:
+    """Export the vision graph (models/siglip.py): pixel_values [num_images, channels, size, size] float32 ->
+    image_features [num_images, mm_tokens_per_image, text hidden] float32."""
+    cfg = model.cfg
+    example = (torch.zeros((2, cfg.num_channels, cfg.image_size, cfg.image_size)),)
+    n = torch.export.Dim(IMAGES, min=1)
+    with warnings.catch_warnings(), _quiet_exporter():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            model.eval(),
+            example,
+            dynamo=True,
+            opset_version=OPSET,
+            input_names=["pixel_values"],
+            output_names=["image_features"],
+            dynamic_shapes=({0: n},),
+            custom_translation_table=TRANSLATION_TABLE,
+            optimize=False,
+            verbose=False,
+        )
+    graph = program.model
+    out = graph.graph.outputs[0]
+    out.shape = ir.Shape([ir.SymbolicDim(IMAGES), *list(out.shape)[1:]])
     return graph
 
 

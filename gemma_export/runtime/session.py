@@ -94,6 +94,10 @@ class OrtDecoder:
         self._binding, self._bound, self._logits_shape = None, [], None  # _run_in_place's io binding
         self._reserved = 0
         self._keeps_logits = any(v.name == "logits_to_keep" for v in manifest.inputs)
+        # a vision artifact's decoder (models/multimodal.py): a text step feeds no image tokens
+        names = {v.name for v in manifest.inputs}
+        self._multimodal = {"token_type_ids", "image_features"} <= names
+        self._hidden = manifest.model.config.hidden_size
 
     def empty_cache(self, batch: int) -> Cache:
         return [np.zeros([batch if d == "batch" else d for d in s.shape], s.dtype) for s in self.state]
@@ -102,11 +106,18 @@ class OrtDecoder:
         """Size the shared buffers for `length` positions from the next new buffer on (prompt + new tokens)."""
         self._reserved = length
 
-    def step(self, input_ids, attention_mask, position_ids, cache, logits_to_keep=0):
+    def step(self, input_ids, attention_mask, position_ids, cache, logits_to_keep=0, **extra):
+        """`extra`: a vision artifact's token_type_ids and image_features (runtime/images.py); left out, a text
+        step's (no image token)."""
         total = attention_mask.shape[1]  # past + new: what a shared buffer must hold
         if not self.mask_covers_past:
             attention_mask = attention_mask[:, -input_ids.shape[1] :]
         feed = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        if self._multimodal:
+            feed["token_type_ids"] = extra.get("token_type_ids", np.zeros_like(attention_mask))
+            feed["image_features"] = extra.get("image_features", np.zeros((0, self._hidden), np.float32))
+        elif extra:
+            raise BadInput("this artifact takes no images (a text-only decoder)")
         drops_rows = 0 < logits_to_keep < input_ids.shape[1]
         cuts_in_graph = drops_rows and self._keeps_logits
         if any(self._shared) and not cuts_in_graph:

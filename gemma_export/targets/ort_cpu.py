@@ -73,12 +73,14 @@ class AttentionAttrs:
     window: int
     causal: int
     kv_num_heads: int
+    blocks: int = 0  # the mask may name bidirectional blocks (values >= 2: image tokens)
 
     @classmethod
     def of(cls, node: ir.Node) -> AttentionAttrs:
         a = node.attributes
+        blocks = a["blocks"].as_int() if "blocks" in a else 0
         return cls(a["scale"].as_float(), a["softcap"].as_float(), a["window"].as_int(), a["causal"].as_int(),
-                   a["kv_num_heads"].as_int())  # fmt: skip
+                   a["kv_num_heads"].as_int(), blocks)  # fmt: skip
 
 
 def lower(model: ir.Model) -> ir.Model:
@@ -113,6 +115,7 @@ def _lower_attention(graph: ir.Graph, node: ir.Node, masks: _SharedMasks) -> Non
     head_dim = query.shape[3] if query.shape is not None else None
     gqa_fits = (
         a.causal
+        and not a.blocks  # GroupQueryAttention's own causal cut would hide an image's later tokens
         and a.scale != 0  # GroupQueryAttention reads scale 0 as 1/sqrt(head_dim)
         and None not in split
         and isinstance(head_dim, int)
@@ -247,7 +250,7 @@ class _SharedMasks:
         if not (isinstance(seq, int) or (isinstance(seq, ir.SymbolicDim) and seq.value)):
             seq = id(query)  # a query length no other node is known to share
         a = AttentionAttrs.of(node)
-        key = (what, id(mask), seq, *((a.window, a.causal) if per_window else ()))
+        key = (what, id(mask), seq, *((a.window, a.causal, a.blocks) if per_window else ()))
         if key not in self.built:
             tape = Tape()
             self.built[key] = build(tape)
@@ -258,7 +261,7 @@ class _SharedMasks:
         """graphs/attention.md section 3: boolean [batch, 1, seq, total]."""
         a = AttentionAttrs.of(node)
         query, mask = node.inputs[0], node.inputs[3]
-        return self._get(node, "visible", lambda tape: _visibility(tape, query, mask, a.window, a.causal))
+        return self._get(node, "visible", lambda tape: _visibility(tape, query, mask, a.window, a.causal, a.blocks))
 
     def bias(self, node: ir.Node) -> ir.Value:
         """The visibility as an additive float32 bias [batch, 1, seq, total]: 0 or the float32 lowest."""
@@ -298,9 +301,10 @@ class _SharedMasks:
         return self._get(node, "gqa_refuses", build, per_window=False)
 
 
-def _visibility(tape: Tape, query: ir.Value, mask: ir.Value, window: int, causal: int) -> ir.Value:
+def _visibility(tape: Tape, query: ir.Value, mask: ir.Value, window: int, causal: int, blocks: int = 0) -> ir.Value:
     """ops/visibility.py's rule in ONNX ops, for this node's window and causality only: key j visible to query i
-    (absolute position p = T - S + i) when mask[b, j] != 0 and p - j is within reach (tests/ops/test_visibility.py)."""
+    (absolute position p = T - S + i) when mask[b, j] != 0 and p - j is within reach (tests/ops/test_visibility.py);
+    with `blocks`, also a key of the query's own block (equal mask values >= 2) beyond the lower bound."""
     zero, one = _const(tape, np.int64(0)), _const(tape, np.int64(1))
     total = tape.op("Squeeze", [tape.op("Shape", [mask], {"start": 1, "end": 2})])  # T = the mask's width
     seq = tape.op("Squeeze", [tape.op("Shape", [query], {"start": 2, "end": 3})])  # S
@@ -315,6 +319,19 @@ def _visibility(tape: Tape, query: ir.Value, mask: ir.Value, window: int, causal
         rule = tape.op("Less", [tape.op("Abs", [dist]), win])
     else:
         rule = None
+    if blocks and rule is not None:  # (bidirectional and global: every key already)
+        lower = tape.op("GreaterOrEqual", [dist, zero] if causal else [tape.op("Neg", [dist]), win])
+        lower = lower if causal else tape.op("Not", [lower])  # bidirectional: d > -W
+        ids = tape.op("Cast", [mask], {"to": ir.DataType.INT64})
+        start, end = tape.op("Unsqueeze", [tape.op("Sub", [total, seq]), zero]), tape.op("Unsqueeze", [total, zero])
+        own = tape.op("Slice", [ids, start, end, _const(tape, np.array([1]))])  # [B, S]: each query's own value
+        own = tape.op("Unsqueeze", [own, _const(tape, np.array([2]))])
+        is_block = tape.op("GreaterOrEqual", [own, _const(tape, np.int64(2))])
+        same = tape.op("And", [tape.op("Equal", [own, tape.op("Unsqueeze", [ids, one])]), is_block])  # [B, S, T]
+        upper = tape.op("Less", [dist, win]) if window > 0 else None
+        rule = tape.op("Or", [lower, same])
+        rule = tape.op("And", [rule, upper]) if upper is not None else rule
+        rule = tape.op("Unsqueeze", [rule, one])  # [B, 1, S, T]
     keep = tape.op("Unsqueeze", [tape.op("Cast", [mask], {"to": ir.DataType.BOOL}), _const(tape, np.array([1, 2]))])
     if rule is None:  # bidirectional, global: the padding alone, for every query (Attention-23 needs S rows)
         shape = [_const(tape, np.array([1, 1])), tape.op("Unsqueeze", [seq, zero]), tape.op("Unsqueeze", [total, zero])]

@@ -40,6 +40,12 @@ def masks(total: int) -> np.ndarray:
     return (np.arange(total)[None] >= pads[:, None]).astype(np.int64)
 
 
+def block_masks(total: int) -> np.ndarray:
+    """[6, total]: `masks` and two rows whose values >= 2 name bidirectional blocks (images), one left-padded."""
+    rows = np.array([[1, 2, 2, 2, 1, 3, 3, 1, 1, 4, 4, 4, 4, 1], [0, 0, 5, 5, 5, 5, 5, 1, 1, 1, 6, 6, 1, 1]])
+    return np.concatenate((masks(total), rows[:, :total]))
+
+
 def grid() -> list[tuple[int, int]]:
     return list(itertools.product(QUERY_LENGTHS, PAST_LENGTHS))
 
@@ -54,6 +60,11 @@ WRITTEN_OUT = [
     ((2, 0, 1, [0, 0, 1, 1]), [[0, 0, 1, 0], [0, 0, 1, 1]]),  # left padding: never a padding key
     ((4, 2, 0, [1, 1, 1, 1]), [[1, 1, 0, 0], [1, 1, 1, 0], [0, 1, 1, 1], [0, 0, 1, 1]]),  # bidirectional |d| < W
     ((3, 0, 0, [0, 1, 1]), [[0, 1, 1], [0, 1, 1], [0, 1, 1]]),  # bidirectional, global: every real key
+    # a block (mask value 2): its tokens see each other, later ones included; text stays causal
+    ((4, 0, 1, [1, 2, 2, 1]), [[1, 0, 0, 0], [1, 1, 1, 0], [1, 1, 1, 0], [1, 1, 1, 1]]),
+    # ... and the window still bounds how far back (AND(window, OR(causal, block)), transformers' sliding rule)
+    ((4, 2, 1, [2, 2, 2, 1]), [[1, 1, 1, 0], [1, 1, 1, 0], [0, 1, 1, 0], [0, 0, 1, 1]]),
+    ((3, 0, 1, [2, 3, 3]), [[1, 0, 0], [1, 1, 1], [1, 1, 1]]),  # two blocks do not see each other's later keys
 ]
 
 
@@ -66,7 +77,7 @@ def test_the_rule_on_cases_written_out(case, expected) -> None:
 @pytest.mark.parametrize(("window", "causal"), KINDS)
 def test_numpy_and_torch_evaluate_the_rule_alike(window, causal) -> None:
     for seq, past in grid():
-        mask = masks(seq + past)
+        mask = block_masks(seq + past)
         expected = visible(mask, seq, window, causal)
         assert expected.shape == (len(mask), seq, seq + past) and expected.dtype == bool
         got = visible(torch.from_numpy(mask), seq, window, bool(causal))
@@ -101,7 +112,7 @@ def function_mask_session(window: int, causal: int):
 def test_function_body_follows_the_rule(window, causal) -> None:
     session, name = function_mask_session(window, causal)
     for seq, past in grid():
-        mask = masks(seq + past)
+        mask = block_masks(seq + past)
         batch, total = mask.shape
         feeds = {
             "query": np.zeros((batch, HEADS, seq, HEAD_DIM), np.float32),
@@ -117,14 +128,14 @@ def test_function_body_follows_the_rule(window, causal) -> None:
 # --- the ort-cpu lowering ----------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=len(KINDS))
-def lowered_mask_session(window: int, causal: int):
+@functools.lru_cache(maxsize=2 * len(KINDS))
+def lowered_mask_session(window: int, causal: int, blocks: int = 0):
     """ort_cpu's visibility nodes for one (window, causal), from a query and a key mask."""
     query = ir.Value(name="query", type=ir.TensorType(ir.DataType.FLOAT),
                      shape=ir.Shape(["B", HEADS, "S", HEAD_DIM]))  # fmt: skip
     mask = ir.Value(name="attention_mask", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape(["B", "T"]))
     tape = Tape()
-    out = ort_cpu._visibility(tape, query, mask, window, causal)
+    out = ort_cpu._visibility(tape, query, mask, window, causal, blocks)
     out.name, out.type, out.shape = "visible", ir.TensorType(ir.DataType.BOOL), ir.Shape(["B", 1, "S", "T"])
     graph = ir.Graph([query, mask], [out], nodes=tape.nodes, opset_imports={"": OPSET}, name="visibility")
     proto = ir.to_proto(ir.Model(graph, ir_version=harness.IR_VERSION))
@@ -132,11 +143,13 @@ def lowered_mask_session(window: int, causal: int):
     return harness.session(proto)
 
 
+@pytest.mark.parametrize("blocks", [0, 1])
 @pytest.mark.parametrize(("window", "causal"), KINDS)
-def test_lowered_mask_follows_the_rule(window, causal) -> None:
-    session = lowered_mask_session(window, causal)
+def test_lowered_mask_follows_the_rule(window, causal, blocks) -> None:
+    """Without `blocks` the lowering builds no block term (text graphs stay as they were): masks of 0 and 1."""
+    session = lowered_mask_session(window, causal, blocks)
     for seq, past in grid():
-        mask = masks(seq + past)
+        mask = (block_masks if blocks else masks)(seq + past)
         query = np.zeros((len(mask), HEADS, seq, HEAD_DIM), np.float32)
         got = session.run(["visible"], {"query": query, "attention_mask": mask})[0]  # [batch, 1, seq, total]
         np.testing.assert_array_equal(got[:, 0], visible(mask, seq, window, causal), err_msg=f"seq {seq}, past {past}")
