@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -17,7 +18,14 @@ Decoder = GemmaModel | GriffinModel
 
 # Tensors a checkpoint may carry that the text decoder does not use: the (tied) LM head, and the vision
 # tower and projector of a multimodal Gemma 3.
-IGNORED_PREFIXES = ("lm_head.", "vision_tower.", "multi_modal_projector.")
+IGNORED_PREFIXES = (
+    "lm_head.",
+    "vision_tower.",
+    "multi_modal_projector.",
+    "audio_tower.",  # Gemma 4's audio encoder and its projectors
+    "embed_vision.",
+    "embed_audio.",
+)
 
 
 def load_model(
@@ -42,6 +50,7 @@ def _load_weights(
 ) -> Decoder:
     """Fill a meta-device model with the checkpoint's (memory-mapped) tensors, validated by name and shape."""
     tensors = read_tensors(checkpoint_dir, allow_pickle=allow_pickle)
+    tensors = {name: t for name, t in tensors.items() if not _unused_shared_kv(name, cfg)}
     renames = CHECKPOINT_RENAMES.get(cfg.model_type, {})
     to_checkpoint = {name: _rename(name, renames) for name, _ in model.named_parameters()}
     expected = {to_checkpoint[name]: (tuple(p.shape), None) for name, p in model.named_parameters()}
@@ -54,10 +63,23 @@ def _load_weights(
     return model.eval()
 
 
+def _unused_shared_kv(name: str, cfg: GemmaConfig | GriffinConfig) -> bool:
+    """A Gemma 4 KV-shared layer's key/value projections and norms: checkpoints may carry them, transformers
+    ignores them (`_keys_to_ignore_on_load_unexpected`), and so do we."""
+    if not isinstance(cfg, GemmaConfig) or not cfg.num_kv_shared_layers:
+        return False
+    match = _SHARED_KV_TENSOR.search(name)
+    return match is not None and not cfg.produces_kv(int(match.group(1)))
+
+
+_SHARED_KV_TENSOR = re.compile(r"(?:^|\.)layers\.(\d+)\.self_attn\.(?:k_proj|v_proj|k_norm|v_norm)\.")
+
+
 def _rename(name: str, renames: dict[str, str]) -> str:
+    name = "." + name  # a module at the top (Gemma 4's per_layer_inputs) matches as one deeper does
     for ours, theirs in renames.items():
         name = name.replace(f".{ours}.", f".{theirs}.")
-    return name
+    return name[1:]
 
 
 def load_embedding(
