@@ -134,7 +134,7 @@ FAMILIES: dict[str, Family] = {
 }
 # Multimodal checkpoints whose text decoder we export: model_type -> the text config's model_type.
 MULTIMODAL = {"gemma3": "gemma3_text", "gemma4": "gemma4_text"}
-SUPPORTED_MODEL_TYPES = (*FAMILIES, *MULTIMODAL, "recurrent_gemma")
+SUPPORTED_MODEL_TYPES = ("gemma", "gemma2", "gemma3_text", "gemma3", "gemma4_text", "gemma4", "recurrent_gemma")
 
 # Where the decoder's tensors live in each on-disk layout, tried in order.
 WEIGHT_PREFIXES = ("model.", "model.language_model.", "language_model.model.", "")  # "": a bare AutoModel
