@@ -216,16 +216,28 @@ def test_gemma4_traits_matter(g4_checkpoints, g4_hf, shape, mutate, reconfigure)
 
 
 def test_kv_sharing_halves_the_e2b_cache() -> None:
-    """KV-cache bytes of the E2B shape (float32; bf16 halves them): 15 of its 35 layers store nothing."""
+    """KV-cache bytes of the E2B shape (float32; bf16 halves them), as state_specs lays them out (a model on the
+    meta device): 20 of its 35 layers store nothing; they read layers 13 (local) and 14 (global)."""
+    import math
+
     from gemma_export.dev import random_checkpoint
 
     cfg = parse_config(random_checkpoint.PUBLISHED_CONFIGS["gemma-4-e2b"])
-    assert cfg.num_kv_shared_layers == 15 and sum(map(cfg.produces_kv, range(35))) == 20
+    assert cfg.num_kv_shared_layers == 20 and sum(map(cfg.produces_kv, range(35))) == 15
+    assert {cfg.kv_source(i) for i in range(15, 35)} == {13, 14}
+    with torch.device("meta"):
+        model = GemmaModel(cfg)
     for context in (8192, 32768):
+        laid_out = sum(
+            math.prod(context if axis == s.grows else 1 if d == "batch" else d for axis, d in enumerate(s.shape)) * 4
+            for s in model.state_specs()
+        )
         shared, unshared = kv_cache_bytes(cfg, context), kv_cache_bytes(cfg, context, shared=False)
-        assert shared < unshared
-        windowed = kv_cache_bytes(cfg, context, layout="windowed")
-        assert windowed < shared
+        assert shared == laid_out
+        # per position: 12 local layers of 1 x 256 and 3 global of 1 x 512, against 28 and 7 unshared
+        assert shared == 2 * 4 * context * (12 * 256 + 3 * 512)
+        assert unshared == 2 * 4 * context * (28 * 256 + 7 * 512)
+        assert kv_cache_bytes(cfg, context, layout="windowed") == 2 * 4 * (12 * 256 * 511 + 3 * 512 * context)
 
 
 @pytest.mark.parametrize(
