@@ -37,6 +37,7 @@ class Family:
     norm_offset: float = 1.0  # RMSNorm scales by (norm_offset + w): 1 + w up to Gemma 3, w on Gemma 4
     value_norm: bool = False  # an RMSNorm without weight on each value head (Gemma 4)
     unit_attention_scale: bool = False  # scores are q.k unscaled: the q/k norms set their size (Gemma 4)
+    layer_scalar: bool = False  # each layer's output times a loaded scalar (Gemma 4)
 
 
 _SHARED_DEFAULTS = {
@@ -112,6 +113,7 @@ FAMILIES: dict[str, Family] = {
         norm_offset=0.0,
         value_norm=True,
         unit_attention_scale=True,
+        layer_scalar=True,
         defaults={
             **_SHARED_DEFAULTS,
             "vocab_size": 262144,
@@ -131,10 +133,53 @@ FAMILIES: dict[str, Family] = {
             },
         },
     ),
+    # EmbeddingGemma 2 (transformers' EmbeddingGemma2TextConfig defaults): a bidirectional Gemma 4 encoder whose
+    # per-layer embeddings come from the projection of x_0 alone (no table), and a final projection to
+    # `embedding_dim`; its `sliding_window` is a radius (|i - j| <= sliding_window).
+    "embedding_gemma2_text": Family(
+        post_norms=True,
+        qk_norm=True,
+        scale_by_query_pre_attn_scalar=False,
+        window_every=6,
+        norm_offset=0.0,
+        value_norm=True,
+        unit_attention_scale=True,
+        layer_scalar=True,
+        defaults={
+            **_SHARED_DEFAULTS,
+            "vocab_size": 262144,
+            "hidden_size": 512,
+            "intermediate_size": 2048,
+            "num_hidden_layers": 24,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 262144,
+            "sliding_window": 512,
+            "global_head_dim": 512,
+            "num_global_key_value_heads": 1,
+            "hidden_size_per_layer_input": 512,
+            "embedding_dim": 768,
+            "rope_parameters": {
+                SLIDING: {"rope_type": "default", "rope_theta": 10_000.0},
+                GLOBAL: {"rope_type": "default", "rope_theta": 1_000_000.0},
+            },
+        },
+    ),
 }
-# Multimodal checkpoints whose text decoder we export: model_type -> the text config's model_type.
-MULTIMODAL = {"gemma3": "gemma3_text", "gemma4": "gemma4_text"}
-SUPPORTED_MODEL_TYPES = ("gemma", "gemma2", "gemma3_text", "gemma3", "gemma4_text", "gemma4", "recurrent_gemma")
+GEMMA4_LIKE = ("gemma4_text", "embedding_gemma2_text")  # parsed by _gemma4_traits
+# Multimodal checkpoints whose text model we export: model_type -> the text config's model_type.
+MULTIMODAL = {"gemma3": "gemma3_text", "gemma4": "gemma4_text", "embedding_gemma2": "embedding_gemma2_text"}
+SUPPORTED_MODEL_TYPES = (
+    "gemma",
+    "gemma2",
+    "gemma3_text",
+    "gemma3",
+    "gemma4_text",
+    "gemma4",
+    "embedding_gemma2_text",
+    "embedding_gemma2",
+    "recurrent_gemma",
+)
 
 # Where the decoder's tensors live in each on-disk layout, tried in order.
 WEIGHT_PREFIXES = ("model.", "model.language_model.", "language_model.model.", "")  # "": a bare AutoModel
@@ -185,6 +230,7 @@ class GemmaConfig:
     num_experts: int = 0  # a routed expert block beside the MLP; 0 = none
     top_k_experts: int = 0
     moe_intermediate_size: int = 0
+    embedding_dim: int = 0  # EmbeddingGemma 2: the final projection's width; 0 = none
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
@@ -400,14 +446,18 @@ def parse_config(raw: dict[str, Any], source: str = "config.json") -> GemmaConfi
     head_dim = r.int("head_dim", default=hidden // heads if heads else 0)
     layers = r.int("num_hidden_layers")
     window = r.opt_int("sliding_window") or 0
-    if model_type == "gemma4_text":  # "all" (an encoder), "vision" (images only: text stays causal) or null
+    if model_type == "embedding_gemma2_text":  # an encoder; its window a radius: |i - j| <= sliding_window
+        bidirectional, window = True, window + 1 if window else 0
+    elif model_type == "gemma4_text":  # "all" (an encoder), "vision" (images only: text stays causal) or null
         mode = raw.get("use_bidirectional_attention")
         if mode not in (None, "all", "vision"):
             raise BadInput(f"{source}: 'use_bidirectional_attention' must be 'all', 'vision' or null, got {mode!r}")
         bidirectional = mode == "all"
+        if bidirectional and window:
+            window = window // 2 + 1  # as Gemma4TextConfig converts it
     else:
         bidirectional = r.bool("use_bidirectional_attention", default=False)
-    if bidirectional and window:
+    if bidirectional and window and model_type not in GEMMA4_LIKE:
         # transformers stores the bidirectional window as sliding_window // 2 + 1 keys each way (EmbeddingGemma).
         window = window // 2 + 1
     window_every = r.int("sliding_window_pattern", default=family.window_every)
@@ -426,7 +476,7 @@ def parse_config(raw: dict[str, Any], source: str = "config.json") -> GemmaConfi
         )
     if SLIDING in layer_types and window <= 0:
         raise BadInput(f"{source}: 'sliding_window' must be a positive integer when layers slide")
-    if model_type == "gemma4_text" and layer_types[-1] != GLOBAL:
+    if model_type in GEMMA4_LIKE and layer_types[-1] != GLOBAL:
         layer_types = [*layer_types[:-1], GLOBAL]  # as Gemma4TextConfig does (it warns): the last layer is global
 
     cfg = GemmaConfig(
@@ -452,7 +502,7 @@ def parse_config(raw: dict[str, Any], source: str = "config.json") -> GemmaConfi
         use_bidirectional_attention=bidirectional,
         source_model_type=model_type,
     )
-    if model_type == "gemma4_text":
+    if model_type in GEMMA4_LIKE:
         cfg = _gemma4_traits(cfg, raw, r, source)
     _check_consistency(cfg, source)
     return cfg
@@ -467,8 +517,9 @@ def _gemma4_traits(cfg: GemmaConfig, raw: dict[str, Any], r: _Reader, source: st
     layers, k_eq_v = cfg.num_hidden_layers, r.bool("attention_k_eq_v", default=False)
     head_dims, kv_heads = [cfg.head_dim] * layers, [cfg.num_key_value_heads] * layers
     per_layer = raw.get("per_layer_config")
+    encoder = cfg.model_type == "embedding_gemma2_text"  # its global KV heads apply whatever attention_k_eq_v
     if per_layer is None:
-        global_kv = r.opt_int("num_global_key_value_heads") if k_eq_v else None
+        global_kv = r.opt_int("num_global_key_value_heads") if k_eq_v or encoder else None
         per_layer = {
             str(i): {"head_dim": r.int("global_head_dim"), **({"num_key_value_heads": global_kv} if global_kv else {})}
             for i, kind in enumerate(cfg.layer_types)
@@ -498,7 +549,8 @@ def _gemma4_traits(cfg: GemmaConfig, raw: dict[str, Any], r: _Reader, source: st
         attention_k_eq_v=k_eq_v,
         num_kv_shared_layers=shared,
         hidden_size_per_layer_input=r.int("hidden_size_per_layer_input", default=0),
-        vocab_size_per_layer_input=r.int("vocab_size_per_layer_input", default=cfg.vocab_size),
+        vocab_size_per_layer_input=0 if encoder else r.int("vocab_size_per_layer_input", default=cfg.vocab_size),
+        embedding_dim=r.int("embedding_dim") if encoder else 0,
         use_double_wide_mlp=r.bool("use_double_wide_mlp", default=False),
         num_experts=experts,
         top_k_experts=r.int("top_k_experts") if experts else 0,
@@ -521,7 +573,7 @@ def _gemma4_traits(cfg: GemmaConfig, raw: dict[str, Any], r: _Reader, source: st
 
 def _parse_rope(raw: dict[str, Any], r: _Reader, model_type: str, source: str) -> dict[str, Rope]:
     params = raw.get("rope_parameters")
-    if params is None and model_type == "gemma4_text":  # null: Gemma4TextConfig's own per-type defaults
+    if params is None and model_type in GEMMA4_LIKE:  # null: the config class's own per-type defaults
         params = FAMILIES[model_type].defaults["rope_parameters"]
     if isinstance(params, dict) and (SLIDING in params or GLOBAL in params):
         # transformers 5, per layer type (Gemma 3).

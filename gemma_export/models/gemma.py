@@ -187,7 +187,7 @@ class DecoderLayer(nn.Module):
         self.per_layer_input: PerLayerGate | None = None
         if cfg.hidden_size_per_layer_input:  # Gemma 4: gated per-layer embeddings, and a loaded output scalar
             self.per_layer_input = PerLayerGate(cfg.hidden_size, cfg.hidden_size_per_layer_input, cfg.rms_norm_eps)
-        if cfg.model_type == "gemma4_text":
+        if cfg.family.layer_scalar:
             self.layer_scalar = nn.Parameter(torch.ones(1))
 
     def forward(
@@ -236,6 +236,8 @@ class GemmaModel(nn.Module):
             )
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.family.norm_offset)
+        if cfg.embedding_dim:  # EmbeddingGemma 2: token states projected to the embedding width (before pooling)
+            self.embedding_projection = nn.Linear(cfg.hidden_size, cfg.embedding_dim, bias=False)
         self.init_rope()
 
     def use_cache_layout(self, layout: str) -> GemmaModel:
@@ -276,7 +278,8 @@ class GemmaModel(nn.Module):
         position_ids: torch.Tensor,
         state: list[torch.Tensor],
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """The final-normed hidden states [batch, seq, hidden] (what an encoder pools) and the new cache."""
+        """The final-normed hidden states [batch, seq, hidden] (what an encoder pools; EmbeddingGemma 2's
+        projected to [batch, seq, embedding_dim]) and the new cache."""
         dtype = self.embed_tokens.weight.dtype
         x = self.embed_tokens(input_ids) * torch.tensor(self.cfg.hidden_size**0.5, dtype=dtype)
         ple = self.per_layer_inputs(input_ids, x) if self.per_layer_inputs is not None else None
@@ -302,7 +305,10 @@ class GemmaModel(nn.Module):
                 presents.extend(attn.present(kv))
         if next(pasts, None) is not None:
             raise BadInput(f"{len(state)} state tensors given; the model carries {2 * len(attended)}")
-        return self.norm(x), presents
+        x = self.norm(x)
+        if hasattr(self, "embedding_projection"):
+            x = self.embedding_projection(x)
+        return x, presents
 
     def state_specs(self) -> list[StateSpec]:
         """Per KV-producing layer (every layer but Gemma 4's KV-shared ones) a key and a value cache
@@ -333,5 +339,12 @@ CHECKPOINT_RENAMES: dict[str, dict[str, str]] = {
         "per_layer_input.gate": "per_layer_input_gate",
         "per_layer_input.projection": "per_layer_projection",
         "per_layer_input.norm": "post_per_layer_input_norm",
+    },
+    "embedding_gemma2_text": {
+        "per_layer_inputs.projection": "ple.per_layer_model_projection",
+        "per_layer_inputs.norm": "ple.per_layer_projection_norm",
+        "per_layer_input.gate": "ple_block.per_layer_input_gate",
+        "per_layer_input.projection": "ple_block.per_layer_projection",
+        "per_layer_input.norm": "ple_block.post_per_layer_input_norm",
     },
 }

@@ -97,21 +97,24 @@ class PerLayerInputs(nn.Module):
 
         ple = (Norm(reshape(proj(x_0) / sqrt(hidden))) + reshape(table[tokens] * sqrt(width))) / sqrt(2)
 
-    reshaped to [batch, seq, layers, width]; layer l reads ple[:, :, l]. Only Gemma 4 has it, whose norms scale
-    by w (offset 0). Checkpoint names: embed_tokens_per_layer, per_layer_model_projection,
+    reshaped to [batch, seq, layers, width]; layer l reads ple[:, :, l]. EmbeddingGemma 2 has no table
+    (vocab 0): ple = Norm(reshape(proj(x_0) / sqrt(hidden))) alone. Only Gemma 4-style models have it, whose
+    norms scale by w (offset 0). Checkpoint names: embed_tokens_per_layer, per_layer_model_projection,
     per_layer_projection_norm (models/gemma.py's CHECKPOINT_RENAMES)."""
 
     def __init__(self, vocab: int, hidden: int, layers: int, width: int, eps: float) -> None:
         super().__init__()
         self.layers, self.width, self.hidden = layers, width, hidden
-        self.embed = nn.Embedding(vocab, layers * width)
+        self.embed = nn.Embedding(vocab, layers * width) if vocab else None
         self.projection = nn.Linear(hidden, layers * width, bias=False)
         self.norm = RMSNorm(width, eps, offset=0.0)
 
     def forward(self, input_ids: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
         shape = (*input_ids.shape, self.layers, self.width)
-        tokens = self.embed(input_ids) * torch.tensor(self.width**0.5, dtype=self.embed.weight.dtype)
         context = self.norm((self.projection(x0) * self.hidden**-0.5).reshape(shape))
+        if self.embed is None:
+            return context
+        tokens = self.embed(input_ids) * torch.tensor(self.width**0.5, dtype=self.embed.weight.dtype)
         return (context + tokens.reshape(shape)) * 2.0**-0.5
 
 

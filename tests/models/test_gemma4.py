@@ -256,3 +256,18 @@ def test_bad_gemma4_config_is_one_line_error(change, message) -> None:
     with pytest.raises(BadInput, match=None) as info:
         parse_config(raw)
     assert message in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("shape", gemma4.SHAPES)
+def test_random_checkpoint_is_what_transformers_loads(shape, tmp_path) -> None:
+    """gemma_export.dev.random_checkpoint writes Gemma 4 checkpoints (what --random builds) that transformers
+    loads tensor for tensor, and that compute the same logits in both."""
+    import transformers
+
+    from gemma_export.dev import random_checkpoint
+
+    folder = random_checkpoint.write_random_checkpoint(tmp_path, gemma4.CONFIGS[shape])
+    hf, info = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, output_loading_info=True)
+    assert not any(info.values()), info  # nothing missing, unexpected or mismatched
+    cfg, model = load.load_model(folder)
+    assert _error(hf.eval(), model, cfg) <= TOL

@@ -36,15 +36,23 @@ BUILDS = {
     "moe": ("moe", {}),
     "e-windowed": ("e", {"cache_layout": "windowed"}),
     "e-onnx": ("e", {"target": "onnx"}),
-    "e-int8": ("e", {"quant": "int8", **GATES["int8"]}),
-    "dense-int4": ("dense", {"quant": "int4", **GATES["int4"]}),
+    # quantized: random_checkpoint's weights (std 1 / sqrt(fan_in)) and the published soft-cap, whose logits are
+    # neither flat nor saturated, as tests/pipeline/test_quantize.py's; the transformers fixtures' are near flat
+    "e-int8": ("e-random", {"quant": "int8", **GATES["int8"]}),
+    "dense-int4": ("dense-random", {"quant": "int4", **GATES["int4"]}),
 }
 
 
 @pytest.fixture(scope="module")
 def g4_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    from gemma_export.dev import random_checkpoint
+
     root = tmp_path_factory.mktemp("gemma4")
-    return {shape: gemma4.save_checkpoint(root / shape, shape) for shape in gemma4.SHAPES}
+    out = {shape: gemma4.save_checkpoint(root / shape, shape) for shape in gemma4.SHAPES}
+    for shape in ("e", "dense"):
+        config = {**gemma4.CONFIGS[shape], "final_logit_softcapping": 30.0}
+        out[f"{shape}-random"] = random_checkpoint.write_random_checkpoint(root / f"{shape}-random", config)
+    return out
 
 
 @pytest.fixture(scope="module", autouse=True)
