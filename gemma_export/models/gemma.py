@@ -17,6 +17,8 @@
                `num_kv_shared_layers` layers compute only q and attend to the keys/values of the last earlier
                layer of their type (`GemmaConfig.kv_source`), which alone carries a cache.
     logits = softcap(Norm(x_L) @ embed^T)                     (softcap: Gemma 2 and 4), in float32
+    EmbeddingGemma 2 (an encoder, models/embedding.py): the Gemma 4 layers, bidirectional, per-layer embeddings
+    from proj(x_0) alone, token states proj_e(Norm(x_L)) to `embedding_dim` instead of logits.
 
 Norm, MLP, RoPE, softcap and the tied head are models/layers.py's (RecurrentGemma shares them). Attention
 itself is the custom op `torch.ops.gemma.attention` (gemma_export/ops/attention.py; its mask is
