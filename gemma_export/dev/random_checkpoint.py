@@ -639,6 +639,16 @@ def cut_depth(config: dict[str, Any], layers: int | None, name: str) -> dict[str
     if not 1 <= layers <= config["num_hidden_layers"]:
         raise BadInput(f"--layers must be between 1 and {config['num_hidden_layers']} for {name}, got {layers}")
     config["num_hidden_layers"] = layers
+    if config.get("model_type") in ("gemma4_text", "embedding_gemma2_text") and config.get("layer_types"):
+        # Gemma 4's pattern is written out (E2B: 4 local : 1 global): keep its first layers, the last one global
+        kinds = [*config["layer_types"][: layers - 1], "full_attention"]
+        config["layer_types"] = kinds
+        # KV sharing kept as far as every shared layer still has an earlier producer of its type
+        if config.get("num_kv_shared_layers"):
+            config["num_kv_shared_layers"] = min(
+                config["num_kv_shared_layers"], layers - kinds.index("full_attention") - 1
+            )
+        return config
     config.pop("layer_types", None)  # re-derived for the cut depth (sliding_window_pattern / block_types)
     return config
 

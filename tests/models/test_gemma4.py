@@ -271,3 +271,19 @@ def test_random_checkpoint_is_what_transformers_loads(shape, tmp_path) -> None:
     assert not any(info.values()), info  # nothing missing, unexpected or mismatched
     cfg, model = load.load_model(folder)
     assert _error(hf.eval(), model, cfg) <= TOL
+
+
+@pytest.mark.parametrize("name", ["gemma-4-e2b", "gemma-4-e4b", "gemma-4-31b", "gemma-4-26b-a4b"])
+@pytest.mark.parametrize("layers", [2, 6, 10])
+def test_random_depth_cut_keeps_a_valid_gemma4(name, layers) -> None:
+    """`--random NAME --layers N`: the first N layers of the published pattern, the last one global, KV sharing
+    kept only where each shared layer still has an earlier producer of its type; the recipe accepts the cut."""
+    from gemma_export.config import recipes
+    from gemma_export.dev import random_checkpoint
+
+    full = parse_config(random_checkpoint.PUBLISHED_CONFIGS[name])
+    cut = parse_config(random_checkpoint.cut_depth(random_checkpoint.PUBLISHED_CONFIGS[name], layers, name))
+    assert cut.layer_types[:-1] == full.layer_types[: layers - 1] and cut.layer_types[-1] == GLOBAL
+    assert all(cut.layer_types[cut.kv_source(i)] == cut.layer_types[i] for i in range(layers))
+    assert cut.num_kv_shared_layers <= full.num_kv_shared_layers
+    recipes.check_checkpoint(recipes.load(name).recipe, cut, name, cut_depth=True)
