@@ -161,7 +161,7 @@ def test_cache_bytes_match_the_state(g4_built, g4_checkpoints) -> None:
 def test_quantized_artifact_passes_its_gate(g4_built, name) -> None:
     manifest = Manifest.read(g4_built(name))
     assert manifest.parity.passed
-    assert manifest.build.quantization is not None
+    assert manifest.quantization is not None
 
 
 def test_logits_to_keep_is_the_last_rows(g4_built, g4_checkpoints) -> None:
