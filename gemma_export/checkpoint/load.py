@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -17,7 +18,14 @@ Decoder = GemmaModel | GriffinModel
 
 # Tensors a checkpoint may carry that the text decoder does not use: the (tied) LM head, and the vision
 # tower and projector of a multimodal Gemma 3.
-IGNORED_PREFIXES = ("lm_head.", "vision_tower.", "multi_modal_projector.")
+IGNORED_PREFIXES = (
+    "lm_head.",
+    "vision_tower.",
+    "multi_modal_projector.",
+    "audio_tower.",  # Gemma 4's audio encoder and its projectors
+    "embed_vision.",
+    "embed_audio.",
+)
 
 
 def load_model(
@@ -25,7 +33,7 @@ def load_model(
 ) -> tuple[GemmaConfig | GriffinConfig, Decoder]:
     """`allow_pickle`: read pickled weights (`pytorch_model.bin`, ...) with torch.load(weights_only=True)."""
     cfg = load_config(checkpoint_dir)
-    if is_sentence_transformers_folder(checkpoint_dir):
+    if is_sentence_transformers_folder(checkpoint_dir) or is_embedding_config(cfg):
         raise BadInput(f"{checkpoint_dir}: a sentence-transformers (embedding) folder; it builds an encoder")
     with torch.device("meta"):
         model = GriffinModel(cfg) if isinstance(cfg, GriffinConfig) else GemmaModel(cfg)
@@ -42,6 +50,7 @@ def _load_weights(
 ) -> Decoder:
     """Fill a meta-device model with the checkpoint's (memory-mapped) tensors, validated by name and shape."""
     tensors = read_tensors(checkpoint_dir, allow_pickle=allow_pickle)
+    tensors = {name: t for name, t in tensors.items() if not _unused_shared_kv(name, cfg)}
     renames = CHECKPOINT_RENAMES.get(cfg.model_type, {})
     to_checkpoint = {name: _rename(name, renames) for name, _ in model.named_parameters()}
     expected = {to_checkpoint[name]: (tuple(p.shape), None) for name, p in model.named_parameters()}
@@ -54,21 +63,53 @@ def _load_weights(
     return model.eval()
 
 
+def is_embedding_config(cfg: GemmaConfig | GriffinConfig) -> bool:
+    """An encoder checkpoint that is not a sentence-transformers folder (EmbeddingGemma 2)."""
+    return isinstance(cfg, GemmaConfig) and cfg.model_type == "embedding_gemma2_text"
+
+
+def is_embedding_folder(folder: Path) -> bool:
+    """What `build` exports as an encoder: a sentence-transformers folder, or an EmbeddingGemma 2 checkpoint."""
+    if is_sentence_transformers_folder(folder):
+        return True
+    config = Path(folder) / "config.json"
+    return config.is_file() and is_embedding_config(load_config(folder))
+
+
+def _unused_shared_kv(name: str, cfg: GemmaConfig | GriffinConfig) -> bool:
+    """A Gemma 4 KV-shared layer's key/value projections and norms: checkpoints may carry them, transformers
+    ignores them (`_keys_to_ignore_on_load_unexpected`), and so do we."""
+    if not isinstance(cfg, GemmaConfig) or not cfg.num_kv_shared_layers:
+        return False
+    match = _SHARED_KV_TENSOR.search(name)
+    return match is not None and not cfg.produces_kv(int(match.group(1)))
+
+
+_SHARED_KV_TENSOR = re.compile(r"(?:^|\.)layers\.(\d+)\.self_attn\.(?:k_proj|v_proj|k_norm|v_norm)\.")
+
+
 def _rename(name: str, renames: dict[str, str]) -> str:
+    name = "." + name  # a module at the top (Gemma 4's per_layer_inputs) matches as one deeper does
     for ours, theirs in renames.items():
         name = name.replace(f".{ours}.", f".{theirs}.")
-    return name
+    return name[1:]
 
 
 def load_embedding(
     folder: Path, dim: int | None = None, *, allow_pickle: bool = False
 ) -> tuple[GemmaConfig, HeadConfig, EmbeddingGemma]:
-    """A sentence-transformers EmbeddingGemma folder -> (backbone config, head, model truncated to `dim`)."""
+    """A sentence-transformers EmbeddingGemma folder, or an EmbeddingGemma 2 checkpoint (whose head is mean
+    pooling and normalisation over its projected token states) -> (backbone config, head, model truncated to
+    `dim`)."""
     cfg = load_config(folder)
-    if not isinstance(cfg, GemmaConfig) or cfg.model_type != "gemma3_text":
+    if isinstance(cfg, GemmaConfig) and cfg.model_type == "embedding_gemma2_text":
+        st = is_sentence_transformers_folder(folder)
+        head = read_head(folder, cfg.embedding_dim) if st else HeadConfig(dense=(), normalize=True)
+    elif not isinstance(cfg, GemmaConfig) or cfg.model_type != "gemma3_text":
         raise BadInput(f"{folder}: a sentence-transformers folder must hold a gemma3_text backbone")
-    head = read_head(folder, cfg.hidden_size)
-    model = EmbeddingGemma(cfg, head, dim or head.full_dim or cfg.hidden_size)
+    else:
+        head = read_head(folder, cfg.hidden_size)
+    model = EmbeddingGemma(cfg, head, dim or head.full_dim or cfg.embedding_dim or cfg.hidden_size)
     backbone = _load_weights(folder, cfg, model.backbone, allow_pickle=allow_pickle)
     model.backbone = backbone
     for spec, layer in zip(head.dense, model.dense, strict=True):

@@ -34,6 +34,10 @@ class Family:
     scale_by_query_pre_attn_scalar: bool  # else head_dim ** -0.5 (Gemma 1)
     window_every: int  # layer i is global when (i + 1) % window_every == 0; 0 = every layer global
     defaults: dict[str, Any]  # transformers' config defaults: hub files omit the fields that equal them
+    norm_offset: float = 1.0  # RMSNorm scales by (norm_offset + w): 1 + w up to Gemma 3, w on Gemma 4
+    value_norm: bool = False  # an RMSNorm without weight on each value head (Gemma 4)
+    unit_attention_scale: bool = False  # scores are q.k unscaled: the q/k norms set their size (Gemma 4)
+    layer_scalar: bool = False  # each layer's output times a loaded scalar (Gemma 4)
 
 
 _SHARED_DEFAULTS = {
@@ -99,8 +103,83 @@ FAMILIES: dict[str, Family] = {
             "sliding_window": 4096,
         },
     ),
+    # Gemma 4 text (transformers' Gemma4TextConfig defaults). Its per-layer traits (head dims, KV heads, k = v,
+    # KV sharing, per-layer embeddings, experts) are GemmaConfig fields that parse_config reads.
+    "gemma4_text": Family(
+        post_norms=True,
+        qk_norm=True,
+        scale_by_query_pre_attn_scalar=False,
+        window_every=6,
+        norm_offset=0.0,
+        value_norm=True,
+        unit_attention_scale=True,
+        layer_scalar=True,
+        defaults={
+            **_SHARED_DEFAULTS,
+            "vocab_size": 262144,
+            "hidden_size": 2304,
+            "intermediate_size": 9216,
+            "num_hidden_layers": 30,
+            "num_attention_heads": 8,
+            "num_key_value_heads": 4,
+            "max_position_embeddings": 131072,
+            "sliding_window": 512,
+            "global_head_dim": 512,
+            "vocab_size_per_layer_input": 262144,
+            "hidden_size_per_layer_input": 256,
+            "rope_parameters": {
+                SLIDING: {"rope_type": "default", "rope_theta": 10_000.0},
+                GLOBAL: {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1_000_000.0},
+            },
+        },
+    ),
+    # EmbeddingGemma 2 (transformers' EmbeddingGemma2TextConfig defaults): a bidirectional Gemma 4 encoder whose
+    # per-layer embeddings come from the projection of x_0 alone (no table), and a final projection to
+    # `embedding_dim`; its `sliding_window` is a radius (|i - j| <= sliding_window).
+    "embedding_gemma2_text": Family(
+        post_norms=True,
+        qk_norm=True,
+        scale_by_query_pre_attn_scalar=False,
+        window_every=6,
+        norm_offset=0.0,
+        value_norm=True,
+        unit_attention_scale=True,
+        layer_scalar=True,
+        defaults={
+            **_SHARED_DEFAULTS,
+            "vocab_size": 262144,
+            "hidden_size": 512,
+            "intermediate_size": 2048,
+            "num_hidden_layers": 24,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 262144,
+            "sliding_window": 512,
+            "global_head_dim": 512,
+            "num_global_key_value_heads": 1,
+            "hidden_size_per_layer_input": 512,
+            "embedding_dim": 768,
+            "rope_parameters": {
+                SLIDING: {"rope_type": "default", "rope_theta": 10_000.0},
+                GLOBAL: {"rope_type": "default", "rope_theta": 1_000_000.0},
+            },
+        },
+    ),
 }
-SUPPORTED_MODEL_TYPES = (*FAMILIES, "gemma3", "recurrent_gemma")
+GEMMA4_LIKE = ("gemma4_text", "embedding_gemma2_text")  # parsed by _gemma4_traits
+# Multimodal checkpoints whose text model we export: model_type -> the text config's model_type.
+MULTIMODAL = {"gemma3": "gemma3_text", "gemma4": "gemma4_text", "embedding_gemma2": "embedding_gemma2_text"}
+SUPPORTED_MODEL_TYPES = (
+    "gemma",
+    "gemma2",
+    "gemma3_text",
+    "gemma3",
+    "gemma4_text",
+    "gemma4",
+    "embedding_gemma2_text",
+    "embedding_gemma2",
+    "recurrent_gemma",
+)
 
 # Where the decoder's tensors live in each on-disk layout, tried in order.
 WEIGHT_PREFIXES = ("model.", "model.language_model.", "language_model.model.", "")  # "": a bare AutoModel
@@ -108,10 +187,13 @@ WEIGHT_PREFIXES = ("model.", "model.language_model.", "language_model.model.", "
 
 @dataclass(frozen=True)
 class Rope:
-    """Rotary embedding of one layer type: `inv_freq = 1 / theta ** (2i / d) / factor` (linear scaling)."""
+    """Rotary embedding of one layer type: `inv_freq = 1 / theta ** (2i / d) / factor` (linear scaling);
+    `fraction` < 1 ("proportional", Gemma 4's global layers): only the first fraction * d / 2 frequencies
+    turn, the rest are 0 (those channel pairs pass through)."""
 
     theta: float
     factor: float = 1.0
+    fraction: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -137,14 +219,51 @@ class GemmaConfig:
     pad_token_id: int
     use_bidirectional_attention: bool = False
     source_model_type: str = ""  # as written in config.json (gemma3 for a multimodal checkpoint)
+    # Gemma 4 (defaults: every earlier generation). Per layer; empty: head_dim / num_key_value_heads everywhere.
+    layer_head_dims: tuple[int, ...] = ()
+    layer_kv_heads: tuple[int, ...] = ()
+    attention_k_eq_v: bool = False  # global layers project keys only: values are the same projection
+    num_kv_shared_layers: int = 0  # the last layers reuse the keys/values of an earlier layer of their type
+    hidden_size_per_layer_input: int = 0  # per-layer embeddings (PLE) width; 0 = none
+    vocab_size_per_layer_input: int = 0
+    use_double_wide_mlp: bool = False  # KV-shared layers' MLP is twice intermediate_size wide
+    num_experts: int = 0  # a routed expert block beside the MLP; 0 = none
+    top_k_experts: int = 0
+    moe_intermediate_size: int = 0
+    embedding_dim: int = 0  # EmbeddingGemma 2: the final projection's width; 0 = none
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
     def family(self) -> Family:
         return FAMILIES[self.model_type]
 
+    def head_dim_of(self, layer: int) -> int:
+        return self.layer_head_dims[layer] if self.layer_head_dims else self.head_dim
+
+    def kv_heads_of(self, layer: int) -> int:
+        return self.layer_kv_heads[layer] if self.layer_kv_heads else self.num_key_value_heads
+
+    def k_is_v(self, layer: int) -> bool:
+        """Gemma 4's `attention_k_eq_v`: global layers have no v_proj; values come from the key projection."""
+        return self.attention_k_eq_v and self.layer_types[layer] == GLOBAL
+
+    def kv_source(self, layer: int) -> int:
+        """The layer whose keys and values this layer attends to: itself, or for the last
+        `num_kv_shared_layers` layers the last earlier non-shared layer of the same type (transformers'
+        `kv_sharing_modes`: "reuse" reads what that "store" layer computed)."""
+        first_shared = self.num_hidden_layers - self.num_kv_shared_layers
+        if layer < first_shared:
+            return layer
+        kind = self.layer_types[layer]
+        return max(i for i in range(first_shared) if self.layer_types[i] == kind)
+
+    def produces_kv(self, layer: int) -> bool:
+        return self.kv_source(layer) == layer
+
     @property
     def attention_scale(self) -> float:
+        if self.family.unit_attention_scale:
+            return 1.0
         if self.family.scale_by_query_pre_attn_scalar:
             return self.query_pre_attn_scalar**-0.5
         return self.head_dim**-0.5
@@ -160,8 +279,8 @@ class GemmaConfig:
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
         out.pop("extra")
-        out["layer_types"] = list(self.layer_types)
-        out["eos_token_ids"] = list(self.eos_token_ids)
+        for name in ("layer_types", "eos_token_ids", "layer_head_dims", "layer_kv_heads"):
+            out[name] = list(getattr(self, name))
         out["rope"] = {k: asdict(v) for k, v in self.rope.items()}
         return out
 
@@ -305,13 +424,13 @@ def load_config(checkpoint_dir: Path) -> GemmaConfig | GriffinConfig:
 
 def parse_config(raw: dict[str, Any], source: str = "config.json") -> GemmaConfig:
     model_type = raw.get("model_type")
-    if model_type == "gemma3":
+    if isinstance(model_type, str) and model_type in MULTIMODAL:
         text = raw.get("text_config")
         if not isinstance(text, dict):
-            raise BadInput(f"{source}: model_type 'gemma3' needs a 'text_config' object")
-        text = {"model_type": "gemma3_text", **text}
+            raise BadInput(f"{source}: model_type {model_type!r} needs a 'text_config' object")
+        text = {"model_type": MULTIMODAL[model_type], **text}
         cfg = parse_config(text, source=f"{source} (text_config)")
-        return replace(cfg, source_model_type="gemma3")
+        return replace(cfg, source_model_type=model_type)
     if not isinstance(model_type, str) or model_type not in FAMILIES:  # a list or object is not hashable
         raise BadInput(
             f"{source}: unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
@@ -327,8 +446,18 @@ def parse_config(raw: dict[str, Any], source: str = "config.json") -> GemmaConfi
     head_dim = r.int("head_dim", default=hidden // heads if heads else 0)
     layers = r.int("num_hidden_layers")
     window = r.opt_int("sliding_window") or 0
-    bidirectional = r.bool("use_bidirectional_attention", default=False)
-    if bidirectional and window:
+    if model_type == "embedding_gemma2_text":  # an encoder; its window a radius: |i - j| <= sliding_window
+        bidirectional, window = True, window + 1 if window else 0
+    elif model_type == "gemma4_text":  # "all" (an encoder), "vision" (images only: text stays causal) or null
+        mode = raw.get("use_bidirectional_attention")
+        if mode not in (None, "all", "vision"):
+            raise BadInput(f"{source}: 'use_bidirectional_attention' must be 'all', 'vision' or null, got {mode!r}")
+        bidirectional = mode == "all"
+        if bidirectional and window:
+            window = window // 2 + 1  # as Gemma4TextConfig converts it
+    else:
+        bidirectional = r.bool("use_bidirectional_attention", default=False)
+    if bidirectional and window and model_type not in GEMMA4_LIKE:
         # transformers stores the bidirectional window as sliding_window // 2 + 1 keys each way (EmbeddingGemma).
         window = window // 2 + 1
     window_every = r.int("sliding_window_pattern", default=family.window_every)
@@ -347,6 +476,8 @@ def parse_config(raw: dict[str, Any], source: str = "config.json") -> GemmaConfi
         )
     if SLIDING in layer_types and window <= 0:
         raise BadInput(f"{source}: 'sliding_window' must be a positive integer when layers slide")
+    if model_type in GEMMA4_LIKE and layer_types[-1] != GLOBAL:
+        layer_types = [*layer_types[:-1], GLOBAL]  # as Gemma4TextConfig does (it warns): the last layer is global
 
     cfg = GemmaConfig(
         model_type=model_type,
@@ -371,12 +502,79 @@ def parse_config(raw: dict[str, Any], source: str = "config.json") -> GemmaConfi
         use_bidirectional_attention=bidirectional,
         source_model_type=model_type,
     )
+    if model_type in GEMMA4_LIKE:
+        cfg = _gemma4_traits(cfg, raw, r, source)
     _check_consistency(cfg, source)
+    return cfg
+
+
+def _gemma4_traits(cfg: GemmaConfig, raw: dict[str, Any], r: _Reader, source: str) -> GemmaConfig:
+    """Gemma 4's per-layer fields, in both spellings: transformers 5.25 writes `per_layer_config` (layer index ->
+    overrides of head_dim / num_key_value_heads); the hub's files write `global_head_dim` and
+    `num_global_key_value_heads` (the latter applies only with `attention_k_eq_v`, as Gemma4TextConfig reads it)."""
+    if raw.get("hidden_activation", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
+        raise BadInput(f"{source}: 'hidden_activation' must be gelu_pytorch_tanh, got {raw['hidden_activation']!r}")
+    layers, k_eq_v = cfg.num_hidden_layers, r.bool("attention_k_eq_v", default=False)
+    head_dims, kv_heads = [cfg.head_dim] * layers, [cfg.num_key_value_heads] * layers
+    per_layer = raw.get("per_layer_config")
+    encoder = cfg.model_type == "embedding_gemma2_text"  # its global KV heads apply whatever attention_k_eq_v
+    if per_layer is None:
+        global_kv = r.opt_int("num_global_key_value_heads") if k_eq_v or encoder else None
+        per_layer = {
+            str(i): {"head_dim": r.int("global_head_dim"), **({"num_key_value_heads": global_kv} if global_kv else {})}
+            for i, kind in enumerate(cfg.layer_types)
+            if kind == GLOBAL
+        }
+    if not isinstance(per_layer, dict):
+        raise BadInput(f"{source}: 'per_layer_config' must be an object of layer index -> overrides")
+    for key, overrides in per_layer.items():
+        if not str(key).isdigit() or int(key) >= layers or not isinstance(overrides, dict):
+            raise BadInput(f"{source}: 'per_layer_config' key {key!r} must be a layer index below {layers}")
+        unknown = set(overrides) - {"head_dim", "num_key_value_heads"}
+        if unknown:
+            raise BadInput(f"{source}: per_layer_config.{key} overrides unsupported fields: {sorted(unknown)}")
+        sub = _Reader(overrides, f"{source} per_layer_config.{key}")
+        head_dims[int(key)] = sub.int("head_dim", default=cfg.head_dim)
+        kv_heads[int(key)] = sub.int("num_key_value_heads", default=cfg.num_key_value_heads)
+    shared = r.int("num_kv_shared_layers", default=0)
+    if not 0 <= shared < layers:
+        raise BadInput(f"{source}: 'num_kv_shared_layers' must be in [0, {layers}), got {shared}")
+    if shared and set(cfg.layer_types[layers - shared :]) - set(cfg.layer_types[: layers - shared]):
+        raise BadInput(f"{source}: a KV-shared layer's type has no earlier layer of that type to read keys from")
+    experts = r.int("num_experts", default=0) if r.bool("enable_moe_block", default=False) else 0
+    cfg = replace(
+        cfg,
+        layer_head_dims=tuple(head_dims),
+        layer_kv_heads=tuple(kv_heads),
+        attention_k_eq_v=k_eq_v,
+        num_kv_shared_layers=shared,
+        hidden_size_per_layer_input=r.int("hidden_size_per_layer_input", default=0),
+        vocab_size_per_layer_input=0 if encoder else r.int("vocab_size_per_layer_input", default=cfg.vocab_size),
+        embedding_dim=r.int("embedding_dim") if encoder else 0,
+        use_double_wide_mlp=r.bool("use_double_wide_mlp", default=False),
+        num_experts=experts,
+        top_k_experts=r.int("top_k_experts") if experts else 0,
+        moe_intermediate_size=r.int("moe_intermediate_size") if experts else 0,
+    )
+    for i in range(layers):
+        if cfg.head_dim_of(i) <= 0 or cfg.head_dim_of(i) % 2 or cfg.kv_heads_of(i) <= 0:
+            raise BadInput(f"{source}: layer {i} needs an even positive head_dim and positive num_key_value_heads")
+        if cfg.num_attention_heads % cfg.kv_heads_of(i):
+            raise BadInput(f"{source}: layer {i}'s {cfg.kv_heads_of(i)} KV heads do not divide the query heads")
+        if cfg.kv_source(i) != i and (cfg.head_dim_of(i), cfg.kv_heads_of(i)) != (
+            cfg.head_dim_of(cfg.kv_source(i)),
+            cfg.kv_heads_of(cfg.kv_source(i)),
+        ):
+            raise BadInput(f"{source}: KV-shared layer {i} has another head shape than layer {cfg.kv_source(i)}")
+    if experts and not 0 < cfg.top_k_experts <= experts:
+        raise BadInput(f"{source}: 'top_k_experts' must be in [1, num_experts = {experts}]")
     return cfg
 
 
 def _parse_rope(raw: dict[str, Any], r: _Reader, model_type: str, source: str) -> dict[str, Rope]:
     params = raw.get("rope_parameters")
+    if params is None and model_type in GEMMA4_LIKE:  # null: the config class's own per-type defaults
+        params = FAMILIES[model_type].defaults["rope_parameters"]
     if isinstance(params, dict) and (SLIDING in params or GLOBAL in params):
         # transformers 5, per layer type (Gemma 3).
         return {
@@ -410,12 +608,15 @@ def _rope_from(d: dict[str, Any], source: str, key: str) -> Rope:
         raise BadInput(f"{source}: '{key}.rope_theta' must be a positive number, got {theta!r}")
     if kind == "default":
         return Rope(theta=float(theta))
-    if kind == "linear":
-        factor = d.get("factor")
+    if kind in ("linear", "proportional"):
+        factor = d.get("factor", 1.0 if kind == "proportional" else None)
         if not isinstance(factor, int | float) or isinstance(factor, bool) or factor <= 0:
             raise BadInput(f"{source}: '{key}.factor' must be a positive number, got {factor!r}")
-        return Rope(theta=float(theta), factor=float(factor))
-    raise BadInput(f"{source}: unsupported rope type {kind!r} in '{key}'; supported: default, linear")
+        fraction = d.get("partial_rotary_factor", 1.0) if kind == "proportional" else 1.0
+        if not _is_number(fraction) or not 0 <= fraction <= 1:
+            raise BadInput(f"{source}: '{key}.partial_rotary_factor' must be in [0, 1], got {fraction!r}")
+        return Rope(theta=float(theta), factor=float(factor), fraction=float(fraction))
+    raise BadInput(f"{source}: unsupported rope type {kind!r} in '{key}'; supported: default, linear, proportional")
 
 
 def _check_consistency(cfg: GemmaConfig, source: str) -> None:

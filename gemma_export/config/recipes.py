@@ -58,7 +58,15 @@ CacheLayout = Literal["full", "windowed"]
 # differ from the base ones in eos_token_id) and how the config was spelled.
 NOT_ARCHITECTURE = ("bos_token_id", "eos_token_ids", "pad_token_id", "source_model_type")
 # Fields a `--random --layers N` cut changes on purpose.
-DEPTH_FIELDS = ("num_hidden_layers", "layer_types", "block_types")
+# Gemma 4: its per-layer head dims / KV heads, and its KV sharing kept where each shared layer has a producer.
+DEPTH_FIELDS = (
+    "num_hidden_layers",
+    "layer_types",
+    "block_types",
+    "layer_head_dims",
+    "layer_kv_heads",
+    "num_kv_shared_layers",
+)
 
 
 class _Strict(BaseModel):

@@ -145,6 +145,7 @@ _ARCHITECTURES = {
     "gemma2": "Gemma2ForCausalLM",
     "gemma3_text": "Gemma3ForCausalLM",
     "recurrent_gemma": "RecurrentGemmaForCausalLM",
+    "gemma4_text": "Gemma4ForCausalLM",
 }
 
 
@@ -365,6 +366,7 @@ W_INIT_VARIANCE_SCALE = 0.01  # RecurrentGemma's conv1d and RG-LRU gate initiali
 # softplus(recurrent_param) = -log(a) (transformers' `_init_weights`). Random normal values would give
 # decays from ~0 to ~1 and a recurrence that forgets at once or never, unlike a trained model.
 RG_LRU_DECAY = "rg_lru_decay"
+NORM_AROUND_ONE = "norm_around_one"  # Gemma 4's norms scale by w: 1 + N(0, NORM_STD)
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -385,6 +387,8 @@ def tensor_specs(cfg: GemmaConfig | GriffinConfig, *, tie_word_embeddings: bool 
     """
     if isinstance(cfg, GriffinConfig):
         return _griffin_specs(cfg, tie_word_embeddings=tie_word_embeddings)
+    if cfg.model_type == "gemma4_text":
+        return _gemma4_specs(cfg, tie_word_embeddings=tie_word_embeddings)
     h, inter, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
     q, kv = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
     specs: list[Spec] = [("model.embed_tokens.weight", (cfg.vocab_size, h), h**-0.5)]
@@ -414,6 +418,69 @@ def tensor_specs(cfg: GemmaConfig | GriffinConfig, *, tie_word_embeddings: bool 
                 (p + "post_feedforward_layernorm.weight", (h,), NORM_STD),
             ]
     specs.append(("model.norm.weight", (h,), NORM_STD))
+    if not tie_word_embeddings:
+        specs.append(("lm_head.weight", (cfg.vocab_size, h), h**-0.5))
+    return specs
+
+
+def _gemma4_specs(cfg: GemmaConfig, *, tie_word_embeddings: bool) -> list[Spec]:
+    """Gemma 4's tensors (`Gemma4ForCausalLM.state_dict()` order): per-layer head dims and KV heads, no k/v
+    weights on KV-shared layers, no v_proj on k = v layers, per-layer embeddings, the expert block, a layer
+    scalar. Its norms scale by w, not 1 + w: their weights are drawn around 1 (NORM_AROUND_ONE)."""
+    h, inter = cfg.hidden_size, cfg.intermediate_size
+    ple, layers = cfg.hidden_size_per_layer_input, cfg.num_hidden_layers
+    specs: list[Spec] = [("model.embed_tokens.weight", (cfg.vocab_size, h), h**-0.5)]
+    for i in range(layers):
+        p, d = f"model.layers.{i}.", cfg.head_dim_of(i)
+        q, kv = cfg.num_attention_heads * d, cfg.kv_heads_of(i) * d
+        specs += [(p + "layer_scalar", (1,), NORM_AROUND_ONE), (p + "self_attn.q_proj.weight", (q, h), h**-0.5)]
+        specs.append((p + "self_attn.q_norm.weight", (d,), NORM_AROUND_ONE))
+        if cfg.produces_kv(i):
+            specs += [
+                (p + "self_attn.k_norm.weight", (d,), NORM_AROUND_ONE),
+                (p + "self_attn.k_proj.weight", (kv, h), h**-0.5),
+            ]
+            if not cfg.k_is_v(i):
+                specs.append((p + "self_attn.v_proj.weight", (kv, h), h**-0.5))
+        specs.append((p + "self_attn.o_proj.weight", (h, q), q**-0.5))
+        width = inter * (2 if cfg.use_double_wide_mlp and not cfg.produces_kv(i) else 1)
+        specs += [
+            (p + "mlp.gate_proj.weight", (width, h), h**-0.5),
+            (p + "mlp.up_proj.weight", (width, h), h**-0.5),
+            (p + "mlp.down_proj.weight", (h, width), width**-0.5),
+        ]
+        norms = [
+            "input_layernorm",
+            "post_attention_layernorm",
+            "pre_feedforward_layernorm",
+            "post_feedforward_layernorm",
+        ]
+        specs += [(p + f"{n}.weight", (h,), NORM_AROUND_ONE) for n in norms]
+        if ple:
+            specs += [
+                (p + "per_layer_input_gate.weight", (ple, h), h**-0.5),
+                (p + "per_layer_projection.weight", (h, ple), ple**-0.5),
+                (p + "post_per_layer_input_norm.weight", (h,), NORM_AROUND_ONE),
+            ]
+        if cfg.num_experts:
+            e, m = cfg.num_experts, cfg.moe_intermediate_size
+            specs += [
+                (p + "router.scale", (h,), NORM_AROUND_ONE),  # a module's own parameters before its children's
+                (p + "router.per_expert_scale", (e,), NORM_AROUND_ONE),
+                (p + "router.proj.weight", (e, h), h**-0.5),
+                (p + "experts.gate_up_proj", (e, 2 * m, h), h**-0.5),
+                (p + "experts.down_proj", (e, h, m), m**-0.5),
+                (p + "post_feedforward_layernorm_1.weight", (h,), NORM_AROUND_ONE),
+                (p + "post_feedforward_layernorm_2.weight", (h,), NORM_AROUND_ONE),
+                (p + "pre_feedforward_layernorm_2.weight", (h,), NORM_AROUND_ONE),
+            ]
+    specs.append(("model.norm.weight", (h,), NORM_AROUND_ONE))
+    if ple:
+        specs += [
+            ("model.embed_tokens_per_layer.weight", (cfg.vocab_size_per_layer_input, layers * ple), ple**-0.5),
+            ("model.per_layer_model_projection.weight", (layers * ple, h), h**-0.5),
+            ("model.per_layer_projection_norm.weight", (ple,), NORM_AROUND_ONE),
+        ]
     if not tie_word_embeddings:
         specs.append(("lm_head.weight", (cfg.vocab_size, h), h**-0.5))
     return specs
@@ -646,6 +713,16 @@ def cut_depth(config: dict[str, Any], layers: int | None, name: str) -> dict[str
     if not 1 <= layers <= config["num_hidden_layers"]:
         raise BadInput(f"--layers must be between 1 and {config['num_hidden_layers']} for {name}, got {layers}")
     config["num_hidden_layers"] = layers
+    if config.get("model_type") in ("gemma4_text", "embedding_gemma2_text") and config.get("layer_types"):
+        # Gemma 4's pattern is written out (E2B: 4 local : 1 global): keep its first layers, the last one global
+        kinds = [*config["layer_types"][: layers - 1], "full_attention"]
+        config["layer_types"] = kinds
+        # KV sharing kept as far as every shared layer still has an earlier producer of its type
+        if config.get("num_kv_shared_layers"):
+            config["num_kv_shared_layers"] = min(
+                config["num_kv_shared_layers"], layers - kinds.index("full_attention") - 1
+            )
+        return config
     config.pop("layer_types", None)  # re-derived for the cut depth (sliding_window_pattern / block_types)
     return config
 
@@ -892,6 +969,8 @@ def _draw(shape: tuple[int, ...], init: float | str, generator: torch.Generator)
     if init == RG_LRU_DECAY:
         a2 = torch.empty(shape, dtype=torch.float32).uniform_(0.9**2 + 1e-8, 0.999**2 + 1e-8, generator=generator)
         return a2.log().mul(-0.5).exp().sub(1.0).log()  # log(1 / a - 1): softplus of it is -log(a)
+    if init == NORM_AROUND_ONE:
+        return torch.empty(shape, dtype=torch.float32).normal_(0.0, NORM_STD, generator=generator).add_(1.0)
     if not isinstance(init, float):
         raise ValueError(f"unknown initialisation {init!r}")
     return torch.empty(shape, dtype=torch.float32).normal_(0.0, init, generator=generator)

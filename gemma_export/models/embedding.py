@@ -1,4 +1,6 @@
-"""EmbeddingGemma: the Gemma 3 backbone, bidirectional, under a sentence-transformers head.
+"""EmbeddingGemma: the Gemma 3 backbone (EmbeddingGemma 2: a Gemma 4-style one, models/gemma.py, whose token
+states are already projected to its embedding width), bidirectional, under a sentence-transformers head
+(EmbeddingGemma 2 without a folder: mean pooling and Normalize, as its model card describes).
 
     h          = Gemma3(tokens), every layer bidirectional: keys j visible to query i when |i - j| < W on
                  local layers (W = sliding_window // 2 + 1, as transformers sets it), all on global ones
@@ -139,8 +141,9 @@ class EmbeddingGemma(nn.Module):
         super().__init__()
         if not cfg.use_bidirectional_attention:
             raise BadInput("an EmbeddingGemma backbone must set use_bidirectional_attention: true in config.json")
-        if not 0 < dim <= (head.full_dim or cfg.hidden_size):
-            raise BadInput(f"--dim {dim} must be between 1 and {head.full_dim or cfg.hidden_size}")
+        width = head.full_dim or cfg.embedding_dim or cfg.hidden_size  # EmbeddingGemma 2 projects in the backbone
+        if not 0 < dim <= width:
+            raise BadInput(f"--dim {dim} must be between 1 and {width}")
         self.cfg, self.head, self.dim = cfg, head, dim
         self.backbone = GemmaModel(cfg)
         self.dense = nn.ModuleList(nn.Linear(d.in_features, d.out_features, bias=d.bias) for d in head.dense)

@@ -19,7 +19,6 @@ from gemma_export.checkpoint import load
 from gemma_export.checkpoint.gguf import manifest_source
 from gemma_export.errors import BadInput, ParityError
 from gemma_export.manifest import FORMAT, MANIFEST, ArtifactSpec, BuildInfo, FileEntry, Manifest
-from gemma_export.models.embedding import is_sentence_transformers_folder
 from gemma_export.pipeline import calibrate, gptq, logits_to_keep, memory, optimize, package, quantize, trace, vision
 from gemma_export.pipeline.options import BuildOptions, check_output_location, check_recipe_architecture
 from gemma_export.pipeline.progress import Stages
@@ -201,7 +200,7 @@ def build(checkpoint_dir: Path, out_dir: Path, options: BuildOptions, stages: St
     check_output_location(checkpoint_dir, out_dir, options.force)
     target = targets.target(options.target).configure(options)  # this build's instance (its own options)
 
-    encoder = is_sentence_transformers_folder(checkpoint_dir)
+    encoder = load.is_embedding_folder(checkpoint_dir)  # sentence-transformers, or EmbeddingGemma 2
     check_recipe_architecture(options, checkpoint_dir, encoder)
     with stages.stage("load"):
         loaded = (load_encoder if encoder else load_decoder)(checkpoint_dir, options)

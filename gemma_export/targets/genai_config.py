@@ -27,8 +27,12 @@ def genai_supports(cfg: GemmaConfig | GriffinConfig, cache_layout: str | None = 
     layout (the resident positions first, a capacity of window + slack), not our windowed layout (the last
     window - 1 positions, right-aligned, with the attention mask spanning the whole past): a windowed artifact
     gets no genai_config.json rather than a wrong one.
+
+    Gemma 4 neither: genai sizes every layer's cache from one `head_size` / `num_key_value_heads` and names the
+    caches 0..n-1, while a Gemma 4 artifact has per-layer head dims and KV heads and, on the E-models, no cache
+    for its KV-shared layers (0.18 knows "gemma4" only as its multimodal pipeline).
     """
-    return isinstance(cfg, GemmaConfig) and cache_layout in (None, "full")
+    return isinstance(cfg, GemmaConfig) and cache_layout in (None, "full") and cfg.model_type != "gemma4_text"
 
 
 def genai_config(cfg: GemmaConfig, max_length: int) -> dict[str, Any]:

@@ -87,8 +87,15 @@ def lower(model: ir.Model) -> ir.Model:
     """Rewrite every `ai.gemma::Attention` node, fuse norms and RoPE; drop what is no longer used."""
     graph = model.graph
     masks = _SharedMasks(graph)
-    for node in [n for n in graph if n.domain == attention.DOMAIN and n.op_type == "Attention"]:
-        _lower_attention(graph, node, masks)
+    nodes = [n for n in graph if n.domain == attention.DOMAIN and n.op_type == "Attention"]
+    # Each node's key and value as traced, before an earlier lowering replaces them: a Gemma 4 KV-shared layer
+    # attends to the key/value Concat of the layer it reads, whose lowering makes that Concat a present buffer.
+    kv = {id(n): (n.inputs[1], n.inputs[2]) for n in nodes}
+    owned: set[int] = set()
+    for node in nodes:
+        key, value = kv[id(node)]
+        _lower_attention(graph, node, masks, key, value, owns_kv=id(key) not in owned)
+        owned.add(id(key))
     fuse_norms(model)
     fuse_rotary(model)
     cancel_transposes(model)
@@ -107,8 +114,12 @@ def lower(model: ir.Model) -> ir.Model:
 # --- attention -------------------------------------------------------------------------------------------
 
 
-def _lower_attention(graph: ir.Graph, node: ir.Node, masks: _SharedMasks) -> None:
-    query, key, value, _ = node.inputs
+def _lower_attention(
+    graph: ir.Graph, node: ir.Node, masks: _SharedMasks, key: ir.Value, value: ir.Value, owns_kv: bool = True
+) -> None:
+    """`owns_kv` False: the node reads another node's keys/values (Gemma 4 KV sharing): it computes the same
+    attention from the same past and new keys, and its own present (the same buffer again) is dropped."""
+    query = node.inputs[0]
     a = AttentionAttrs.of(node)
     visible = masks.visible(node)
     split = _past_and_new(key), _past_and_new(value)
@@ -124,7 +135,7 @@ def _lower_attention(graph: ir.Graph, node: ir.Node, masks: _SharedMasks) -> Non
     )
     if not gqa_fits:
         tape = Tape()
-        out = _attention23(tape, query, key, value, visible, a)
+        out = _attention23(tape, query, node.inputs[1], node.inputs[2], visible, a)
         graph.insert_before(node, tape.nodes)
         _replace(node.outputs[0], out)
         graph.remove(node, safe=True)
@@ -160,9 +171,12 @@ def _lower_attention(graph: ir.Graph, node: ir.Node, masks: _SharedMasks) -> Non
     )
     out = _to_bhsd(tape, results[0], node.outputs[0])
     graph.insert_before(node, tape.nodes)
-    for old, new in zip((node.outputs[0], key, value), (out, *results[1:]), strict=True):
-        _replace(old, new)
+    _replace(node.outputs[0], out)
     graph.remove(node, safe=True)
+    if not owns_kv:
+        return
+    for old, new in zip((key, value), results[1:], strict=True):
+        _replace(old, new)
     for past, present in ((past_k, results[1]), (past_v, results[2])):
         if past.is_graph_input() and present.is_graph_output() and not isinstance(past.shape[2], int):
             # a growing cache whose present is the If's output: either path takes a shared buffer

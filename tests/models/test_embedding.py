@@ -152,3 +152,111 @@ def test_inspect_an_embedding_artifact(artifacts, capsys) -> None:
     assert main(["inspect", str(artifacts[32])]) == 0
     text = capsys.readouterr().out
     assert "sentence_embedding" in text and "dim 32" in text and "prompts document, query" in text
+
+
+# ---- EmbeddingGemma 2: a Gemma 4-style encoder (transformers' EmbeddingGemma2TextModel as the oracle) --------
+
+EG2_RADIUS, EG2_DIM = 4, 48  # |i - j| <= 4 on local layers; token states projected 64 -> 48
+
+
+@pytest.fixture(scope="module")
+def eg2_folder(tmp_path_factory) -> Path:
+    """A tiny EmbeddingGemma 2 text checkpoint: 6 layers (5 local : 1 global, global head_dim 32 with 1 KV head),
+    projection-only per-layer embeddings, an embedding projection, Gemma 4's w-scaled norms drawn around 1."""
+    import transformers
+
+    from tests.support import gemma4
+
+    config = transformers.EmbeddingGemma2TextConfig(
+        vocab_size=512, hidden_size=HIDDEN, intermediate_size=96, num_hidden_layers=6, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, global_head_dim=32, num_global_key_value_heads=1,
+        sliding_window=EG2_RADIUS, hidden_size_per_layer_input=8, embedding_dim=EG2_DIM, max_position_embeddings=1024,
+    )  # fmt: skip
+    model = transformers.AutoModel.from_config(config).eval()
+    gemma4.randomize(model)
+    folder = tmp_path_factory.mktemp("embeddinggemma2")
+    model.save_pretrained(folder)
+    random_checkpoint.write_tokenizer(folder)
+    return folder
+
+
+def _eg2_batch() -> tuple[np.ndarray, np.ndarray]:
+    from gemma_export.runtime.session import left_pad
+
+    rng = np.random.default_rng(0)
+    prompts = [[2, *rng.integers(4, 512, 23).tolist()], [2, 5, 6, 7], [2, *rng.integers(4, 512, 9).tolist()]]
+    assert len(prompts[0]) > 2 * 2 * (EG2_RADIUS + 1)  # past twice the window, both ways
+    return left_pad(prompts, 0)
+
+
+def _eg2_expected(folder: Path, ids: np.ndarray, mask: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """transformers' token states, then the model card's head: mean pooling, normalisation (Matryoshka: cut, again)."""
+    import transformers
+
+    hf = transformers.AutoModel.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        tokens = hf(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).last_hidden_state.numpy()
+    m = mask[:, :, None].astype(np.float32)
+    e = (tokens * m).sum(1) / m.sum(1)
+    e = e / np.linalg.norm(e, axis=-1, keepdims=True)
+    e = e[:, :dim] / np.linalg.norm(e[:, :dim], axis=-1, keepdims=True)
+    return e, tokens
+
+
+def _eg2_ours(model, ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    with torch.no_grad():
+        e, tokens = model(torch.from_numpy(ids), torch.from_numpy(mask))
+    return e.numpy(), tokens.numpy()
+
+
+def test_embeddinggemma2_reference_matches_transformers(eg2_folder) -> None:
+    cfg, head, model = load.load_embedding(eg2_folder)
+    assert cfg.model_type == "embedding_gemma2_text" and cfg.sliding_window == EG2_RADIUS + 1
+    assert head.normalize and not head.dense and model.dim == EG2_DIM
+    ids, mask = _eg2_batch()
+    expected, tokens = _eg2_expected(eg2_folder, ids, mask, EG2_DIM)
+    got, got_tokens = _eg2_ours(model, ids, mask)
+    real = mask.astype(bool)
+    assert np.abs(got_tokens[real] - tokens[real]).max() <= 1e-4
+    assert np.abs(got - expected).max() <= 1e-5
+
+
+@pytest.mark.parametrize("trait", ["window-halved", "no-per-layer-embeddings", "final-norm-weight-ignored"])
+def test_embeddinggemma2_traits_matter(eg2_folder, trait) -> None:
+    """The window is a radius (not Gemma 3's width // 2 + 1), the per-layer embeddings count, and the projection
+    uses the final norm's weight: a variant without each misses transformers by far more than the tolerance."""
+    import dataclasses
+
+    from gemma_export.models.embedding import EmbeddingGemma
+
+    cfg, head, model = load.load_embedding(eg2_folder)
+    ids, mask = _eg2_batch()
+    expected, _ = _eg2_expected(eg2_folder, ids, mask, EG2_DIM)
+    if trait == "window-halved":
+        variant = EmbeddingGemma(dataclasses.replace(cfg, sliding_window=EG2_RADIUS // 2 + 1), head, EG2_DIM)
+        variant.load_state_dict(model.state_dict())
+    else:
+        import copy
+
+        variant = copy.deepcopy(model)
+        if trait == "no-per-layer-embeddings":
+            for layer in variant.backbone.layers:
+                layer.per_layer_input = None
+        else:
+            variant.backbone.norm.weight.data.fill_(1.0)
+    assert np.abs(_eg2_ours(variant, ids, mask)[0] - expected).max() > 1e-3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dim", [EG2_DIM, 16])
+def test_embeddinggemma2_artifact_matches_transformers(eg2_folder, tmp_path, dim) -> None:
+    from gemma_export.runtime.session import OrtEncoder
+
+    out = tmp_path / f"eg2-{dim}"
+    build(eg2_folder, out, BuildOptions(dim=dim), Stages(quiet=True))
+    manifest = Manifest.read(out)
+    assert manifest.model.task == "sentence-embedding" and manifest.model.dim == dim and manifest.parity.passed
+    ids, mask = _eg2_batch()
+    expected, _ = _eg2_expected(eg2_folder, ids, mask, dim)
+    got, _ = OrtEncoder(out, manifest).embed(ids, mask)
+    assert got.shape == (3, dim) and np.abs(got - expected).max() <= 1e-5
