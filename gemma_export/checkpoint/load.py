@@ -161,16 +161,22 @@ def load_vision(checkpoint_dir: Path, dtype: torch.dtype = torch.float32, *, all
 
 
 def has_vision(checkpoint_dir: Path) -> bool:
-    """A multimodal Gemma 3 folder (config.json with a `vision_config`): it builds a vision artifact."""
+    """A multimodal Gemma 3 or PaliGemma folder (config.json with a `vision_config`): it builds a vision
+    artifact."""
     from gemma_export.config.model_config import read_json
 
     path = checkpoint_dir / "config.json"
     raw = read_json(path) if path.is_file() else None
-    return isinstance(raw, dict) and raw.get("model_type") == "gemma3" and isinstance(raw.get("vision_config"), dict)
+    return (
+        isinstance(raw, dict)
+        and raw.get("model_type") in ("gemma3", "paligemma")
+        and isinstance(raw.get("vision_config"), dict)
+    )
 
 
 def load_multimodal(checkpoint_dir: Path, *, allow_pickle: bool = False):
-    """A multimodal Gemma 3 folder -> (text config, vision config, vision model, multimodal decoder)."""
+    """A multimodal Gemma 3 or PaliGemma folder -> (text config, vision config, vision model, multimodal
+    decoder); PaliGemma's decoder counts positions from 1 (models/multimodal.py)."""
     from gemma_export.config.model_config import read_json
     from gemma_export.models.multimodal import Gemma3MultimodalDecoder
 
@@ -180,4 +186,5 @@ def load_multimodal(checkpoint_dir: Path, *, allow_pickle: bool = False):
     image_token_id = raw.get("image_token_id", raw.get("image_token_index"))
     if not isinstance(image_token_id, int):
         raise BadInput(f"{checkpoint_dir}/config.json: no integer image_token_index (or image_token_id)")
-    return cfg, vision_cfg, vision, Gemma3MultimodalDecoder(decoder, image_token_id)
+    offset = 1 if raw.get("model_type") == "paligemma" else 0
+    return cfg, vision_cfg, vision, Gemma3MultimodalDecoder(decoder, image_token_id, position_offset=offset)

@@ -169,6 +169,8 @@ FAMILIES: dict[str, Family] = {
 GEMMA4_LIKE = ("gemma4_text", "embedding_gemma2_text")  # parsed by _gemma4_traits
 # Multimodal checkpoints whose text model we export: model_type -> the text config's model_type.
 MULTIMODAL = {"gemma3": "gemma3_text", "gemma4": "gemma4_text", "embedding_gemma2": "embedding_gemma2_text"}
+# PaliGemma (1 and 2): the text config names its own family (gemma or gemma2).
+PREFIX_LM = {"paligemma": ("gemma", "gemma2")}
 SUPPORTED_MODEL_TYPES = (
     "gemma",
     "gemma2",
@@ -178,6 +180,7 @@ SUPPORTED_MODEL_TYPES = (
     "gemma4",
     "embedding_gemma2_text",
     "embedding_gemma2",
+    "paligemma",
     "recurrent_gemma",
 )
 
@@ -430,6 +433,18 @@ def parse_config(raw: dict[str, Any], source: str = "config.json") -> GemmaConfi
             raise BadInput(f"{source}: model_type {model_type!r} needs a 'text_config' object")
         text = {"model_type": MULTIMODAL[model_type], **text}
         cfg = parse_config(text, source=f"{source} (text_config)")
+        return replace(cfg, source_model_type=model_type)
+    if isinstance(model_type, str) and model_type in PREFIX_LM:
+        text = raw.get("text_config")
+        if not isinstance(text, dict):
+            raise BadInput(f"{source}: model_type {model_type!r} needs a 'text_config' object")
+        family = text.get("model_type", "gemma")
+        if family not in PREFIX_LM[model_type]:
+            raise BadInput(f"{source}: text_config.model_type {family!r} is not one of {PREFIX_LM[model_type]}")
+        # PaliGemmaConfig writes use_bidirectional_attention = true into its text config; what it means there is
+        # the prefix-LM mask (image + prompt bidirectional, the suffix causal: models/multimodal.py), not an encoder
+        text = {k: v for k, v in text.items() if k != "use_bidirectional_attention"}
+        cfg = parse_config({"model_type": family, **text}, source=f"{source} (text_config)")
         return replace(cfg, source_model_type=model_type)
     if not isinstance(model_type, str) or model_type not in FAMILIES:  # a list or object is not hashable
         raise BadInput(

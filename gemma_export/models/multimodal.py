@@ -1,6 +1,6 @@
-"""Gemma 3's decoder with image prompts: the text decoder (models/gemma.py) whose input embeddings take the
-projected image features (models/siglip.py) at the image-token positions, and whose attention lets the tokens
-of one image see each other.
+"""Gemma 3's and PaliGemma's decoder with image prompts: the text decoder (models/gemma.py) whose input
+embeddings take the projected image features (models/siglip.py) at the image-token positions, and whose
+attention lets the tokens of one image (PaliGemma: of the prompt) see each other.
 
     x_0  = embed(ids) * sqrt(hidden), except at image tokens (id = image_token_id): the next image feature row
            as it is (no sqrt(hidden) scale; features are consumed in row-major order of the [batch, seq] ids;
@@ -9,8 +9,22 @@ of one image see each other.
            `token_type_ids`, 1 at image tokens, as transformers' processor writes it), so the op's rule
            (ops/visibility.py) makes each image bidirectional; text stays causal, windows still apply.
 
+PaliGemma (1 and 2; `PaliGemmaForConditionalGeneration`) is the same decoder (a Gemma or Gemma 2 text model)
+with two traits, its configuration here:
+    prefix-LM   the image tokens, bos, the prompt and "\n" (the prefix: transformers' token_type_ids == 0) attend
+                to each other bidirectionally, the suffix (generated tokens) causally. Our `token_type_ids`
+                marks the bidirectional tokens with 1, so for PaliGemma it is 1 over the whole prompt (the
+                inverse of transformers' convention): one run, one block, mask value 2. Sliding windows as the
+                op applies them: AND(window, OR(causal, block)); transformers' PaliGemma applies
+                OR(AND(window, causal), block), the same while the prefix fits in the window (the runtime
+                refuses a longer one).
+    positions   1-indexed: transformers' PaliGemma adds 1 to the position ids it is given or computes
+                (`position_offset` = 1), so the runtime's positions stay the text decoders'. RoPE sees only
+                distances, so this shifts rounding, not the result: it is kept to mirror transformers.
+
 The graph signature is the text decoder's (README "Artifact contract": the same KV cache) plus
-    token_type_ids  int64   [batch, total_sequence_length]   1 at image tokens (past + new), else 0
+    token_type_ids  int64   [batch, total_sequence_length]   1 at image tokens (PaliGemma: at the prompt's
+                                                              tokens; past + new), else 0
     image_features  float32 [num_image_tokens, hidden]        the vision graph's output rows of this call's
                                                               image tokens, in order ([0, hidden]: none)
 """
@@ -51,11 +65,12 @@ class Gemma3MultimodalDecoder(nn.Module):
     mask_covers_past = True
     extra_inputs = ("token_type_ids", "image_features")
 
-    def __init__(self, decoder: GemmaModel, image_token_id: int) -> None:
+    def __init__(self, decoder: GemmaModel, image_token_id: int, position_offset: int = 0) -> None:
         super().__init__()
         self.decoder = decoder
         self.cfg = decoder.cfg
         self.image_token_id = image_token_id
+        self.position_offset = position_offset  # PaliGemma: 1
         for layer in decoder.layers:
             layer.self_attn.blocks = True
 
@@ -86,6 +101,6 @@ class Gemma3MultimodalDecoder(nn.Module):
         x = self.decoder.embed(torch.where(is_image, torch.zeros_like(input_ids), input_ids))
         x = place_image_features(x, is_image, image_features)
         mask = attention_mask * (1 + image_blocks(token_type_ids))
-        x, presents = self.decoder.run_layers(x, mask, position_ids, state)
+        x, presents = self.decoder.run_layers(x, mask, position_ids + self.position_offset, state)
         logits = softcap(tied_lm_head(x, self.decoder.embed_tokens.weight), self.cfg.final_logit_softcapping)
         return logits, presents

@@ -7,6 +7,9 @@
     Gemma 3 projector (`Gemma3MultiModalProjector`):
     tokens   = AvgPool(k = side / sqrt(mm_tokens))(tower as a side x side grid)  -> [n, mm_tokens, width]
     features = RMSNorm(1 + w)(tokens) @ W           W: [width, text hidden]; no sqrt(hidden) scale is applied
+    PaliGemma projector (`PaliGemmaMultiModalProjector`): every patch is a soft token (mm_tokens = patches)
+    features = tower @ W + b                        W: [width, projection_dim]; no scale either (transformers 5
+                                                    scales text embeddings in the lookup, not image features)
 
 The attention is the one custom op (`torch.ops.gemma.attention`, causal=0, no window, every key real), so the
 vision graph carries `ai.gemma::Attention` nodes like the decoder's and runs wherever it does.
@@ -42,7 +45,7 @@ class VisionConfig:
     num_channels: int
     text_hidden_size: int
     mm_tokens_per_image: int
-    projector: str = "gemma3"  # gemma3: avg-pool + RMSNorm + matmul
+    projector: str = "gemma3"  # gemma3: avg-pool + RMSNorm + matmul; paligemma: linear with bias
 
     @property
     def patches_per_side(self) -> int:
@@ -57,8 +60,10 @@ class VisionConfig:
 
     @classmethod
     def from_checkpoint(cls, raw: dict[str, Any], source: str) -> VisionConfig:
-        """From a multimodal config.json (`model_type` gemma3): its `vision_config` and `text_config`."""
+        """From a multimodal config.json (`model_type` gemma3 or paligemma): its `vision_config` and
+        `text_config` (PaliGemma: `projection_dim`, one soft token per patch)."""
         vision, text = raw.get("vision_config"), raw.get("text_config") or {}
+        paligemma = raw.get("model_type") == "paligemma"
         if not isinstance(vision, dict):
             raise BadInput(f"{source}: no 'vision_config' object (a text-only checkpoint)")
         act = vision.get("hidden_act", "gelu_pytorch_tanh")
@@ -74,8 +79,13 @@ class VisionConfig:
                 num_attention_heads=int(vision["num_attention_heads"]),
                 layer_norm_eps=float(vision.get("layer_norm_eps", 1e-6)),
                 num_channels=int(vision.get("num_channels", 3)),
-                text_hidden_size=int(text["hidden_size"]),
-                mm_tokens_per_image=int(raw.get("mm_tokens_per_image", 256)),
+                text_hidden_size=int(
+                    raw.get("projection_dim", text.get("hidden_size", 2048)) if paligemma else text["hidden_size"]
+                ),
+                mm_tokens_per_image=(int(vision["image_size"]) // int(vision["patch_size"])) ** 2
+                if paligemma
+                else int(raw.get("mm_tokens_per_image", 256)),
+                projector="paligemma" if paligemma else "gemma3",
             )
         except KeyError as e:
             raise BadInput(f"{source}: vision_config lacks {e.args[0]!r}") from None
@@ -166,6 +176,20 @@ class Gemma3Projector(nn.Module):
         return self.mm_soft_emb_norm(tokens) @ self.mm_input_projection_weight
 
 
+class PaliGemmaProjector(nn.Module):
+    """Patch states -> one soft token per patch, of the text model's width."""
+
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.linear = nn.Linear(cfg.hidden_size, cfg.text_hidden_size)
+
+    def forward(self, states: torch.Tensor) -> torch.Tensor:
+        return self.linear(states)
+
+
+PROJECTORS = {"gemma3": Gemma3Projector, "paligemma": PaliGemmaProjector}
+
+
 class VisionModel(nn.Module):
     """The vision graph: pixel_values [num_images, channels, size, size] float32 ->
     image_features [num_images, mm_tokens_per_image, text hidden] float32."""
@@ -174,7 +198,7 @@ class VisionModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.vision_tower = SiglipVisionTower(cfg)
-        self.multi_modal_projector = Gemma3Projector(cfg)
+        self.multi_modal_projector = PROJECTORS[cfg.projector](cfg)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.multi_modal_projector(self.vision_tower(pixel_values))

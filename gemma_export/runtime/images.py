@@ -123,17 +123,27 @@ def generate_with_images(
     eos_ids: Sequence[int] = (),
     pad_id: int = 0,
     sampling: Sampling = GREEDY,
+    prefix_lm: bool = False,
+    window: int = 0,
 ) -> list[list[int]]:
     """`runtime.session.generate` with image features: each step feeds token_type_ids (past + new) and the
-    feature rows of that step's image tokens (none after the prompt)."""
+    feature rows of that step's image tokens (none after the prompt). `prefix_lm` (PaliGemma): the whole
+    prompt is one bidirectional block (token_type_ids 1 over it), which must fit in the sliding `window`."""
     rng = SplitMix64(sampling.seed)
     ids, mask = left_pad(prompts, pad_id)
     pos = positions(mask)
-    types = ((ids == image_token_id) & (mask != 0)).astype(np.int64)
+    image = ((ids == image_token_id) & (mask != 0)).astype(np.int64)
+    types = image
+    if prefix_lm:
+        longest = max((len(p) for p in prompts), default=0)
+        if window and longest > window:
+            raise BadInput(f"a PaliGemma prompt of {longest} tokens (image tokens included) is longer than the "
+                           f"sliding window ({window}): its bidirectional prefix would be cut")  # fmt: skip
+        types = (mask != 0).astype(np.int64)
     rows = features.reshape(-1, features.shape[-1]).astype(np.float32)
-    if int(types.sum()) != len(rows):
-        raise BadInput(f"{int(types.sum())} image tokens in the prompts but features for {len(rows)}")
-    row_of = np.where(types == 1, types.reshape(-1).cumsum().reshape(types.shape) - 1, -1)  # feature row per token
+    if int(image.sum()) != len(rows):
+        raise BadInput(f"{int(image.sum())} image tokens in the prompts but features for {len(rows)}")
+    row_of = np.where(image == 1, image.reshape(-1).cumsum().reshape(image.shape) - 1, -1)  # feature row per token
     decoder.reserve(ids.shape[1] + max_new_tokens)
     cache = decoder.empty_cache(len(prompts))
     out: list[list[int]] = [[] for _ in prompts]

@@ -74,3 +74,52 @@ def random_image(path: Path, width: int, height: int, seed: int = 0) -> Path:
     pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
     Image.fromarray(pixels).save(path)
     return path
+
+
+PALI_IMAGE = "<image>"
+
+
+def paligemma_config(**overrides) -> dict:
+    """config.json of a tiny PaliGemma 2: the tiny SigLIP tower at 28 px (a 2x2 grid: 4 image tokens per image,
+    no pooling) and a Gemma 2 decoder with a window of 8 (sliding, global)."""
+    raw = vision_config(vision_image_size=28)
+    text = {k: v for k, v in random_checkpoint.TINY_CONFIGS["gemma2"].items() if k != "architectures"}
+    text.update(num_hidden_layers=2, layer_types=["sliding_attention", "full_attention"], sliding_window=8)
+    out = {"model_type": "paligemma", "text_config": text, "vision_config": raw["vision_config"],
+           "projection_dim": text["hidden_size"], "hidden_size": text["hidden_size"]}  # fmt: skip
+    out.update(overrides)
+    return out
+
+
+def save_paligemma_checkpoint(out: Path, seed: int = 0, **overrides) -> Path:
+    """A random `PaliGemmaForConditionalGeneration` and its `PaliGemmaProcessor` (SigLIP PIL image processor),
+    both saved by transformers."""
+    import transformers
+    from tokenizers import AddedToken, Tokenizer
+
+    out.mkdir(parents=True, exist_ok=True)
+    random_checkpoint.write_tokenizer(out)
+    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+    tok.add_special_tokens([AddedToken(PALI_IMAGE, special=True, normalized=False)])
+    tok.save(str(out / "tokenizer.json"))
+    image_id = tok.token_to_id(PALI_IMAGE)
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    flags = dict.fromkeys(("lstrip", "rstrip", "normalized", "single_word"), False)
+    config["added_tokens_decoder"][str(image_id)] = {"content": PALI_IMAGE, "special": True, **flags}
+    config["extra_special_tokens"] = {"image_token": PALI_IMAGE}
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+
+    raw = paligemma_config(**overrides)
+    raw["image_token_index"] = image_id
+    config = transformers.PaliGemmaConfig(**{k: v for k, v in raw.items() if k != "model_type"})
+    model = transformers.PaliGemmaForConditionalGeneration(config).eval()
+    randomize(model, seed)
+    model.save_pretrained(out)
+    size, patch = raw["vision_config"]["image_size"], raw["vision_config"]["patch_size"]
+    image_processor = transformers.SiglipImageProcessorPil(
+        size={"height": size, "width": size}, image_mean=[0.5, 0.4, 0.3], image_std=[0.5, 0.6, 0.7],
+        image_seq_length=(size // patch) ** 2,
+    )  # fmt: skip
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    transformers.PaliGemmaProcessor(image_processor, tokenizer).save_pretrained(out)
+    return out
