@@ -306,6 +306,13 @@ class ImagePreprocessing(_Strict):
                                       "mm_tokens_per_image times), end, after")  # fmt: skip
     mm_tokens_per_image: int = Field(description="image tokens (and feature rows) per image")
     image_token_id: int = Field(description="the image token's id: the decoder puts a feature row there")
+    prompt_layout: Literal["gemma3", "paligemma"] = Field(
+        "gemma3",
+        description="gemma3: markers expand in place; paligemma: then bos after the last image and a closing "
+        "newline, and the whole prompt is one bidirectional prefix (token_type_ids 1 over it)",
+    )
+    bos_token: str = Field("", description="paligemma: the bos text put after the image tokens")
+    prefix_window: int = Field(0, description="paligemma: the longest prompt (sliding window) it takes; 0: any")
 
 
 class VisionParity(_Strict):

@@ -6,6 +6,9 @@ reproduces (tests/pipeline/test_vision_artifact.py holds it to it), never a depe
     prompt   = each `<start_of_image>` -> "\\n\\n<start_of_image>" + mm_tokens x <image_soft_token>
                + "<end_of_image>\\n\\n"
     token_type_ids = 1 at the image tokens, 0 elsewhere (and 0 for every generated token)
+    PaliGemma (`prompt_layout` paligemma, PaliGemmaProcessor): each `<image>` -> mm_tokens x <image>, then bos
+    after the last image's tokens and "\\n" at the end; token_type_ids = 1 over the whole prompt (the
+    prefix, bidirectional), 0 for every generated token (the suffix, causal)
 """
 
 from __future__ import annotations
@@ -23,10 +26,13 @@ from gemma_export.runtime.session import GREEDY, Sampling, feed_back, left_pad, 
 RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 
 
-def read_processor(checkpoint_dir: Path, mm_tokens_per_image: int, image_token_id: int) -> dict[str, Any]:
+def read_processor(
+    checkpoint_dir: Path, mm_tokens_per_image: int, image_token_id: int, *, prefix_window: int | None = None
+) -> dict[str, Any]:
     """The checkpoint's image preprocessing and token layout (the manifest's `vision.preprocessing`), from its
     processor_config.json (transformers 5: `image_processor` inside) or preprocessor_config.json, and the
-    image tokens from tokenizer_config.json."""
+    image tokens from tokenizer_config.json. `prefix_window` (not None): a PaliGemma checkpoint whose prompt
+    must fit in that sliding window (0: no window)."""
     import json
 
     def read(name: str) -> dict[str, Any]:
@@ -54,6 +60,13 @@ def read_processor(checkpoint_dir: Path, mm_tokens_per_image: int, image_token_i
     boi = special.get("boi_token") or tokenizer.get("boi_token") or "<start_of_image>"
     eoi = special.get("eoi_token") or tokenizer.get("eoi_token") or "<end_of_image>"
     image_token = special.get("image_token") or tokenizer.get("image_token") or "<image_soft_token>"
+    paligemma = prefix_window is not None
+    if paligemma:  # PaliGemmaProcessor: image_seq_length in the image processor, bos after the images
+        image_token = special.get("image_token") or tokenizer.get("image_token") or "<image>"
+        boi, eoi = image_token, ""
+        mm_tokens_per_image = int(image.get("image_seq_length", mm_tokens_per_image))
+    layout = {"prompt_layout": "paligemma", "bos_token": str(tokenizer.get("bos_token") or "<bos>"),
+              "prefix_window": prefix_window} if paligemma else {}  # fmt: skip
     return {
         "size": [int(size["height"]), int(size["width"])],
         "resample": RESAMPLE_NAMES.get(int(image.get("resample", 2)), "bilinear"),
@@ -64,9 +77,10 @@ def read_processor(checkpoint_dir: Path, mm_tokens_per_image: int, image_token_i
         "image_mean": [float(v) for v in image.get("image_mean", [0.5, 0.5, 0.5])],
         "image_std": [float(v) for v in image.get("image_std", [0.5, 0.5, 0.5])],
         "image_marker": boi,
-        "image_sequence": ["\n\n", boi, image_token, eoi, "\n\n"],
+        "image_sequence": ["", "", image_token, "", ""] if paligemma else ["\n\n", boi, image_token, eoi, "\n\n"],
         "mm_tokens_per_image": int(processor.get("image_seq_length", mm_tokens_per_image)),
         "image_token_id": image_token_id,
+        **layout,
     }
 
 
@@ -110,6 +124,9 @@ def expand_prompt(text: str, pre: dict[str, Any]) -> str:
     """Each image marker becomes the full image sequence (the processor's `full_image_sequence`)."""
     before, boi, image_token, eoi, after = pre["image_sequence"]
     full = f"{before}{boi}{image_token * pre['mm_tokens_per_image']}{eoi}{after}"
+    if pre.get("prompt_layout") == "paligemma":  # PaliGemmaProcessor.prepare_inputs_layout
+        end = text.rfind(pre["image_marker"]) + len(pre["image_marker"])
+        text = text[:end] + pre["bos_token"] + text[end:] + "\n"
     return text.replace(pre["image_marker"], full)
 
 
@@ -230,7 +247,9 @@ def run(
     features = vision.encode(pixels) if len(pixels) else np.zeros((0, 0, cfg.hidden_size), np.float32)
     decoder = OrtDecoder(artifact_dir, manifest, threads=threads)
     new = generate_with_images(decoder, batch, features, pre["image_token_id"], max_new_tokens,
-                               eos_ids=cfg.eos_token_ids, pad_id=cfg.pad_token_id, sampling=sampling)  # fmt: skip
+                               eos_ids=cfg.eos_token_ids, pad_id=cfg.pad_token_id, sampling=sampling,
+                               prefix_lm=pre.get("prompt_layout") == "paligemma",
+                               window=pre.get("prefix_window") or 0)  # fmt: skip
     outputs = [{"prompt_ids": p, "new_ids": t, "text": tokenizer.decode(t, skip_special_tokens=True)}
                for p, t in zip(batch, new, strict=True)]  # fmt: skip
     return {"artifact": str(artifact_dir), "images": [str(p) for p in images], "outputs": outputs}

@@ -1,0 +1,132 @@
+"""A PaliGemma 2 image + text artifact against transformers and the reference: the preprocessing and the prompt
+tokens (images, bos, prompt, "\\n") against the checkpoint's own PaliGemmaProcessor, the vision graph against
+models/siglip.py, the prefix-LM prefill logits and `generate --image` token for token against `generate`."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from gemma_export.checkpoint import load
+from gemma_export.errors import BadInput
+from gemma_export.manifest import Manifest
+from gemma_export.runtime import images
+from gemma_export.runtime.generation import load_tokenizer
+from gemma_export.runtime.session import GREEDY, OrtDecoder, positions
+from tests.support.vision import random_image, save_paligemma_checkpoint
+
+pytestmark = pytest.mark.slow  # the module builds an artifact
+
+WINDOW = 8
+# The prompts (4 image tokens, bos, text, "\n") fit in the window; prompt + answer run past it. Row 1 is
+# shorter (left-padded).
+PROMPTS = ["<image>cap", "<image>is"]
+SIZES = [(37, 23), (61, 90)]  # odd sizes, each resized to the tower's 28 px
+FORMATS = ["png", "jpg"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return save_paligemma_checkpoint(tmp_path_factory.mktemp("checkpoints") / "paligemma")
+
+
+@pytest.fixture(scope="module")
+def artifact(checkpoint, tmp_path_factory):
+    from gemma_export.pipeline.build import BuildOptions, build
+    from gemma_export.pipeline.progress import Stages
+
+    out = tmp_path_factory.mktemp("artifacts") / "paligemma"
+    build(checkpoint, out, BuildOptions(), Stages(quiet=True))
+    return out
+
+
+@pytest.fixture(scope="module")
+def image_files(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("images")
+    return [random_image(tmp / f"{i}.{fmt}", w, h, seed=i)
+            for i, ((w, h), fmt) in enumerate(zip(SIZES, FORMATS, strict=True))]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def hf_inputs(checkpoint, image_files):
+    import transformers
+    from PIL import Image
+
+    processor = transformers.AutoProcessor.from_pretrained(checkpoint)
+    return processor(text=PROMPTS, images=[Image.open(p) for p in image_files], return_tensors="pt", padding=True)
+
+
+@pytest.fixture(scope="module")
+def hf_model(checkpoint):
+    import transformers
+
+    return transformers.PaliGemmaForConditionalGeneration.from_pretrained(checkpoint).eval()
+
+
+def test_manifest_describes_the_paligemma_layout(artifact) -> None:
+    manifest = Manifest.read(artifact)
+    assert manifest.model.source_model_type == "paligemma"
+    pre = manifest.vision.preprocessing
+    assert pre.prompt_layout == "paligemma" and pre.image_marker == "<image>" and pre.bos_token == "<bos>"
+    assert pre.size == [28, 28] and pre.resample == "bicubic" and pre.mm_tokens_per_image == 4
+    assert pre.prefix_window == WINDOW
+    assert manifest.vision.outputs[0].shape[1:] == [4, 64]
+    assert manifest.vision.parity is not None and manifest.vision.parity.max_abs_error <= 1e-4
+
+
+def test_pixels_and_prompt_tokens_match_the_processor(artifact, hf_inputs, image_files) -> None:
+    pre = Manifest.read(artifact).vision.preprocessing.model_dump()
+    ids, pixels = images.image_prompts(load_tokenizer(artifact), PROMPTS, image_files, pre)
+    np.testing.assert_allclose(pixels, hf_inputs["pixel_values"].numpy(), rtol=0, atol=1e-6)
+    mask = hf_inputs["attention_mask"].numpy().astype(bool)
+    assert ids == [list(row[m]) for row, m in zip(hf_inputs["input_ids"].numpy(), mask, strict=True)]
+
+
+def test_vision_graph_matches_the_reference(artifact, checkpoint, hf_inputs) -> None:
+    got = images.OrtVision(artifact, Manifest.read(artifact)).encode(hf_inputs["pixel_values"].numpy())
+    _, model = load.load_vision(checkpoint)
+    with torch.no_grad():
+        expected = model(hf_inputs["pixel_values"]).numpy()
+    assert np.abs(got - expected).max() <= 1e-4
+
+
+def test_prefill_logits_match_transformers(artifact, hf_inputs, hf_model) -> None:
+    manifest = Manifest.read(artifact)
+    features = images.OrtVision(artifact, manifest).encode(hf_inputs["pixel_values"].numpy())
+    decoder = OrtDecoder(artifact, manifest)
+    rows = features.reshape(-1, features.shape[-1])
+    ids, mask = hf_inputs["input_ids"].numpy(), hf_inputs["attention_mask"].numpy()
+    with torch.no_grad():  # generate's positions: 1-indexed over the real tokens
+        expected = hf_model(**hf_inputs, position_ids=torch.from_numpy(positions(mask)) + 1).logits.numpy()
+
+    def logits(types: np.ndarray) -> np.ndarray:
+        out, _ = decoder.step(ids, mask, positions(mask), decoder.empty_cache(len(ids)),
+                              token_type_ids=types, image_features=rows)  # fmt: skip
+        return out
+
+    real = mask.astype(bool)
+    prefix = ((hf_inputs["token_type_ids"].numpy() == 0) & real).astype(np.int64)  # ours: 1 = bidirectional
+    error = np.abs(logits(prefix)[real] - expected[real]).max()
+    print(f"paligemma image prompt prefill: max abs logit error {error:.3g}")
+    assert error <= 1e-4
+    assert np.abs(logits(np.zeros_like(mask))[real] - expected[real]).max() > 1e-2  # the prefix-LM trait matters
+
+
+def test_generation_matches_transformers_generate(artifact, hf_inputs, hf_model, image_files) -> None:
+    new = 12
+    assert hf_inputs["input_ids"].shape[1] <= WINDOW < hf_inputs["input_ids"].shape[1] + new
+    with torch.no_grad():
+        expected = hf_model.generate(**hf_inputs, max_new_tokens=new, do_sample=False)
+    expected = expected[:, hf_inputs["input_ids"].shape[1] :].tolist()
+    eos = set(Manifest.read(artifact).model.config.eos_token_ids)
+    result = images.run(artifact, prompts=PROMPTS, images=image_files, max_new_tokens=new, sampling=GREEDY)
+    for row, out in zip(expected, result["outputs"], strict=True):
+        stop = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
+        assert out["new_ids"] == row[:stop]
+    assert sum(len(out["new_ids"]) for out in result["outputs"]) > 2
+
+
+def test_a_prompt_longer_than_the_window_is_refused(artifact, image_files) -> None:
+    with pytest.raises(BadInput, match="longer than the sliding window"):
+        images.run(artifact, prompts=["<image>" + " word" * 12], images=image_files[:1], max_new_tokens=1)
