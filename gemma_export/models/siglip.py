@@ -64,6 +64,8 @@ class VisionConfig:
         `text_config` (PaliGemma: `projection_dim`, one soft token per patch)."""
         vision, text = raw.get("vision_config"), raw.get("text_config") or {}
         paligemma = raw.get("model_type") == "paligemma"
+        if paligemma and isinstance(vision, dict):  # published PaliGemma configs leave out SigLIP's defaults
+            vision = {"image_size": 224, "patch_size": 16, **vision}  # (SiglipVisionConfig's, as transformers reads)
         if not isinstance(vision, dict):
             raise BadInput(f"{source}: no 'vision_config' object (a text-only checkpoint)")
         act = vision.get("hidden_act", "gelu_pytorch_tanh")

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from gemma_export.checkpoint import load
+from gemma_export.errors import BadInput
 from gemma_export.runtime.images import generate_with_images
 from gemma_export.runtime.session import positions
 from gemma_export.verify.reference import TorchDecoder
@@ -99,7 +100,6 @@ def test_greedy_tokens_match_transformers_generate(folder, processor, images, hf
 
 
 def test_a_prefix_longer_than_the_window_is_refused(folder) -> None:
-    from gemma_export.errors import BadInput
 
     cfg, _, _, decoder = load.load_multimodal(folder)
     prompt = [decoder.image_token_id] * 4 + [2] + [300] * 10
@@ -107,3 +107,27 @@ def test_a_prefix_longer_than_the_window_is_refused(folder) -> None:
     with pytest.raises(BadInput, match="longer than the sliding window"):
         generate_with_images(TorchDecoder(decoder), [prompt], features, decoder.image_token_id, 1, prefix_lm=True,
                              window=WINDOW)  # fmt: skip
+
+
+def test_a_published_style_config_reads_as_transformers_reads_it() -> None:
+    """PaliGemma 2 3B 224's config.json leaves out SigLIP's image_size; its text config (as PaliGemmaConfig
+    saves it) says use_bidirectional_attention, which there means the prefix-LM mask, not an encoder."""
+    from gemma_export.config.model_config import parse_config
+    from gemma_export.models.siglip import VisionConfig
+
+    raw = {"model_type": "paligemma", "projection_dim": 2304, "image_token_index": 257152,
+           "text_config": {"model_type": "gemma2", "hidden_size": 2304, "intermediate_size": 9216,
+                           "num_hidden_layers": 26, "num_attention_heads": 8, "num_key_value_heads": 4,
+                           "head_dim": 256, "vocab_size": 257216, "query_pre_attn_scalar": 256,
+                           "sliding_window": 4096, "use_bidirectional_attention": True},
+           "vision_config": {"model_type": "siglip_vision_model", "hidden_size": 1152, "intermediate_size": 4304,
+                             "num_attention_heads": 16, "num_hidden_layers": 27, "patch_size": 14,
+                             "projection_dim": 2304, "vision_use_head": False}}  # fmt: skip
+    cfg = parse_config(raw)
+    assert cfg.model_type == "gemma2" and cfg.source_model_type == "paligemma"
+    assert not cfg.use_bidirectional_attention and cfg.sliding_window == 4096
+    vision = VisionConfig.from_checkpoint(raw, "config.json")
+    assert (vision.image_size, vision.mm_tokens_per_image, vision.projector) == (224, 256, "paligemma")
+    assert vision.text_hidden_size == 2304
+    with pytest.raises(BadInput, match=r"text_config\.model_type"):
+        parse_config({**raw, "text_config": {**raw["text_config"], "model_type": "gemma3_text"}})
