@@ -4,6 +4,8 @@ models/siglip.py, the prefix-LM prefill logits and `generate --image` token for 
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +16,7 @@ from gemma_export.manifest import Manifest
 from gemma_export.runtime import images
 from gemma_export.runtime.generation import load_tokenizer
 from gemma_export.runtime.session import GREEDY, OrtDecoder, positions
+from tests.support.cli import error_line, run
 from tests.support.vision import random_image, save_paligemma_checkpoint
 
 pytestmark = pytest.mark.slow  # the module builds an artifact
@@ -113,20 +116,38 @@ def test_prefill_logits_match_transformers(artifact, hf_inputs, hf_model) -> Non
     assert np.abs(logits(np.zeros_like(mask))[real] - expected[real]).max() > 1e-2  # the prefix-LM trait matters
 
 
-def test_generation_matches_transformers_generate(artifact, hf_inputs, hf_model, image_files) -> None:
-    new = 12
-    assert hf_inputs["input_ids"].shape[1] <= WINDOW < hf_inputs["input_ids"].shape[1] + new
+NEW = 12  # the prompt plus the answer runs past the window
+
+
+@pytest.fixture(scope="module")
+def expected_tokens(artifact, hf_inputs, hf_model) -> list[list[int]]:
+    """transformers' greedy answers, each cut after its first eos (where generation stops)."""
+    assert hf_inputs["input_ids"].shape[1] <= WINDOW < hf_inputs["input_ids"].shape[1] + NEW
     with torch.no_grad():
-        expected = hf_model.generate(**hf_inputs, max_new_tokens=new, do_sample=False)
-    expected = expected[:, hf_inputs["input_ids"].shape[1] :].tolist()
+        out = hf_model.generate(**hf_inputs, max_new_tokens=NEW, do_sample=False)
     eos = set(Manifest.read(artifact).model.config.eos_token_ids)
-    result = images.run(artifact, prompts=PROMPTS, images=image_files, max_new_tokens=new, sampling=GREEDY)
-    for row, out in zip(expected, result["outputs"], strict=True):
-        stop = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
-        assert out["new_ids"] == row[:stop]
-    assert sum(len(out["new_ids"]) for out in result["outputs"]) > 2
+    rows = out[:, hf_inputs["input_ids"].shape[1] :].tolist()
+    return [row[: next((i + 1 for i, t in enumerate(row) if t in eos), len(row))] for row in rows]
 
 
-def test_a_prompt_longer_than_the_window_is_refused(artifact, image_files) -> None:
+def test_generation_matches_transformers_generate(artifact, image_files, expected_tokens) -> None:
+    result = images.run(artifact, prompts=PROMPTS, images=image_files, max_new_tokens=NEW, sampling=GREEDY)
+    assert [out["new_ids"] for out in result["outputs"]] == expected_tokens
+    assert sum(len(row) for row in expected_tokens) > 2
+
+
+def test_cli_generate_image_matches_transformers_generate(capsys, artifact, image_files, expected_tokens) -> None:
+    args = [
+        a for prompt, image in zip(PROMPTS, image_files, strict=True) for a in ("--prompt", prompt, "--image", image)
+    ]
+    code, out, _ = run(capsys, "generate", artifact, *args, "--max-new-tokens", str(NEW), "--json")
+    assert code == 0
+    assert [row["new_ids"] for row in json.loads(out)["outputs"]] == expected_tokens
+
+
+def test_a_prompt_longer_than_the_window_is_refused(capsys, artifact, image_files) -> None:
     with pytest.raises(BadInput, match="longer than the sliding window"):
         images.run(artifact, prompts=["<image>" + " word" * 12], images=image_files[:1], max_new_tokens=1)
+    code, _, err = run(capsys, "generate", artifact, "--prompt", "<image>" + " word" * 12, "--image", image_files[0])
+    assert code == 2
+    error_line(err, "longer than the sliding window (8)")
