@@ -131,3 +131,23 @@ def test_a_published_style_config_reads_as_transformers_reads_it() -> None:
     assert vision.text_hidden_size == 2304
     with pytest.raises(BadInput, match=r"text_config\.model_type"):
         parse_config({**raw, "text_config": {**raw["text_config"], "model_type": "gemma3_text"}})
+
+
+def test_paligemma_1_logits_match_transformers(tmp_path, images) -> None:
+    """PaliGemma 1: the same model over a Gemma text config (no window): a long prefix is one block."""
+    import transformers
+
+    from gemma_export.dev import random_checkpoint
+
+    text = {k: v for k, v in random_checkpoint.TINY_CONFIGS["gemma"].items() if k != "architectures"}
+    folder = save_paligemma_checkpoint(tmp_path / "paligemma1", seed=1, text_config={**text, "num_hidden_layers": 2})
+    hf = transformers.PaliGemmaForConditionalGeneration.from_pretrained(folder).eval()
+    processor = transformers.AutoProcessor.from_pretrained(folder)
+    inputs = processor(text=["<image>describe the picture in a few words please", "<image>what?"], images=images,
+                       suffix=["a cat", "no"], return_tensors="pt", padding=True)  # fmt: skip
+    mask = inputs["attention_mask"].numpy()
+    real = mask.astype(bool)
+    with torch.no_grad():
+        ref = hf(**inputs, position_ids=torch.from_numpy(positions(mask)) + 1).logits.numpy()
+    assert np.abs(our_logits(folder, inputs)[real] - ref[real]).max() <= TOL
+    assert np.abs(our_logits(folder, inputs, prefix_lm=False)[real] - ref[real]).max() > 100 * TOL
