@@ -166,7 +166,7 @@ def generate_with_images(
     out: list[list[int]] = [[] for _ in prompts]
     done = np.zeros(len(prompts), bool)
     no_features = np.zeros((0, rows.shape[1]), np.float32)
-    for cols in prefill_slices(ids.shape[1], len(prompts), decoder.vocab_size):
+    for cols in whole_blocks(prefill_slices(ids.shape[1], len(prompts), decoder.vocab_size), types):
         chunk = row_of[:, cols]
         extra = {"token_type_ids": types[:, : cols.stop], "image_features": rows[chunk[chunk >= 0]]}
         logits, cache = decoder.step(ids[:, cols], mask[:, : cols.stop], pos[:, cols], cache, 1, **extra)
@@ -183,6 +183,20 @@ def generate_with_images(
             break
         ids, mask, pos = feed_back(np.where(done, pad_id, nxt), mask, pos)
     return out
+
+
+def whole_blocks(slices: list[slice], types: np.ndarray) -> list[slice]:
+    """Prefill passes that never cut a bidirectional block (a run of token_type_ids 1 in some row): a block's
+    first tokens must see its last ones, which a later pass would add only after they were computed. So a
+    PaliGemma prompt (one block) is one pass whatever the logits budget; a Gemma 3 image is never split."""
+    merged: list[slice] = []
+    for cols in slices:
+        start = cols.start
+        if merged and start > 0 and bool((types[:, start - 1] & types[:, start]).any()):
+            merged[-1] = slice(merged[-1].start, cols.stop)
+        else:
+            merged.append(cols)
+    return merged
 
 
 class OrtVision:

@@ -151,3 +151,29 @@ def test_paligemma_1_logits_match_transformers(tmp_path, images) -> None:
         ref = hf(**inputs, position_ids=torch.from_numpy(positions(mask)) + 1).logits.numpy()
     assert np.abs(our_logits(folder, inputs)[real] - ref[real]).max() <= TOL
     assert np.abs(our_logits(folder, inputs, prefix_lm=False)[real] - ref[real]).max() > 100 * TOL
+
+
+def test_prefill_passes_never_cut_the_prefix(folder, processor, images, hf_model, monkeypatch) -> None:
+    """With a logits budget of one token per pass, the prompt (one block) still goes in one pass: split, its
+    first tokens could not see its last ones, and the answer would differ from transformers'."""
+    from gemma_export.runtime import session
+
+    inputs = processor(text=PROMPTS, images=images, return_tensors="pt", padding=True)
+    cfg, _, vision, decoder = load.load_multimodal(folder)
+    with torch.no_grad():
+        expected = hf_model.generate(**inputs, max_new_tokens=6, do_sample=False)[:, inputs["input_ids"].shape[1] :]
+        features = vision(inputs["pixel_values"]).numpy()
+    mask = inputs["attention_mask"].numpy()
+    prompts = [list(row[m.astype(bool)]) for row, m in zip(inputs["input_ids"].numpy(), mask, strict=True)]
+    monkeypatch.setattr(session, "LOGITS_BUDGET_BYTES", 1)
+    got = generate_with_images(TorchDecoder(decoder), prompts, features, decoder.image_token_id, 6, eos_ids=[],
+                               pad_id=cfg.pad_token_id, prefix_lm=True)  # fmt: skip
+    assert got == expected.tolist()
+
+
+def test_whole_blocks_merges_passes_across_a_block() -> None:
+    from gemma_export.runtime.images import whole_blocks
+
+    types = np.array([[0, 1, 1, 0, 0, 1], [0, 0, 0, 0, 1, 1]])
+    passes = [slice(i, i + 1) for i in range(6)]
+    assert whole_blocks(passes, types) == [slice(0, 1), slice(1, 3), slice(3, 4), slice(4, 6)]
