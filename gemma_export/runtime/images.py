@@ -20,8 +20,7 @@ from typing import Any
 import numpy as np
 
 from gemma_export.errors import BadInput
-from gemma_export.runtime.sampler import SplitMix64
-from gemma_export.runtime.session import GREEDY, Sampling, feed_back, left_pad, pick, positions, prefill_slices
+from gemma_export.runtime.session import GREEDY, Sampling, decode_loop, left_pad, positions, prefill_slices
 
 RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 
@@ -146,7 +145,6 @@ def generate_with_images(
     """`runtime.session.generate` with image features: each step feeds token_type_ids (past + new) and the
     feature rows of that step's image tokens (none after the prompt). `prefix_lm` (PaliGemma): the whole
     prompt is one bidirectional block (token_type_ids 1 over it), which must fit in the sliding `window`."""
-    rng = SplitMix64(sampling.seed)
     ids, mask = left_pad(prompts, pad_id)
     pos = positions(mask)
     image = ((ids == image_token_id) & (mask != 0)).astype(np.int64)
@@ -163,26 +161,17 @@ def generate_with_images(
     row_of = np.where(image == 1, image.reshape(-1).cumsum().reshape(image.shape) - 1, -1)  # feature row per token
     decoder.reserve(ids.shape[1] + max_new_tokens)
     cache = decoder.empty_cache(len(prompts))
-    out: list[list[int]] = [[] for _ in prompts]
-    done = np.zeros(len(prompts), bool)
     no_features = np.zeros((0, rows.shape[1]), np.float32)
     for cols in whole_blocks(prefill_slices(ids.shape[1], len(prompts), decoder.vocab_size), types):
         chunk = row_of[:, cols]
         extra = {"token_type_ids": types[:, : cols.stop], "image_features": rows[chunk[chunk >= 0]]}
-        logits, cache = decoder.step(ids[:, cols], mask[:, : cols.stop], pos[:, cols], cache, 1, **extra)
-    for step in range(max_new_tokens):
-        if step:
-            extra = {"token_type_ids": np.zeros_like(mask), "image_features": no_features}
-            logits, cache = decoder.step(ids, mask, pos, cache, 1, **extra)
-        nxt = pick(logits[:, -1], sampling, rng)
-        for row, token in enumerate(nxt):
-            if not done[row]:
-                out[row].append(int(token))
-                done[row] = int(token) in eos_ids
-        if done.all():
-            break
-        ids, mask, pos = feed_back(np.where(done, pad_id, nxt), mask, pos)
-    return out
+        logits, cache = decoder.step(ids[:, cols], mask[:, : cols.stop], pos[:, cols], cache, logits_to_keep=1, **extra)
+
+    def no_image(mask: np.ndarray) -> dict[str, np.ndarray]:  # decode steps: generated tokens are text
+        return {"token_type_ids": np.zeros_like(mask), "image_features": no_features}
+
+    return decode_loop(decoder, logits, cache, mask, pos, max_new_tokens, eos_ids=eos_ids, pad_id=pad_id,
+                       sampling=sampling, step_inputs=no_image)  # fmt: skip
 
 
 def whole_blocks(slices: list[slice], types: np.ndarray) -> list[slice]:

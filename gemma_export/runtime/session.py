@@ -7,7 +7,7 @@ with the very same code: any difference in what they return is a difference in w
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -296,24 +296,44 @@ def generate(
     sampling: Sampling = Sampling(),
 ) -> list[list[int]]:
     """New tokens for each prompt (stopping at an end-of-sequence id), with the KV cache carried."""
-    rng = SplitMix64(sampling.seed)
     ids, mask = left_pad(prompts, pad_id)
     pos = positions(mask)
     decoder.reserve(ids.shape[1] + max_new_tokens)
     cache = decoder.empty_cache(len(prompts))
-    out: list[list[int]] = [[] for _ in prompts]
-    done = np.zeros(len(prompts), bool)
     for cols in prefill_slices(ids.shape[1], len(prompts), decoder.vocab_size):
         logits, cache = decoder.step(ids[:, cols], mask[:, : cols.stop], pos[:, cols], cache, logits_to_keep=1)
+    return decode_loop(decoder, logits, cache, mask, pos, max_new_tokens, eos_ids=eos_ids, pad_id=pad_id,
+                       sampling=sampling)  # fmt: skip
+
+
+def decode_loop(
+    decoder: Decoder,
+    logits: np.ndarray,
+    cache: list[np.ndarray],
+    mask: np.ndarray,
+    pos: np.ndarray,
+    max_new_tokens: int,
+    *,
+    eos_ids: Sequence[int] = (),
+    pad_id: int = 0,
+    sampling: Sampling = Sampling(),
+    step_inputs: Callable[[np.ndarray], dict[str, np.ndarray]] | None = None,
+) -> list[list[int]]:
+    """The tokens after a prefill that left `logits` (its last position predicts the next token) and `cache`:
+    pick, feed back, step, until each row's end-of-sequence id or `max_new_tokens`. `step_inputs(mask)`: the
+    decoder's other inputs at each decode step (an image artifact's: no image there)."""
+    rng = SplitMix64(sampling.seed)
+    out: list[list[int]] = [[] for _ in range(len(mask))]
+    done = np.zeros(len(mask), bool)
     for step in range(max_new_tokens):
-        if step:
-            logits, cache = decoder.step(ids, mask, pos, cache, logits_to_keep=1)
         nxt = pick(logits[:, -1], sampling, rng)
         for row, token in enumerate(nxt):
             if not done[row]:
                 out[row].append(int(token))
                 done[row] = int(token) in eos_ids
-        if done.all():
+        if done.all() or step == max_new_tokens - 1:
             break
         ids, mask, pos = feed_back(np.where(done, pad_id, nxt), mask, pos)  # a finished row is fed padding
+        extra = step_inputs(mask) if step_inputs is not None else {}
+        logits, cache = decoder.step(ids, mask, pos, cache, logits_to_keep=1, **extra)
     return out
