@@ -48,6 +48,17 @@ _SHARED_DEFAULTS = {
     "bos_token_id": 2,
     "attention_bias": False,
 }
+# Gemma 4's layer traits, shared by its decoders and EmbeddingGemma 2's encoder.
+_GEMMA4_TRAITS: dict[str, Any] = {
+    "post_norms": True,
+    "qk_norm": True,
+    "scale_by_query_pre_attn_scalar": False,
+    "window_every": 6,
+    "norm_offset": 0.0,
+    "value_norm": True,
+    "unit_attention_scale": True,
+    "layer_scalar": True,
+}
 FAMILIES: dict[str, Family] = {
     "gemma": Family(
         post_norms=False,
@@ -106,14 +117,7 @@ FAMILIES: dict[str, Family] = {
     # Gemma 4 text (transformers' Gemma4TextConfig defaults). Its per-layer traits (head dims, KV heads, k = v,
     # KV sharing, per-layer embeddings, experts) are GemmaConfig fields that parse_config reads.
     "gemma4_text": Family(
-        post_norms=True,
-        qk_norm=True,
-        scale_by_query_pre_attn_scalar=False,
-        window_every=6,
-        norm_offset=0.0,
-        value_norm=True,
-        unit_attention_scale=True,
-        layer_scalar=True,
+        **_GEMMA4_TRAITS,
         defaults={
             **_SHARED_DEFAULTS,
             "vocab_size": 262144,
@@ -137,14 +141,7 @@ FAMILIES: dict[str, Family] = {
     # per-layer embeddings come from the projection of x_0 alone (no table), and a final projection to
     # `embedding_dim`; its `sliding_window` is a radius (|i - j| <= sliding_window).
     "embedding_gemma2_text": Family(
-        post_norms=True,
-        qk_norm=True,
-        scale_by_query_pre_attn_scalar=False,
-        window_every=6,
-        norm_offset=0.0,
-        value_norm=True,
-        unit_attention_scale=True,
-        layer_scalar=True,
+        **_GEMMA4_TRAITS,
         defaults={
             **_SHARED_DEFAULTS,
             "vocab_size": 262144,

@@ -17,7 +17,7 @@ from gemma_export.runtime import images
 from gemma_export.runtime.generation import load_tokenizer
 from gemma_export.runtime.session import GREEDY, OrtDecoder, positions
 from tests.support.cli import error_line, run
-from tests.support.vision import random_image, save_paligemma_checkpoint
+from tests.support.vision import random_images, save_paligemma_checkpoint
 
 pytestmark = pytest.mark.slow  # the module builds an artifact
 
@@ -46,9 +46,7 @@ def artifact(checkpoint, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def image_files(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("images")
-    return [random_image(tmp / f"{i}.{fmt}", w, h, seed=i)
-            for i, ((w, h), fmt) in enumerate(zip(SIZES, FORMATS, strict=True))]  # fmt: skip
+    return random_images(tmp_path_factory.mktemp("images"), SIZES, FORMATS)
 
 
 @pytest.fixture(scope="module")

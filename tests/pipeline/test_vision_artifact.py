@@ -15,7 +15,7 @@ from gemma_export.manifest import Manifest
 from gemma_export.runtime import images
 from gemma_export.runtime.generation import load_tokenizer
 from gemma_export.runtime.session import GREEDY, OrtDecoder, positions
-from tests.support.vision import random_image
+from tests.support.vision import random_images
 
 # Row 0: two images and text longer than the window (8); row 1: one image, shorter (left-padded).
 PROMPTS = ["Describe <start_of_image> and compare it with <start_of_image> please, in a few words",
@@ -26,9 +26,7 @@ FORMATS = ["png", "jpg", "png"]
 
 @pytest.fixture(scope="module")
 def image_files(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("images")
-    return [random_image(tmp / f"{i}.{fmt}", w, h, seed=i)
-            for i, ((w, h), fmt) in enumerate(zip(SIZES, FORMATS, strict=True))]  # fmt: skip
+    return random_images(tmp_path_factory.mktemp("images"), SIZES, FORMATS)
 
 
 @pytest.fixture(scope="module")

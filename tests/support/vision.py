@@ -76,6 +76,12 @@ def random_image(path: Path, width: int, height: int, seed: int = 0) -> Path:
     return path
 
 
+def random_images(folder: Path, sizes: list[tuple[int, int]], formats: list[str]) -> list[Path]:
+    """One random image per (width, height) and format, seeded by its position."""
+    return [random_image(folder / f"{i}.{fmt}", w, h, seed=i)
+            for i, ((w, h), fmt) in enumerate(zip(sizes, formats, strict=True))]  # fmt: skip
+
+
 PALI_IMAGE = "<image>"
 
 
