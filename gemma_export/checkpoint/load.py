@@ -176,7 +176,8 @@ def has_vision(checkpoint_dir: Path) -> bool:
 
 def load_multimodal(checkpoint_dir: Path, *, allow_pickle: bool = False):
     """A multimodal Gemma 3 or PaliGemma folder -> (text config, vision config, vision model, multimodal
-    decoder); PaliGemma's decoder counts positions from 1 (models/multimodal.py)."""
+    decoder); PaliGemma's decoder counts positions from 1 and lets its prefix see itself past the sliding
+    window (models/multimodal.py)."""
     from gemma_export.config.model_config import read_json
     from gemma_export.models.multimodal import Gemma3MultimodalDecoder
 
@@ -186,5 +187,9 @@ def load_multimodal(checkpoint_dir: Path, *, allow_pickle: bool = False):
     image_token_id = raw.get("image_token_id", raw.get("image_token_index"))
     if not isinstance(image_token_id, int):
         raise BadInput(f"{checkpoint_dir}/config.json: no integer image_token_index (or image_token_id)")
-    offset = 1 if raw.get("model_type") == "paligemma" else 0
-    return cfg, vision_cfg, vision, Gemma3MultimodalDecoder(decoder, image_token_id, position_offset=offset)
+    from gemma_export.ops.visibility import BLOCKS_IN_WINDOW, BLOCKS_PAST_WINDOW
+
+    paligemma = raw.get("model_type") == "paligemma"
+    blocks = BLOCKS_PAST_WINDOW if paligemma else BLOCKS_IN_WINDOW
+    return cfg, vision_cfg, vision, Gemma3MultimodalDecoder(decoder, image_token_id, position_offset=int(paligemma),
+                                                            blocks=blocks)  # fmt: skip

@@ -109,7 +109,7 @@ class Attention(nn.Module):
         self.softcap = cfg.attn_logit_softcapping
         self.window = cfg.window_of(layer)
         self.causal = not cfg.use_bidirectional_attention
-        self.blocks = False  # the mask may name image blocks (values >= 2): models/multimodal.py sets it
+        self.blocks = 0  # the mask may name image blocks (values >= 2; the op's `blocks`): models/multimodal.py sets it
         self.slots: int | None = None  # a windowed cache's buffer size; None: the cache grows (full layout)
         self.produces_kv = cfg.produces_kv(layer)  # else it reads the keys/values of cfg.kv_source(layer)
         offset = cfg.family.norm_offset

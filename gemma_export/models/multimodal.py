@@ -7,17 +7,18 @@ attention lets the tokens of one image (PaliGemma: of the prompt) see each other
            an image token beyond the features given, e.g. one the model generates, keeps its text embedding)
     mask = attention_mask * (1 + block): block k >= 1 numbers the k-th run of image tokens in a row (from
            `token_type_ids`, 1 at image tokens, as transformers' processor writes it), so the op's rule
-           (ops/visibility.py) makes each image bidirectional; text stays causal, windows still apply.
+           (ops/visibility.py) makes each image bidirectional; text stays causal. Gemma 3's windows bound the
+           blocks too: AND(window, OR(causal, block)), the op's `blocks` 1.
 
 PaliGemma (1 and 2; `PaliGemmaForConditionalGeneration`) is the same decoder (a Gemma or Gemma 2 text model)
 with two traits, its configuration here:
     prefix-LM   the image tokens, bos, the prompt and "\n" (the prefix: transformers' token_type_ids == 0) attend
                 to each other bidirectionally, the suffix (generated tokens) causally. Our `token_type_ids`
                 marks the bidirectional tokens with 1, so for PaliGemma it is 1 over the whole prompt (the
-                inverse of transformers' convention): one run, one block, mask value 2. Sliding windows as the
-                op applies them: AND(window, OR(causal, block)); transformers' PaliGemma applies
-                OR(AND(window, causal), block), the same while the prefix fits in the window (the runtime
-                refuses a longer one).
+                inverse of transformers' convention): one run, one block, mask value 2. The prefix sees all
+                of itself in the sliding layers too, however long: transformers' PaliGemma composes
+                OR(AND(window, causal), block) (`create_sliding_window_causal_mask` with block_sequence_ids),
+                the op's `blocks` 2.
     positions   1-indexed: transformers' PaliGemma adds 1 to the position ids it is given or computes
                 (`position_offset` = 1), so the runtime's positions stay the text decoders'. RoPE sees only
                 distances, so this shifts rounding, not the result: it is kept to mirror transformers.
@@ -37,6 +38,7 @@ from torch import nn
 from gemma_export.errors import BadInput
 from gemma_export.models.gemma import GemmaModel
 from gemma_export.models.layers import softcap, tied_lm_head
+from gemma_export.ops.visibility import BLOCKS_IN_WINDOW
 
 
 def image_blocks(token_type_ids: torch.Tensor) -> torch.Tensor:
@@ -65,14 +67,17 @@ class Gemma3MultimodalDecoder(nn.Module):
     mask_covers_past = True
     extra_inputs = ("token_type_ids", "image_features")
 
-    def __init__(self, decoder: GemmaModel, image_token_id: int, position_offset: int = 0) -> None:
+    def __init__(
+        self, decoder: GemmaModel, image_token_id: int, position_offset: int = 0, blocks: int = BLOCKS_IN_WINDOW
+    ) -> None:
         super().__init__()
         self.decoder = decoder
         self.cfg = decoder.cfg
         self.image_token_id = image_token_id
         self.position_offset = position_offset  # PaliGemma: 1
+        self.blocks = blocks  # how a block meets a sliding window (ops/visibility.py); PaliGemma: BLOCKS_PAST_WINDOW
         for layer in decoder.layers:
-            layer.self_attn.blocks = True
+            layer.self_attn.blocks = blocks
 
     @property
     def cache_layout(self) -> str:

@@ -62,7 +62,12 @@ def _register_schema() -> None:
             attr("window", kind.INT, "keys visible to a query, the current one included; 0 = all"),
             attr("causal", kind.INT, "1 = causal, 0 = bidirectional"),
             attr("kv_num_heads", kind.INT, "number of key/value heads (grouped-query attention)"),
-            attr("blocks", kind.INT, "1: the mask may carry values >= 2 (image blocks); absent: 0", required=False),
+            attr(
+                "blocks",
+                kind.INT,
+                "the mask may carry values >= 2 (image blocks): 1 bounded by the window, 2 not; absent: 0",
+                required=False,
+            ),
         ],
     )
     onnx.defs.register_schema(schema)
@@ -83,7 +88,7 @@ def attention_reference(
     softcap: float,
     window: int,
     causal: bool,
-    blocks: bool = False,
+    blocks: int = visibility.BLOCKS_NONE,
 ) -> torch.Tensor:
     batch, heads, seq, head_dim = query.shape
     kv_heads = key.shape[1]
@@ -92,8 +97,7 @@ def attention_reference(
     scores = torch.matmul(q, key.unsqueeze(2).transpose(-1, -2)).float() * scale  # [b, kv, g, s, t]
     scores = layers.softcap(scores, softcap)  # in float32, before the mask
 
-    # [b, 1, 1, s, t]; `blocks` is a declaration for kernels: the rule reads block values wherever they are
-    visible = visibility.visible(attention_mask, seq, window, causal)[:, None, None]
+    visible = visibility.visible(attention_mask, seq, window, causal, blocks)[:, None, None]  # [b, 1, 1, s, t]
     scores = scores.masked_fill(~visible, _MASKED)
     probs = torch.softmax(scores, dim=-1).to(value.dtype)
     out = torch.matmul(probs, value.unsqueeze(2))  # [b, kv, g, s, d]
@@ -110,13 +114,13 @@ def attention(
     softcap: float,
     window: int,
     causal: bool,
-    blocks: bool = False,
+    blocks: int = visibility.BLOCKS_NONE,
 ) -> torch.Tensor:
     return attention_reference(query, key, value, attention_mask, scale, softcap, window, causal, blocks)
 
 
 @attention.register_fake
-def _(query, key, value, attention_mask, scale, softcap, window, causal, blocks=False):
+def _(query, key, value, attention_mask, scale, softcap, window, causal, blocks=visibility.BLOCKS_NONE):
     # Shapes only. Deliberately no check that attention_mask.shape[1] == key.shape[2]: it would tie two
     # symbolic sizes together at export time; the ONNX op checks it at run time instead.
     return torch.empty_like(query)
@@ -136,9 +140,8 @@ def Attention(
     window: int,
     causal: int,
     kv_num_heads: int,
+    blocks: int = 0,
 ) -> FLOAT["batch", "heads", "seq", "head_dim"]:
-    # (The optional attribute `blocks` is the schema's only: a declaration for kernels and lowerings. This body
-    # applies blocks whenever the mask has them, so it needs no attribute, whose default onnx's inliner drops.)
     zero = op.Constant(value_int=0)
     one = op.Constant(value_int=1)
     q_shape = op.Shape(query)
@@ -176,7 +179,13 @@ def Attention(
     ids = op.Cast(attention_mask, to=7)  # int64, whatever M is
     own = op.Unsqueeze(op.Slice(ids, op.Sub(total, seq), total, op.Constant(value_ints=[1])), [2])  # [b, s, 1]
     same = op.And(op.Equal(own, op.Unsqueeze(ids, [1])), op.GreaterOrEqual(own, op.Constant(value_int=2)))
-    visible = op.And(below_hi, op.Or(above_lo, same))  # [b, s, t]
+    # `blocks` 2 (blocks past the window) as a boolean: row 0 of EyeLike(k = blocks) over [1, 3] is the one-hot of
+    # blocks in (0, 1, 2). An absent attribute takes EyeLike's own default k = 0 (onnx's inliner drops a function
+    # attribute's default, so a plain Constant(value_int=blocks) would be left without a value in text graphs).
+    one_hot = op.EyeLike(op.Unsqueeze(op.Constant(value_ints=[0, 0, 0]), [0]), k=blocks)  # [1, 3]
+    past_window = op.Cast(op.Gather(op.Squeeze(one_hot, [0]), op.Constant(value_int=2)), to=9)  # bool, []
+    # AND(window, OR(causal, block)), or with blocks 2 also every key of the block: OR(AND(window, causal), block)
+    visible = op.Or(op.And(below_hi, op.Or(above_lo, same)), op.And(past_window, same))  # [b, s, t]
     keep = op.Unsqueeze(op.Not(op.Equal(attention_mask, op.CastLike(zero, attention_mask))), [1])
     visible = op.Unsqueeze(op.And(visible, keep), [1, 2])  # [b, 1, 1, s, t]
 
@@ -195,10 +204,10 @@ def _translate_attention(
     softcap: float,
     window: int,
     causal: bool,
-    blocks: bool = False,
+    blocks: int = visibility.BLOCKS_NONE,
 ) -> FLOAT:
     """What torch.onnx emits for `torch.ops.gemma.attention`: a single `ai.gemma::Attention` node (`blocks`
-    only where set, so every graph without image blocks is as before)."""
+    only where nonzero, so every graph without image blocks is as before)."""
     kv_num_heads = key.shape[1] if key.shape is not None else None
     if not isinstance(kv_num_heads, int):
         raise ValueError("the number of key/value heads must be static at export time")
@@ -212,7 +221,7 @@ def _translate_attention(
         window=int(window),
         causal=int(bool(causal)),
         kv_num_heads=kv_num_heads,
-        **({"blocks": 1} if blocks else {}),
+        **({"blocks": int(blocks)} if blocks else {}),
     )
 
 

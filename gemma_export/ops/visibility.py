@@ -9,10 +9,16 @@ d = p - j lies in the layer's reach:
 
 Mask values >= 2 also name bidirectional blocks (an image's tokens: Gemma 3's `token_type_ids`; PaliGemma's
 prefix): a key whose mask value equals the query's own value (>= 2) is visible whatever the lower bound on d
-(a later key of the same block), but the window's upper bound d < W still applies, as transformers composes
-it for sliding layers: AND(window, OR(causal, block)). A mask of 0 and 1 (every text graph) has no blocks;
-a node that may receive blocks says so with the op's attribute `blocks = 1`, so that a kernel or lowering
-without blocks (CUDA, GroupQueryAttention, the TensorRT plugin) can refuse or avoid it.
+(a later key of the same block). How a block meets the window is the op's attribute `blocks`:
+
+    blocks = 1 (BLOCKS_IN_WINDOW)    the window's upper bound d < W still applies: AND(window, OR(causal, block)),
+                                     as transformers composes Gemma 3's sliding layers
+    blocks = 2 (BLOCKS_PAST_WINDOW)  the block ignores the window: OR(AND(window, causal), block), as transformers
+                                     composes PaliGemma's (a prefix longer than the window sees all of itself)
+
+A mask of 0 and 1 (every text graph) has no blocks, and there both modes are the plain rule; a node that may
+receive blocks says so with `blocks` 1 or 2 (absent: 0, read as 1), so that a kernel or lowering without blocks
+(CUDA, GroupQueryAttention, the TensorRT plugin) can refuse or avoid it.
 
 `visible` evaluates it for numpy arrays (graphs/attention/make_vectors.py, the tests) and torch tensors
 (`attention_reference`, what the PyTorch model computes). The faces written in another IR, the function body
@@ -26,6 +32,9 @@ from typing import Any
 
 import numpy as np
 
+BLOCKS_NONE, BLOCKS_IN_WINDOW, BLOCKS_PAST_WINDOW = 0, 1, 2  # the op's attribute `blocks`
+BLOCK_MODES = (BLOCKS_NONE, BLOCKS_IN_WINDOW, BLOCKS_PAST_WINDOW)
+
 
 def reach(window: int, causal: bool, total: int) -> tuple[int, int]:
     """Bounds (lo, hi), inclusive, of the distances d = p - j a query sees, among T = `total` keys."""
@@ -33,18 +42,24 @@ def reach(window: int, causal: bool, total: int) -> tuple[int, int]:
     return (0 if causal else 1 - span), span - 1
 
 
-def visible(attention_mask: Any, seq: int, window: int, causal: bool) -> Any:
+def visible(attention_mask: Any, seq: int, window: int, causal: bool, blocks: int = BLOCKS_NONE) -> Any:
     """visible[b, i, j], boolean [batch, seq, total]: key j is visible to query i of batch row b.
 
     `attention_mask` [batch, total] (nonzero: a real token; values >= 2 name bidirectional blocks) is a numpy
-    array or a torch tensor; the result is of the same kind (and device)."""
+    array or a torch tensor; the result is of the same kind (and device). `blocks`: the op's attribute (above)."""
+    if blocks not in BLOCK_MODES:
+        raise ValueError(f"blocks must be one of {BLOCK_MODES}, got {blocks}")
     total = attention_mask.shape[-1]
     arange = _arange_like(attention_mask)
     distance = arange(total - seq, total)[:, None] - arange(0, total)[None, :]  # [S, T]: p - j
     lo, hi = reach(window, bool(causal), total)
     own = attention_mask[:, total - seq :][:, :, None]  # [B, S, 1]: each query's own mask value
-    after_lo = (distance >= lo) | ((own == attention_mask[:, None, :]) & (own >= 2))  # [B, S, T]
-    return (attention_mask != 0)[:, None, :] & after_lo & (distance <= hi)
+    same = (own == attention_mask[:, None, :]) & (own >= 2)  # [B, S, T]: a key of the query's own block
+    if blocks == BLOCKS_PAST_WINDOW:
+        seen = ((distance >= lo) & (distance <= hi)) | same  # OR(AND(window, causal), block)
+    else:
+        seen = ((distance >= lo) | same) & (distance <= hi)  # AND(window, OR(causal, block))
+    return (attention_mask != 0)[:, None, :] & seen
 
 
 def _arange_like(array: Any):

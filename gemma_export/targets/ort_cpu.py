@@ -52,7 +52,7 @@ from onnxscript.rewriter import pattern
 from onnxscript.rewriter.ort_fusions.rms_normalization import fuse_rms_normalization
 from onnxscript.rewriter.ort_fusions.skip_normalization import fuse_skip_rms_normalization
 
-from gemma_export.ops import attention
+from gemma_export.ops import attention, visibility
 from gemma_export.pipeline import graph_patterns
 from gemma_export.pipeline.optimize import strip_metadata
 from gemma_export.targets import genai_config
@@ -73,7 +73,7 @@ class AttentionAttrs:
     window: int
     causal: int
     kv_num_heads: int
-    blocks: int = 0  # the mask may name bidirectional blocks (values >= 2: image tokens)
+    blocks: int = 0  # the mask may name bidirectional blocks (values >= 2: image tokens); 2: past the window
 
     @classmethod
     def of(cls, node: ir.Node) -> AttentionAttrs:
@@ -318,7 +318,8 @@ class _SharedMasks:
 def _visibility(tape: Tape, query: ir.Value, mask: ir.Value, window: int, causal: int, blocks: int = 0) -> ir.Value:
     """ops/visibility.py's rule in ONNX ops, for this node's window and causality only: key j visible to query i
     (absolute position p = T - S + i) when mask[b, j] != 0 and p - j is within reach (tests/ops/test_visibility.py);
-    with `blocks`, also a key of the query's own block (equal mask values >= 2) beyond the lower bound."""
+    with `blocks`, also a key of the query's own block (equal mask values >= 2) beyond the lower bound, and with
+    `blocks` 2 beyond the window's upper bound too."""
     zero, one = _const(tape, np.int64(0)), _const(tape, np.int64(1))
     total = tape.op("Squeeze", [tape.op("Shape", [mask], {"start": 1, "end": 2})])  # T = the mask's width
     seq = tape.op("Squeeze", [tape.op("Shape", [query], {"start": 2, "end": 3})])  # S
@@ -342,9 +343,12 @@ def _visibility(tape: Tape, query: ir.Value, mask: ir.Value, window: int, causal
         own = tape.op("Unsqueeze", [own, _const(tape, np.array([2]))])
         is_block = tape.op("GreaterOrEqual", [own, _const(tape, np.int64(2))])
         same = tape.op("And", [tape.op("Equal", [own, tape.op("Unsqueeze", [ids, one])]), is_block])  # [B, S, T]
-        upper = tape.op("Less", [dist, win]) if window > 0 else None
-        rule = tape.op("Or", [lower, same])
-        rule = tape.op("And", [rule, upper]) if upper is not None else rule
+        if blocks == visibility.BLOCKS_PAST_WINDOW:  # OR(AND(window, causal), block)
+            rule = tape.op("Or", [rule, same])
+        else:  # AND(window, OR(causal, block))
+            upper = tape.op("Less", [dist, win]) if window > 0 else None
+            rule = tape.op("Or", [lower, same])
+            rule = tape.op("And", [rule, upper]) if upper is not None else rule
         rule = tape.op("Unsqueeze", [rule, one])  # [B, 1, S, T]
     keep = tape.op("Unsqueeze", [tape.op("Cast", [mask], {"to": ir.DataType.BOOL}), _const(tape, np.array([1, 2]))])
     if rule is None:  # bidirectional, global: the padding alone, for every query (Attention-23 needs S rows)

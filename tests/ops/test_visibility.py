@@ -3,7 +3,8 @@
 - the rule itself on small cases written out by hand from graphs/attention.md, and its numpy and torch
   evaluations agree;
 - the ONNX function body of `ai.gemma::Attention` (ops/attention.py) computes the same boolean mask, read off
-  its inlined graph, on a grid of query lengths, past lengths, windows, causal / bidirectional, left padding;
+  its inlined graph, on a grid of query lengths, past lengths, windows, causal / bidirectional, left padding,
+  image blocks in both modes of the attribute `blocks` (absent, 1: bounded by the window; 2: not);
 - so does the ort-cpu lowering's mask (targets/ort_cpu.py `_visibility`), which Attention-23 takes as it is
   and GroupQueryAttention as an additive bias.
 """
@@ -23,7 +24,7 @@ from onnx import TensorProto, helper
 from onnx_ir.tape import Tape
 
 from gemma_export.ops import attention as attention_op
-from gemma_export.ops.visibility import visible
+from gemma_export.ops.visibility import BLOCK_MODES, BLOCKS_PAST_WINDOW, visible
 from gemma_export.pipeline.trace import OPSET
 from gemma_export.targets import ort_cpu
 from tests.support import op_harness as harness
@@ -67,30 +68,63 @@ WRITTEN_OUT = [
     ((3, 0, 1, [2, 3, 3]), [[1, 0, 0], [1, 1, 1], [1, 1, 1]]),  # two blocks do not see each other's later keys
 ]
 
+# blocks = 2: a block ignores the window (OR(AND(window, causal), block), transformers' PaliGemma); text does
+# not; left padding: never a padding key (second case)
+WRITTEN_OUT_PAST_WINDOW = [
+    ((4, 2, 1, [2, 2, 2, 1]), [[1, 1, 1, 0], [1, 1, 1, 0], [1, 1, 1, 0], [0, 0, 1, 1]]),  # query 2 sees key 0
+    ((5, 2, 1, [0, 2, 2, 2, 1]), [[0, 0, 0, 0, 0], [0, 1, 1, 1, 0], [0, 1, 1, 1, 0], [0, 1, 1, 1, 0], [0, 0, 0, 1, 1]]),
+    ((3, 1, 1, [2, 1, 2]), [[1, 0, 1], [0, 1, 0], [1, 0, 1]]),  # a block is its equal values, not a run
+    ((4, 2, 1, [1, 1, 1, 1]), [[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 1]]),  # no blocks: the window
+]
+
 
 @pytest.mark.parametrize(("case", "expected"), WRITTEN_OUT)
 def test_the_rule_on_cases_written_out(case, expected) -> None:
     seq, window, causal, row = case
-    np.testing.assert_array_equal(visible(np.array([row]), seq, window, causal)[0], np.array(expected, bool))
+    for blocks in (0, 1):
+        got = visible(np.array([row]), seq, window, causal, blocks)[0]
+        np.testing.assert_array_equal(got, np.array(expected, bool))
 
 
+@pytest.mark.parametrize(("case", "expected"), WRITTEN_OUT_PAST_WINDOW)
+def test_blocks_past_the_window_on_cases_written_out(case, expected) -> None:
+    seq, window, causal, row = case
+    got = visible(np.array([row]), seq, window, causal, BLOCKS_PAST_WINDOW)[0]
+    np.testing.assert_array_equal(got, np.array(expected, bool))
+
+
+def test_the_two_block_modes_differ_only_on_a_block_past_the_window() -> None:
+    for (seq, window, causal, row), _ in WRITTEN_OUT:
+        mask = np.array([row])
+        same = (visible(mask, seq, window, causal, 1) == visible(mask, seq, window, causal, 2)).all()
+        assert same == (window == 0 or max(row) < 2), (seq, window, causal, row)
+
+
+def test_an_unknown_block_mode_is_refused() -> None:
+    with pytest.raises(ValueError, match="blocks must be one of"):
+        visible(np.ones((1, 3), np.int64), 3, 0, True, 3)
+
+
+@pytest.mark.parametrize("blocks", BLOCK_MODES)
 @pytest.mark.parametrize(("window", "causal"), KINDS)
-def test_numpy_and_torch_evaluate_the_rule_alike(window, causal) -> None:
+def test_numpy_and_torch_evaluate_the_rule_alike(window, causal, blocks) -> None:
     for seq, past in grid():
         mask = block_masks(seq + past)
-        expected = visible(mask, seq, window, causal)
+        expected = visible(mask, seq, window, causal, blocks)
         assert expected.shape == (len(mask), seq, seq + past) and expected.dtype == bool
-        got = visible(torch.from_numpy(mask), seq, window, bool(causal))
+        got = visible(torch.from_numpy(mask), seq, window, bool(causal), blocks)
         np.testing.assert_array_equal(got.numpy(), expected)
 
 
 # --- the ONNX function body --------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=len(KINDS))
-def function_mask_session(window: int, causal: int):
-    """The op's function body, inlined, with the mask its Softmax input is selected by as the output."""
+@functools.lru_cache(maxsize=3 * len(KINDS))
+def function_mask_session(window: int, causal: int, blocks: int = 0):
+    """The op's function body, inlined, with the mask its Softmax input is selected by as the output. `blocks`
+    0: the attribute absent (onnx's inliner then leaves it out of the body, as a runtime reads its default)."""
     attrs = {"scale": 1.0, "softcap": 0.0, "window": window, "causal": causal, "kv_num_heads": KV_HEADS}
+    attrs.update({"blocks": blocks} if blocks else {})
     names = ["query", "key", "value", "attention_mask"]
     node = helper.make_node("Attention", names, ["output"], domain=attention_op.DOMAIN, **attrs)
     dims = {"query": ["B", HEADS, "S", HEAD_DIM], "key": ["B", KV_HEADS, "T", HEAD_DIM]}
@@ -108,9 +142,11 @@ def function_mask_session(window: int, causal: int):
     return harness.session(model), where.input[0]
 
 
+@pytest.mark.parametrize("blocks", BLOCK_MODES)
 @pytest.mark.parametrize(("window", "causal"), KINDS)
-def test_function_body_follows_the_rule(window, causal) -> None:
-    session, name = function_mask_session(window, causal)
+def test_function_body_follows_the_rule(window, causal, blocks) -> None:
+    """With blocks in the mask whatever the attribute: absent, the body reads them as `blocks` 1 does."""
+    session, name = function_mask_session(window, causal, blocks)
     for seq, past in grid():
         mask = block_masks(seq + past)
         batch, total = mask.shape
@@ -121,14 +157,14 @@ def test_function_body_follows_the_rule(window, causal) -> None:
             "attention_mask": mask,
         }
         got = session.run([name], feeds)[0]  # [batch, 1, 1, seq, total]
-        np.testing.assert_array_equal(got.reshape(batch, seq, total), visible(mask, seq, window, causal),
+        np.testing.assert_array_equal(got.reshape(batch, seq, total), visible(mask, seq, window, causal, blocks),
                                       err_msg=f"seq {seq}, past {past}")  # fmt: skip
 
 
 # --- the ort-cpu lowering ----------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=2 * len(KINDS))
+@functools.lru_cache(maxsize=3 * len(KINDS))
 def lowered_mask_session(window: int, causal: int, blocks: int = 0):
     """ort_cpu's visibility nodes for one (window, causal), from a query and a key mask."""
     query = ir.Value(name="query", type=ir.TensorType(ir.DataType.FLOAT),
@@ -143,7 +179,7 @@ def lowered_mask_session(window: int, causal: int, blocks: int = 0):
     return harness.session(proto)
 
 
-@pytest.mark.parametrize("blocks", [0, 1])
+@pytest.mark.parametrize("blocks", BLOCK_MODES)
 @pytest.mark.parametrize(("window", "causal"), KINDS)
 def test_lowered_mask_follows_the_rule(window, causal, blocks) -> None:
     """Without `blocks` the lowering builds no block term (text graphs stay as they were): masks of 0 and 1."""
@@ -152,4 +188,5 @@ def test_lowered_mask_follows_the_rule(window, causal, blocks) -> None:
         mask = (block_masks if blocks else masks)(seq + past)
         query = np.zeros((len(mask), HEADS, seq, HEAD_DIM), np.float32)
         got = session.run(["visible"], {"query": query, "attention_mask": mask})[0]  # [batch, 1, seq, total]
-        np.testing.assert_array_equal(got[:, 0], visible(mask, seq, window, causal), err_msg=f"seq {seq}, past {past}")
+        expected = visible(mask, seq, window, causal, blocks)
+        np.testing.assert_array_equal(got[:, 0], expected, err_msg=f"seq {seq}, past {past}")
