@@ -1,6 +1,8 @@
 """PaliGemma 2 (models/multimodal.py with the PaliGemma traits + models/siglip.py's PaliGemma projector) against
 transformers' `PaliGemmaForConditionalGeneration`, fed by the checkpoint's own `PaliGemmaProcessor`: logits on
-a prefix + suffix longer than the window (left-padded batch), and greedy tokens of generate."""
+a prefix + suffix longer than the window (left-padded batch), a prefix itself longer than the window (the op's
+`blocks` 2: it sees all of itself, as transformers' mask OR(AND(window, causal), block) lets it), and greedy
+tokens of generate."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import torch
 
 from gemma_export.checkpoint import load
 from gemma_export.errors import BadInput
+from gemma_export.ops.visibility import BLOCKS_IN_WINDOW, BLOCKS_PAST_WINDOW
 from gemma_export.runtime.images import generate_with_images
 from gemma_export.runtime.session import positions
 from gemma_export.verify.reference import TorchDecoder
@@ -21,6 +24,8 @@ WINDOW = 8
 PROMPTS = ["<image>cap", "<image>is"]
 SUFFIXES = ["a long answer that runs well past the window of the sliding layers", "yes"]
 SIZES = [(37, 23), (61, 90)]  # odd sizes: each is resized to the tower's 28 px
+# Row 0's prefix (4 image tokens, bos, the prompt, "\n") is longer than the window, row 1's fits (left-padded).
+LONG_PROMPTS = ["<image>describe the picture in a few words please", "<image>is"]
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +55,13 @@ def hf_model(folder):
     return transformers.PaliGemmaForConditionalGeneration.from_pretrained(folder).eval()
 
 
-def our_logits(folder, inputs, prefix_lm: bool = True) -> np.ndarray:
+def our_logits(folder, inputs, prefix_lm: bool = True, blocks: int = BLOCKS_PAST_WINDOW) -> np.ndarray:
+    """`blocks`: the decoder's block mode; PaliGemma's is BLOCKS_PAST_WINDOW (Gemma 3's: BLOCKS_IN_WINDOW)."""
     _, _, vision, decoder = load.load_multimodal(folder)
     assert decoder.position_offset == 1  # transformers' 1-indexed positions
+    assert decoder.blocks == BLOCKS_PAST_WINDOW
+    for layer in decoder.decoder.layers:
+        layer.self_attn.blocks = blocks
     with torch.no_grad():
         features = vision(inputs["pixel_values"]).reshape(-1, decoder.cfg.hidden_size)
     mask = inputs["attention_mask"].numpy()
@@ -83,6 +92,48 @@ def test_logits_match_transformers(folder, processor, images, hf_model) -> None:
     assert np.abs(causal[real] - ref[real]).max() > 100 * TOL
 
 
+def test_a_prefix_longer_than_the_window_matches_transformers(folder, processor, images, hf_model) -> None:
+    """transformers' sliding layers let PaliGemma's prefix see all of itself (OR(AND(window, causal), block));
+    the op's `blocks` 2 does too; Gemma 3's rule (`blocks` 1: AND(window, OR(causal, block))) would not."""
+    inputs = processor(text=LONG_PROMPTS, images=images, suffix=["a cat on a mat", "no"], return_tensors="pt",
+                       padding=True)  # fmt: skip
+    mask = inputs["attention_mask"].numpy()
+    real = mask.astype(bool)
+    prefix_lengths = ((inputs["token_type_ids"].numpy() == 0) & real).sum(1)
+    assert prefix_lengths[0] > 1.5 * WINDOW and prefix_lengths[1] <= WINDOW and not real[1, 0]  # left-padded
+    with torch.no_grad():
+        ref = hf_model(**inputs, position_ids=torch.from_numpy(positions(mask)) + 1).logits.numpy()
+    error = np.abs(our_logits(folder, inputs)[real] - ref[real]).max()
+    print(f"paligemma prefix of {prefix_lengths[0]} tokens, window {WINDOW}: max abs logit error {error:.3g}")
+    assert error <= TOL
+    in_window = our_logits(folder, inputs, blocks=BLOCKS_IN_WINDOW)
+    assert np.abs(in_window[real] - ref[real]).max() > 100 * TOL  # the mode matters
+    assert np.abs(in_window[1] - ref[1])[real[1]].max() <= TOL  # ... and only where a prefix outgrows the window
+
+
+def test_greedy_tokens_for_a_prefix_longer_than_the_window_match_transformers_generate(
+    folder, processor, images, hf_model
+) -> None:
+    inputs = processor(text=LONG_PROMPTS, images=images, return_tensors="pt", padding=True)
+    steps = 10
+    assert inputs["input_ids"].shape[1] > 1.5 * WINDOW
+    cfg, _, vision, decoder = load.load_multimodal(folder)
+    with torch.no_grad():
+        expected = hf_model.generate(**inputs, max_new_tokens=steps, do_sample=False)[:, inputs["input_ids"].shape[1] :]
+        features = vision(inputs["pixel_values"]).numpy()
+    mask = inputs["attention_mask"].numpy()
+    prompts = [list(row[m.astype(bool)]) for row, m in zip(inputs["input_ids"].numpy(), mask, strict=True)]
+    got = generate_with_images(TorchDecoder(decoder), prompts, features, decoder.image_token_id, steps, eos_ids=[],
+                               pad_id=cfg.pad_token_id, prefix_lm=True)  # fmt: skip
+    assert got == expected.tolist()
+    assert len({t for row in got for t in row}) > 2  # not a degenerate repetition
+    for layer in decoder.decoder.layers:  # Gemma 3's rule: the prefix bounded by the window
+        layer.self_attn.blocks = BLOCKS_IN_WINDOW
+    in_window = generate_with_images(TorchDecoder(decoder), prompts, features, decoder.image_token_id, steps,
+                                     eos_ids=[], pad_id=cfg.pad_token_id, prefix_lm=True)  # fmt: skip
+    assert in_window[0] != got[0] and in_window[1] == got[1]
+
+
 def test_greedy_tokens_match_transformers_generate(folder, processor, images, hf_model) -> None:
     inputs = processor(text=PROMPTS, images=images, return_tensors="pt", padding=True)
     steps = 12  # the prompt plus the answer runs past the window
@@ -99,8 +150,9 @@ def test_greedy_tokens_match_transformers_generate(folder, processor, images, hf
     assert len({t for row in got for t in row}) > 2  # not a degenerate repetition
 
 
-def test_a_prefix_longer_than_the_window_is_refused(folder) -> None:
-
+def test_an_artifact_whose_prefix_is_bounded_by_the_window_refuses_a_longer_one(folder) -> None:
+    """Artifacts built before `blocks` 2 bound the prefix by the window (manifest `prefix_window`): the runtime
+    still refuses what their graph would compute differently from transformers."""
     cfg, _, _, decoder = load.load_multimodal(folder)
     prompt = [decoder.image_token_id] * 4 + [2] + [300] * 10
     features = np.zeros((1, 4, cfg.hidden_size), np.float32)
