@@ -312,7 +312,8 @@ class ImagePreprocessing(_Strict):
         "newline, and the whole prompt is one bidirectional prefix (token_type_ids 1 over it)",
     )
     bos_token: str = Field("", description="paligemma: the bos text put after the image tokens")
-    prefix_window: int = Field(0, description="paligemma: the longest prompt (sliding window) it takes; 0: any")
+    prefix_window: int = Field(0, description="paligemma: the longest prompt it takes; 0: any (nonzero, the "
+                               "sliding window, only in artifacts built before the op's blocks=2)")  # fmt: skip
 
 
 class VisionParity(_Strict):

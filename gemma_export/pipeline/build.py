@@ -117,10 +117,9 @@ def _load_multimodal(checkpoint_dir: Path, options: BuildOptions) -> tuple[Any, 
         raise BadInput("--target tensorrt does not build image + text checkpoints yet (the attention plugin has "
                        "no image blocks): use --target ort-cpu or onnx")  # fmt: skip
     cfg, vision_cfg, vision_model, model = load.load_multimodal(checkpoint_dir, allow_pickle=options.allow_pickle)
-    prefix_window = None
-    if cfg.source_model_type == "paligemma":  # its bidirectional prompt must fit in the sliding layers' window
-        windows = [cfg.window_of(i) for i in range(cfg.num_hidden_layers)]
-        prefix_window = min((w for w in windows if w), default=0)
+    # PaliGemma's layout; its prompt of any length is one block, which sees itself past the sliding window (the
+    # op's blocks=2): no longest prompt (0)
+    prefix_window = 0 if cfg.source_model_type == "paligemma" else None
     pre = read_processor(checkpoint_dir, vision_cfg.mm_tokens_per_image, model.image_token_id,
                          prefix_window=prefix_window)  # fmt: skip
     return cfg, Vision(vision_cfg, vision_model, pre), model

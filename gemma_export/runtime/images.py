@@ -30,8 +30,8 @@ def read_processor(
 ) -> dict[str, Any]:
     """The checkpoint's image preprocessing and token layout (the manifest's `vision.preprocessing`), from its
     processor_config.json (transformers 5: `image_processor` inside) or preprocessor_config.json, and the
-    image tokens from tokenizer_config.json. `prefix_window` (not None): a PaliGemma checkpoint whose prompt
-    must fit in that sliding window (0: no window)."""
+    image tokens from tokenizer_config.json. `prefix_window` (not None): a PaliGemma checkpoint; its value the
+    longest prompt the artifact takes (0: any, since its decoder's blocks ignore the sliding window)."""
     import json
 
     def read(name: str) -> dict[str, Any]:
@@ -144,7 +144,9 @@ def generate_with_images(
 ) -> list[list[int]]:
     """`runtime.session.generate` with image features: each step feeds token_type_ids (past + new) and the
     feature rows of that step's image tokens (none after the prompt). `prefix_lm` (PaliGemma): the whole
-    prompt is one bidirectional block (token_type_ids 1 over it), which must fit in the sliding `window`."""
+    prompt is one bidirectional block (token_type_ids 1 over it). `window` (nonzero: the manifest's
+    `prefix_window` of an artifact built before the op's blocks=2, whose graph bounds the block by the sliding
+    window where transformers does not): the longest prompt that graph computes as transformers does."""
     ids, mask = left_pad(prompts, pad_id)
     pos = positions(mask)
     image = ((ids == image_token_id) & (mask != 0)).astype(np.int64)
@@ -153,7 +155,8 @@ def generate_with_images(
         longest = max((len(p) for p in prompts), default=0)
         if window and longest > window:
             raise BadInput(f"a PaliGemma prompt of {longest} tokens (image tokens included) is longer than the "
-                           f"sliding window ({window}): its bidirectional prefix would be cut")  # fmt: skip
+                           f"sliding window ({window}): this artifact's graph would cut its bidirectional prefix "
+                           "(rebuild it: PaliGemma artifacts built now take prompts of any length)")  # fmt: skip
         types = (mask != 0).astype(np.int64)
     rows = features.reshape(-1, features.shape[-1]).astype(np.float32)
     if int(image.sum()) != len(rows):

@@ -1,10 +1,12 @@
 """A PaliGemma 2 image + text artifact against transformers and the reference: the preprocessing and the prompt
 tokens (images, bos, prompt, "\\n") against the checkpoint's own PaliGemmaProcessor, the vision graph against
-models/siglip.py, the prefix-LM prefill logits and `generate --image` token for token against `generate`."""
+models/siglip.py, the prefix-LM prefill logits and `generate --image` token for token against `generate`, on
+prompts that fit in the sliding window and on one longer than it (the op's `blocks` 2)."""
 
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -27,6 +29,8 @@ WINDOW = 8
 PROMPTS = ["<image>cap", "<image>is"]
 SIZES = [(37, 23), (61, 90)]  # odd sizes, each resized to the tower's 28 px
 FORMATS = ["png", "jpg"]
+# Row 0's prompt is longer than the window (4 times), row 1's fits (left-padded).
+LONG_PROMPTS = ["<image>describe the picture in a few words please", "<image>is"]
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +75,7 @@ def test_manifest_describes_the_paligemma_layout(artifact) -> None:
     pre = manifest.vision.preprocessing
     assert pre.prompt_layout == "paligemma" and pre.image_marker == "<image>" and pre.bos_token == "<bos>"
     assert pre.size == [28, 28] and pre.resample == "bicubic" and pre.mm_tokens_per_image == 4
-    assert pre.prefix_window == WINDOW
+    assert pre.prefix_window == 0  # a prompt of any length: the prefix sees itself past the window (blocks 2)
     assert manifest.vision.outputs[0].shape[1:] == [4, 64]
     assert manifest.vision.parity is not None and manifest.vision.parity.max_abs_error <= 1e-4
 
@@ -143,9 +147,67 @@ def test_cli_generate_image_matches_transformers_generate(capsys, artifact, imag
     assert [row["new_ids"] for row in json.loads(out)["outputs"]] == expected_tokens
 
 
-def test_a_prompt_longer_than_the_window_is_refused(capsys, artifact, image_files) -> None:
+@pytest.fixture(scope="module")
+def long_inputs(checkpoint, image_files):
+    import transformers
+    from PIL import Image
+
+    processor = transformers.AutoProcessor.from_pretrained(checkpoint)
+    inputs = processor(text=LONG_PROMPTS, images=[Image.open(p) for p in image_files], return_tensors="pt",
+                       padding=True)  # fmt: skip
+    real = inputs["attention_mask"].numpy().astype(bool)
+    lengths = real.sum(1)
+    assert lengths[0] > 3 * WINDOW and lengths[1] <= WINDOW and not real[1, 0]  # row 1 left-padded
+    return inputs
+
+
+def test_a_prompt_longer_than_the_window_matches_transformers(artifact, checkpoint, long_inputs, hf_model) -> None:
+    """The ort-cpu artifact and the PyTorch reference both, against transformers' prefix-LM mask, whose sliding
+    layers let the prefix see all of itself (OR(AND(window, causal), block))."""
+    from gemma_export.verify.reference import TorchDecoder
+
+    manifest = Manifest.read(artifact)
+    features = images.OrtVision(artifact, manifest).encode(long_inputs["pixel_values"].numpy())
+    rows = features.reshape(-1, features.shape[-1])
+    ids, mask = long_inputs["input_ids"].numpy(), long_inputs["attention_mask"].numpy()
+    real = mask.astype(bool)
+    types = ((long_inputs["token_type_ids"].numpy() == 0) & real).astype(np.int64)  # ours: 1 = bidirectional
+    with torch.no_grad():
+        expected = hf_model(**long_inputs, position_ids=torch.from_numpy(positions(mask)) + 1).logits.numpy()
+    _, _, _, model = load.load_multimodal(checkpoint)
+    errors = {}
+    for name, decoder in (("ort-cpu artifact", OrtDecoder(artifact, manifest)), ("reference", TorchDecoder(model))):
+        out, _ = decoder.step(ids, mask, positions(mask), decoder.empty_cache(len(ids)), token_type_ids=types,
+                              image_features=rows)  # fmt: skip
+        errors[name] = float(np.abs(out[real] - expected[real]).max())
+    print(f"paligemma prompt of {real.sum(1)[0]} tokens, window {WINDOW}: max abs logit error {errors}")
+    assert max(errors.values()) <= 1e-4
+
+
+def test_generation_of_a_prompt_longer_than_the_window_matches_transformers(artifact, image_files, long_inputs,
+                                                                          hf_model) -> None:  # fmt: skip
+    with torch.no_grad():
+        out = hf_model.generate(**long_inputs, max_new_tokens=NEW, do_sample=False)
+    eos = set(Manifest.read(artifact).model.config.eos_token_ids)
+    rows = out[:, long_inputs["input_ids"].shape[1] :].tolist()
+    expected = [row[: next((i + 1 for i, t in enumerate(row) if t in eos), len(row))] for row in rows]
+    result = images.run(artifact, prompts=LONG_PROMPTS, images=image_files, max_new_tokens=NEW, sampling=GREEDY)
+    assert [out["new_ids"] for out in result["outputs"]] == expected
+    assert len({t for row in expected for t in row}) > 2
+
+
+def test_an_older_artifact_bounded_by_the_window_still_refuses_a_longer_prompt(capsys, artifact, image_files,
+                                                                               tmp_path) -> None:  # fmt: skip
+    """An artifact built before the op's `blocks` 2 says so with a nonzero `prefix_window`: its manifest still
+    reads, and a prompt its graph would compute differently from transformers is refused (exit 2)."""
+    old = tmp_path / "old"
+    shutil.copytree(artifact, old)
+    raw = json.loads((old / "manifest.json").read_text())
+    raw["vision"]["preprocessing"]["prefix_window"] = WINDOW
+    (old / "manifest.json").write_text(json.dumps(raw))
+    assert Manifest.read(old).vision.preprocessing.prefix_window == WINDOW
     with pytest.raises(BadInput, match="longer than the sliding window"):
-        images.run(artifact, prompts=["<image>" + " word" * 12], images=image_files[:1], max_new_tokens=1)
-    code, _, err = run(capsys, "generate", artifact, "--prompt", "<image>" + " word" * 12, "--image", image_files[0])
+        images.run(old, prompts=LONG_PROMPTS[:1], images=image_files[:1], max_new_tokens=1)
+    code, _, err = run(capsys, "generate", old, "--prompt", LONG_PROMPTS[0], "--image", image_files[0])
     assert code == 2
     error_line(err, "longer than the sliding window (8)")
