@@ -48,6 +48,10 @@ class Case:
     window: int
     causal: int
     left_pad: tuple[int, ...] = ()  # padding keys at the start of each batch row (default: none)
+    # image blocks: (row, start, stop) key slots taking mask value 2, 3, ... in order; `blocks` the attribute
+    # (1: bounded by the window, 2: not; 0: no blocks, the attribute left out of the file)
+    runs: tuple[tuple[int, int, int], ...] = ()
+    blocks: int = 0
 
     batch = property(lambda self: self.dims[0])
     heads = property(lambda self: self.dims[1])
@@ -91,6 +95,21 @@ CASES = (
          (2, 4, 2, 1, 7, 8), scale=0.5, softcap=2.0, window=4, causal=1, left_pad=(3, 0)),
     Case("decode_global_mqa", "decode step S=1 with past 8, multi-query, global",
          (1, 2, 1, 1, 9, 8), scale=0.25, softcap=0.0, window=0, causal=1),
+    # image blocks (mask values >= 2): the same inputs in both modes, blocks longer than the window, left padding
+    Case("blocks_in_window", "image blocks, blocks 1: a block's keys are visible past causality but not past the "
+         "window 3 (AND(window, OR(causal, block))); row 0 left padding 2 then a block of 5, row 1 two blocks",
+         (2, 4, 2, 10, 10, 8), scale=0.5, softcap=0.75, window=3, causal=1, left_pad=(2, 0),
+         runs=((0, 3, 8), (1, 1, 3), (1, 4, 9)), blocks=1),
+    Case("blocks_past_window", "image blocks, blocks 2: a block sees all of itself past the window 3 "
+         "(OR(AND(window, causal), block)); the mask of blocks_in_window",
+         (2, 4, 2, 10, 10, 8), scale=0.5, softcap=0.75, window=3, causal=1, left_pad=(2, 0),
+         runs=((0, 3, 8), (1, 1, 3), (1, 4, 9)), blocks=2),
+    Case("blocks_past_window_with_past", "blocks 2 with past (S=4 < T=11), window 2: a block of 7 across the past "
+         "and the new keys; row 1 left padding 3",
+         (2, 2, 1, 4, 11, 8), scale=0.375, softcap=0.0, window=2, causal=1, left_pad=(0, 3),
+         runs=((0, 2, 9), (1, 4, 10)), blocks=2),
+    Case("blocks_global", "blocks 1, global causal layer: a block's later keys visible, text causal",
+         (1, 2, 2, 6, 6, 4), scale=0.5, softcap=0.0, window=0, causal=1, runs=((0, 1, 4),), blocks=1),
 )
 # fmt: on
 
@@ -122,6 +141,8 @@ def make_inputs(case: Case) -> dict[str, np.ndarray]:
     mask = np.ones((b, t), dtype=np.int64)
     for row, pad in enumerate(case.left_pad):
         mask[row, :pad] = 0
+    for value, (row, start, stop) in enumerate(case.runs, start=2):
+        mask[row, start:stop] = value
     return {
         "query": _uniform((b, h, s, d), base + 1, 2),
         "key": _uniform((b, kvh, t, d), base + 2, 2),
@@ -141,7 +162,7 @@ def expected_output(inputs: dict[str, np.ndarray], case: Case) -> tuple[np.ndarr
     scores = np.einsum("bhsd,bhtd->bhst", q, k[:, kv_of_head]) * case.scale
     if case.softcap > 0:
         scores = case.softcap * np.tanh(scores / case.softcap)
-    visible = visibility.visible(inputs["attention_mask"], case.seq, case.window, case.causal)[:, None]  # [b, 1, s, t]
+    visible = visibility.visible(inputs["attention_mask"], case.seq, case.window, case.causal, case.blocks)[:, None]
     scores = np.where(visible, scores, MASKED)
     probs = np.exp(scores - scores.max(axis=-1, keepdims=True))
     probs /= probs.sum(axis=-1, keepdims=True)
@@ -160,7 +181,8 @@ def check_reference(inputs: dict[str, np.ndarray], case: Case, expected: np.ndar
     q, k, v = (torch.from_numpy(inputs[n].astype(np.float32)) for n in ("query", "key", "value"))
     mask = torch.from_numpy(inputs["attention_mask"])
     with torch.no_grad():
-        out = attention_reference(q, k, v, mask, case.scale, case.softcap, case.window, bool(case.causal)).numpy()
+        args = (case.scale, case.softcap, case.window, bool(case.causal), case.blocks)
+        out = attention_reference(q, k, v, mask, *args).numpy()
     keep = ~excluded[:, None, :, None]
     if not np.isfinite(out).all():
         raise AssertionError(f"{case.name}: attention_reference produced a non-finite value")
@@ -210,6 +232,7 @@ def render(case: Case) -> str:
             "window": case.window,
             "causal": case.causal,
             "kv_num_heads": case.kv_heads,
+            **({"blocks": case.blocks} if case.blocks else {}),
         },
         "inputs": {
             "query": tensor("query", inputs["query"], "float32", _input_text),

@@ -3,7 +3,8 @@
 - the PyTorch reference and the ONNX function body (run by ONNX Runtime) reproduce every vector;
 - the exporter emits one `ai.gemma::Attention` node that, with its function attached, runs at any length;
 - a property test over random shapes and attributes, the function against the reference;
-- the vectors on disk are exactly what graphs/attention/make_vectors.py writes now;
+- the vectors on disk are exactly what graphs/attention/make_vectors.py writes now (image blocks in both
+  modes of the attribute `blocks` among them);
 - the lowerings graphs/attention.md documents (com.microsoft.GroupQueryAttention, opset-23 Attention) hold.
 """
 
@@ -43,7 +44,7 @@ def run_reference(arrays: dict[str, np.ndarray], attrs: dict) -> np.ndarray:
     args = [torch.from_numpy(arrays[n]) for n in INPUTS]
     with torch.no_grad():
         out = attention_op.attention_reference(
-            *args, attrs["scale"], attrs["softcap"], attrs["window"], bool(attrs["causal"])
+            *args, attrs["scale"], attrs["softcap"], attrs["window"], bool(attrs["causal"]), attrs.get("blocks", 0)
         )
     return out.numpy()
 
@@ -91,13 +92,35 @@ def test_vectors_cover_the_spec() -> None:
     assert some(lambda a, x, e: not a["causal"] and a["window"] > 0)
     assert some(lambda a, x, e: a["softcap"] > 0) and some(lambda a, x, e: a["softcap"] == 0)
     assert some(lambda a, x, e: e.any() and (x["attention_mask"] == 0).any())  # padding rows excluded
+    # image blocks: both modes, a block longer than the window, left padding, a past
+    for blocks in (1, 2):
+        assert some(lambda a, x, e, b=blocks: a.get("blocks") == b and _block_outgrows(a, x["attention_mask"]))
+        assert some(lambda a, x, e, b=blocks: a.get("blocks") == b and (x["attention_mask"] == 0).any())
+    assert some(lambda a, x, e: a.get("blocks") == 2 and x["query"].shape[2] < x["key"].shape[2])
+    assert some(lambda a, x, e: a.get("blocks") and a["window"] == 0)
+    assert all(c["attributes"].get("blocks", 0) or c["arrays"]["attention_mask"].max() <= 1 for c in cases)
+
+
+def _block_outgrows(attrs: dict, mask: np.ndarray) -> bool:
+    """Some block spans more key slots than the window: where the two block modes differ."""
+    spans = [np.flatnonzero(row == v) for row in mask for v in set(row.tolist()) if v >= 2]
+    return attrs["window"] > 0 and any(s[-1] - s[0] + 1 > attrs["window"] for s in spans)
+
+
+def test_the_block_modes_give_different_outputs_on_the_same_mask() -> None:
+    inside, past = (load_vector(VECTOR_DIR / f"blocks_{n}_window.json") for n in ("in", "past"))
+    np.testing.assert_array_equal(inside["arrays"]["attention_mask"], past["arrays"]["attention_mask"])
+    arrays = past["arrays"]  # its inputs under the other mode: the spec's two rules, not the same numbers
+    other = run_reference(arrays, {**past["attributes"], "blocks": 1})
+    assert row_error(other, arrays["output"], past["excluded"]) > 1e-2
 
 
 @pytest.mark.parametrize("path", VECTORS, ids=lambda p: p.stem)
 def test_excluded_rows_are_the_rows_without_a_visible_key(path: Path) -> None:
     case = load_vector(path)
     attrs, arrays = case["attributes"], case["arrays"]
-    visible = visibility(arrays["attention_mask"], arrays["query"].shape[2], attrs["window"], attrs["causal"])
+    visible = visibility(arrays["attention_mask"], arrays["query"].shape[2], attrs["window"], attrs["causal"],
+                         attrs.get("blocks", 0))  # fmt: skip
     np.testing.assert_array_equal(case["excluded"], ~visible.any(axis=-1))
 
 
@@ -276,7 +299,7 @@ def test_vectors_on_disk_are_current(tmp_path: Path) -> None:
 def _unpadded_causal(path: Path) -> bool:
     case = load_vector(path)
     a, x = case["attributes"], case["arrays"]
-    return bool(a["causal"]) and (x["attention_mask"] != 0).all() and x["query"].shape[3] % 8 == 0
+    return bool(a["causal"]) and (x["attention_mask"] == 1).all() and x["query"].shape[3] % 8 == 0  # no blocks
 
 
 @pytest.mark.parametrize("path", [p for p in VECTORS if _unpadded_causal(p)], ids=lambda p: p.stem)
@@ -366,6 +389,6 @@ def test_opset23_attention_lowering(path: Path) -> None:
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=harness.IR_VERSION)
     onnx.checker.check_model(model)
-    visible = visibility(x["attention_mask"], seq, a["window"], a["causal"])[:, None]
+    visible = visibility(x["attention_mask"], seq, a["window"], a["causal"], a.get("blocks", 0))[:, None]
     out = harness.session(model).run(None, {**{n: x[n] for n in INPUTS[:3]}, "visible": visible})[0]
     assert row_error(out, x["output"], case["excluded"]) <= ONNX_TOL

@@ -267,6 +267,8 @@ def test_registering_the_torch_kernels_leaves_cpu_tensors_to_the_reference(emula
 @pytest.mark.slow
 def test_emulated_kernels_reproduce_every_vector(emulated) -> None:
     for path in _vectors("attention"):
+        if gpu_check.has_blocks(path):  # the kernels have no image blocks
+            continue
         for mask_dtype in ("int64", "int32", "bool"):
             error = gpu_check.attention_vector_error(emulated, path, mask_dtype)
             assert error <= gpu_check.VECTOR_TOLERANCE, (path.stem, mask_dtype, error)
@@ -334,7 +336,9 @@ def _vectors(op: str) -> list:
 
 @needs_gpu
 @pytest.mark.parametrize("mask_dtype", ["int64", "int32", "bool"])
-@pytest.mark.parametrize("path", _vectors("attention"), ids=lambda p: p.stem)
+@pytest.mark.parametrize(
+    "path", [p for p in _vectors("attention") if not gpu_check.has_blocks(p)], ids=lambda p: p.stem
+)  # (the kernels have no image blocks: those vectors are the function body's and ort-cpu's)
 def test_attention_kernel_reproduces_the_vectors(kernels, path, mask_dtype) -> None:
     assert gpu_check.attention_vector_error(kernels, path, mask_dtype) <= gpu_check.VECTOR_TOLERANCE
 
