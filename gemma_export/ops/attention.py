@@ -182,7 +182,7 @@ def Attention(
     # `blocks` 2 (blocks past the window) as a boolean: row 0 of EyeLike(k = blocks) over [1, 3] is the one-hot of
     # blocks in (0, 1, 2). An absent attribute takes EyeLike's own default k = 0 (onnx's inliner drops a function
     # attribute's default, so a plain Constant(value_int=blocks) would be left without a value in text graphs).
-    one_hot = op.EyeLike(op.Unsqueeze(op.Constant(value_ints=[0, 0, 0]), [0]), k=blocks)  # [1, 3]
+    one_hot = op.EyeLike(op.Unsqueeze(op.Constant(value_floats=[0.0, 0.0, 0.0]), [0]), k=blocks)  # [1, 3] float
     past_window = op.Cast(op.Gather(op.Squeeze(one_hot, [0]), op.Constant(value_int=2)), to=9)  # bool, []
     # AND(window, OR(causal, block)), or with blocks 2 also every key of the block: OR(AND(window, causal), block)
     visible = op.Or(op.And(below_hi, op.Or(above_lo, same)), op.And(past_window, same))  # [b, s, t]

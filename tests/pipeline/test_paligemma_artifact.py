@@ -184,6 +184,36 @@ def test_a_prompt_longer_than_the_window_matches_transformers(artifact, checkpoi
     assert max(errors.values()) <= 1e-4
 
 
+def test_the_onnx_target_emits_blocks_2_and_matches_transformers(checkpoint, long_inputs, hf_model,
+                                                                 tmp_path) -> None:  # fmt: skip
+    """--target onnx keeps one `ai.gemma::Attention` node per layer, run by its function body: every node says
+    `blocks = 2`, and the body computes transformers' logits on the long prompt."""
+    from onnx import helper
+
+    from gemma_export.pipeline import package
+    from gemma_export.pipeline.build import BuildOptions, build
+    from gemma_export.pipeline.progress import Stages
+
+    out = tmp_path / "onnx"
+    build(checkpoint, out, BuildOptions(target="onnx"), Stages(quiet=True))
+    manifest = Manifest.read(out)
+    nodes = [n for n in package.graph_proto(out).graph.node if n.domain == "ai.gemma" and n.op_type == "Attention"]
+    assert len(nodes) == manifest.model.config.num_hidden_layers
+    assert all({a.name: helper.get_attribute_value(a) for a in n.attribute}.get("blocks") == 2 for n in nodes)
+    features = images.OrtVision(out, manifest).encode(long_inputs["pixel_values"].numpy())
+    ids, mask = long_inputs["input_ids"].numpy(), long_inputs["attention_mask"].numpy()
+    real = mask.astype(bool)
+    types = ((long_inputs["token_type_ids"].numpy() == 0) & real).astype(np.int64)
+    decoder = OrtDecoder(out, manifest)
+    logits, _ = decoder.step(ids, mask, positions(mask), decoder.empty_cache(len(ids)), token_type_ids=types,
+                             image_features=features.reshape(-1, features.shape[-1]))  # fmt: skip
+    with torch.no_grad():
+        expected = hf_model(**long_inputs, position_ids=torch.from_numpy(positions(mask)) + 1).logits.numpy()
+    error = float(np.abs(logits[real] - expected[real]).max())
+    print(f"paligemma --target onnx, prompt of {real.sum(1)[0]} tokens: max abs logit error {error:.3g}")
+    assert error <= 1e-4
+
+
 def test_generation_of_a_prompt_longer_than_the_window_matches_transformers(artifact, image_files, long_inputs,
                                                                           hf_model) -> None:  # fmt: skip
     with torch.no_grad():
