@@ -180,6 +180,7 @@ def load_multimodal(checkpoint_dir: Path, *, allow_pickle: bool = False):
     window (models/multimodal.py)."""
     from gemma_export.config.model_config import read_json
     from gemma_export.models.multimodal import Gemma3MultimodalDecoder
+    from gemma_export.ops.visibility import BLOCKS_IN_WINDOW, BLOCKS_PAST_WINDOW
 
     cfg, decoder = load_model(checkpoint_dir, allow_pickle=allow_pickle)
     vision_cfg, vision = load_vision(checkpoint_dir, allow_pickle=allow_pickle)
@@ -187,8 +188,6 @@ def load_multimodal(checkpoint_dir: Path, *, allow_pickle: bool = False):
     image_token_id = raw.get("image_token_id", raw.get("image_token_index"))
     if not isinstance(image_token_id, int):
         raise BadInput(f"{checkpoint_dir}/config.json: no integer image_token_index (or image_token_id)")
-    from gemma_export.ops.visibility import BLOCKS_IN_WINDOW, BLOCKS_PAST_WINDOW
-
     paligemma = raw.get("model_type") == "paligemma"
     blocks = BLOCKS_PAST_WINDOW if paligemma else BLOCKS_IN_WINDOW
     return cfg, vision_cfg, vision, Gemma3MultimodalDecoder(decoder, image_token_id, position_offset=int(paligemma),

@@ -190,3 +190,43 @@ def test_lowered_mask_follows_the_rule(window, causal, blocks) -> None:
         got = session.run(["visible"], {"query": query, "attention_mask": mask})[0]  # [batch, 1, seq, total]
         expected = visible(mask, seq, window, causal, blocks)
         np.testing.assert_array_equal(got[:, 0], expected, err_msg=f"seq {seq}, past {past}")
+
+
+# --- the two block modes are transformers' own masks -------------------------------------------------------
+
+
+def test_the_block_modes_are_transformers_sliding_masks() -> None:
+    """transformers' sliding-layer masks, from its own entry points, on a left-padded batch whose blocks are
+    longer than the window: PaliGemma's (`create_sliding_window_causal_mask` with `block_sequence_ids`) is
+    `blocks` 2, Gemma 3's (`create_masks_for_vision_model`) is `blocks` 1, and each differs from the other mode.
+    Compared on the real queries (a padding query's row is unspecified)."""
+    import transformers
+    from transformers import masking_utils
+    from transformers.models.gemma3 import modeling_gemma3
+
+    from gemma_export.models.multimodal import image_blocks
+
+    window = 3
+    # row 0: left padding 2, one block of 6 (an image, or PaliGemma's prefix), text; row 1: two blocks
+    types = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1, 0, 0, 0], [0, 1, 1, 0, 1, 1, 1, 1, 1, 0, 0]])
+    padding = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1], [1] * 11])
+    batch, total = types.shape
+    embeds, position_ids = torch.zeros(batch, total, 8), torch.arange(total)[None].expand(batch, total)
+    sizes = {"num_hidden_layers": 2, "vocab_size": 10, "hidden_size": 8, "intermediate_size": 8, "head_dim": 8,
+             "num_attention_heads": 1, "num_key_value_heads": 1, "sliding_window": window}  # fmt: skip
+    configs = [transformers.Gemma2Config(**sizes), transformers.Gemma3TextConfig(**sizes)]
+    for config in configs:
+        config._attn_implementation = "sdpa"  # a boolean mask
+    paligemma = masking_utils.create_sliding_window_causal_mask(
+        configs[0], embeds, padding, None, position_ids, block_sequence_ids=torch.where(types == 1, 0, -1)
+    )
+    gemma3 = modeling_gemma3.create_masks_for_vision_model(
+        configs[1], embeds, padding, None, position_ids, modeling_gemma3.get_block_sequence_ids_for_mask(types)
+    )["sliding_attention"]
+    real = padding.numpy().astype(bool)  # [batch, total]: the real queries (seq = total)
+    # the op's mask: PaliGemma's block id 0 over every marked token is one value; Gemma 3 numbers each image
+    pg_mask, g3_mask = (padding * (1 + types)).numpy(), (padding * (1 + image_blocks(types))).numpy()
+    for theirs, ours, mode, other in ((paligemma, pg_mask, BLOCKS_PAST_WINDOW, 1), (gemma3, g3_mask, 1, 2)):
+        theirs = theirs.numpy()[:, 0]  # [batch, seq, total]
+        np.testing.assert_array_equal(visible(ours, total, window, True, mode)[real], theirs[real])
+        assert (visible(ours, total, window, True, other)[real] != theirs[real]).any()
