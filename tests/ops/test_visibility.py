@@ -6,7 +6,8 @@
   its inlined graph, on a grid of query lengths, past lengths, windows, causal / bidirectional, left padding,
   image blocks in both modes of the attribute `blocks` (absent, 1: bounded by the window; 2: not);
 - so does the ort-cpu lowering's mask (targets/ort_cpu.py `_visibility`), which Attention-23 takes as it is
-  and GroupQueryAttention as an additive bias.
+  and GroupQueryAttention as an additive bias;
+- the two block modes are transformers' own sliding masks: PaliGemma's (`blocks` 2) and Gemma 3's (`blocks` 1).
 """
 
 from __future__ import annotations
