@@ -146,6 +146,7 @@ _ARCHITECTURES = {
     "gemma3_text": "Gemma3ForCausalLM",
     "recurrent_gemma": "RecurrentGemmaForCausalLM",
     "gemma4_text": "Gemma4ForCausalLM",
+    "gemma4_unified_text": "Gemma4UnifiedForCausalLM",
 }
 
 
@@ -387,7 +388,7 @@ def tensor_specs(cfg: GemmaConfig | GriffinConfig, *, tie_word_embeddings: bool 
     """
     if isinstance(cfg, GriffinConfig):
         return _griffin_specs(cfg, tie_word_embeddings=tie_word_embeddings)
-    if cfg.model_type == "gemma4_text":
+    if cfg.model_type in ("gemma4_text", "gemma4_unified_text"):
         return _gemma4_specs(cfg, tie_word_embeddings=tie_word_embeddings)
     h, inter, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
     q, kv = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
@@ -713,7 +714,9 @@ def cut_depth(config: dict[str, Any], layers: int | None, name: str) -> dict[str
     if not 1 <= layers <= config["num_hidden_layers"]:
         raise BadInput(f"--layers must be between 1 and {config['num_hidden_layers']} for {name}, got {layers}")
     config["num_hidden_layers"] = layers
-    if config.get("model_type") in ("gemma4_text", "embedding_gemma2_text") and config.get("layer_types"):
+    if config.get("model_type") in ("gemma4_text", "gemma4_unified_text", "embedding_gemma2_text") and config.get(
+        "layer_types"
+    ):
         # Gemma 4's pattern is written out (E2B: 4 local : 1 global): keep its first layers, the last one global
         kinds = [*config["layer_types"][: layers - 1], "full_attention"]
         config["layer_types"] = kinds
