@@ -22,6 +22,7 @@ from safetensors import safe_open
 
 from gemma_export.checkpoint import load
 from gemma_export.config.model_config import (
+    GEMMA4_DECODERS,
     GLOBAL,
     SLIDING,
     GriffinConfig,
@@ -250,7 +251,7 @@ def test_published_configs_match_transformers(name: str) -> None:
         # Gemma 1's transformers config has no layer types, scalar or caps: every layer global, head_dim scaling.
         layer_types = getattr(theirs, "layer_types", None) or [GLOBAL] * ours.num_hidden_layers
         assert ours.layer_types == tuple(layer_types)
-        if raw["model_type"] == "gemma4_text":  # scores unscaled; per-layer head dims and KV heads
+        if raw["model_type"] in GEMMA4_DECODERS:  # scores unscaled; per-layer head dims and KV heads
             assert ours.attention_scale == 1.0
             per_layer = theirs.per_layer_config
             assert list(ours.layer_head_dims) == [c.head_dim for c in per_layer]
@@ -267,7 +268,7 @@ def test_published_configs_match_transformers(name: str) -> None:
             assert ours.rope[kind].fraction == params.get("partial_rotary_factor", 1.0)
         fields = ["max_position_embeddings"]
     fields += ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"]
-    if raw["model_type"] != "gemma4_text":  # per layer on Gemma 4 (compared above)
+    if raw["model_type"] not in GEMMA4_DECODERS:  # per layer on Gemma 4 (compared above)
         fields += ["num_key_value_heads", "head_dim"]
     assert {f: getattr(ours, f) for f in fields} == {f: getattr(theirs, f) for f in fields}
 

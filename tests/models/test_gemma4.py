@@ -273,7 +273,7 @@ def test_random_checkpoint_is_what_transformers_loads(shape, tmp_path) -> None:
     assert _error(hf.eval(), model, cfg) <= TOL
 
 
-@pytest.mark.parametrize("name", ["gemma-4-e2b", "gemma-4-e4b", "gemma-4-31b", "gemma-4-26b-a4b"])
+@pytest.mark.parametrize("name", ["gemma-4-e2b", "gemma-4-e4b", "gemma-4-31b", "gemma-4-26b-a4b", "gemma-4-12b"])
 @pytest.mark.parametrize("layers", [2, 6, 10])
 def test_random_depth_cut_keeps_a_valid_gemma4(name, layers) -> None:
     """`--random NAME --layers N`: the first N layers of the published pattern, the last one global, KV sharing
