@@ -274,7 +274,7 @@ def test_random_checkpoint_is_what_transformers_loads(shape, tmp_path) -> None:
 
 
 @pytest.mark.parametrize("name", ["gemma-4-e2b", "gemma-4-e4b", "gemma-4-31b", "gemma-4-26b-a4b", "gemma-4-12b"])
-@pytest.mark.parametrize("layers", [2, 6, 10])
+@pytest.mark.parametrize("layers", [1, 2, 6, 10])  # 1: one global layer, no window left
 def test_random_depth_cut_keeps_a_valid_gemma4(name, layers) -> None:
     """`--random NAME --layers N`: the first N layers of the published pattern, the last one global, KV sharing
     kept only where each shared layer still has an earlier producer of its type; the recipe accepts the cut."""
