@@ -293,7 +293,7 @@ def test_write_published(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     assert (out / "model-00001-of-00001.safetensors").is_file() and (out / "model.safetensors.index.json").is_file()
     same = write_random_checkpoint(tmp_path / "same", TINY_CONFIGS["recurrent_gemma"], seed=3, max_shard_bytes=2**31)
     assert _files(out) == _files(same)
-    with pytest.raises(BadInput, match="known: codegemma-7b, embeddinggemma-300m, gemma-2-27b"):
+    with pytest.raises(BadInput, match="known: codegemma-7b, embeddinggemma-2, embeddinggemma-300m, gemma-2-27b"):
         write_published(tmp_path / "x", "gemma-4-1b")
 
 

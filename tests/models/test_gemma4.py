@@ -116,6 +116,7 @@ def test_multimodal_checkpoint_text_part(tmp_path) -> None:
     cfg, model = load.load_model(tmp_path)
     assert cfg.source_model_type == "gemma4" and cfg.model_type == "gemma4_text"
     assert _error(hf, model, cfg) <= TOL
+    assert load.unexported_parts(tmp_path) == ["vision"]  # what the build logs and model.not_exported records
 
 
 # ---- each trait matters -------------------------------------------------------------------------------
