@@ -26,8 +26,9 @@ from gemma_export.errors import BadInput
 MANIFEST = "manifest.json"
 FORMAT_PREFIX = "gemma-export/manifest-v"
 # 2.0: the first typed manifest (1: the untyped dict of gemma-export 0.1); 2.1: GPTQ's records
-# (quantization.gptq, .calibration) and build.tensorrt, all optional; 2.2: `vision` (image prompts), optional
-VERSION = (2, 2)
+# (quantization.gptq, .calibration) and build.tensorrt, all optional; 2.2: `vision` (image prompts), optional;
+# 2.3: model.not_exported (a multimodal checkpoint's parts a text artifact leaves out), optional
+VERSION = (2, 3)
 FORMAT = f"{FORMAT_PREFIX}{VERSION[0]}.{VERSION[1]}"
 
 
@@ -108,6 +109,9 @@ class ModelInfo(_Strict):
     task: Literal["sentence-embedding"] | None = Field(None, description="embedding models only")
     head: EmbeddingHead | None = Field(None, description="embedding models: pooling, Dense layers, prompts")
     dim: int | None = Field(None, description="embedding models: the output width (Matryoshka)")
+    not_exported: list[str] | None = Field(
+        None, description="a multimodal checkpoint's inputs this text artifact leaves out: vision, audio (2.3)"
+    )
 
 
 class TensorRTProfile(_Strict):

@@ -173,7 +173,10 @@ Manifest Manifest::read(const std::string& artifact_dir) {
     if (head["default_prompt_name"].is_string()) h.default_prompt_name = head["default_prompt_name"].get<std::string>();
     m.head = h;
   }
-  r.only(model, {"type", "source_model_type", "config", "source", "task", "head", "dim"}, "model");
+  if (model.contains("not_exported") && !model["not_exported"].is_null())  // 2.3: inputs a text artifact leaves out
+    for (const auto& part : r.list(model, "not_exported", "model"))
+      if (!part.is_string()) r.fail("model.not_exported", "Input should be a valid string");
+  r.only(model, {"type", "source_model_type", "config", "source", "task", "head", "dim", "not_exported"}, "model");
 
   const json& build = r.object(doc, "build", "", "BuildInfo");
   r.str(build, "target", "build");

@@ -13,7 +13,7 @@
 
 namespace gemma {
 
-constexpr int kManifestMajor = 2, kManifestMinor = 2;  // the manifest version this reader knows (manifest.py)
+constexpr int kManifestMajor = 2, kManifestMinor = 3;  // the manifest version this reader knows (manifest.py)
 
 using Dim = std::variant<int64_t, std::string>;  // a fixed size, or a symbolic name ("batch", ...)
 

@@ -25,6 +25,7 @@ IGNORED_PREFIXES = (
     "audio_tower.",  # Gemma 4's audio encoder and its projectors
     "embed_vision.",
     "embed_audio.",
+    "vision_embedder.",  # Gemma 4 unified's image-patch embedder (it has no vision tower)
 )
 
 
@@ -158,6 +159,19 @@ def load_vision(checkpoint_dir: Path, dtype: torch.dtype = torch.float32, *, all
     )
     model.load_state_dict({n: found[c].to(dtype) for n, c in to_checkpoint.items()}, strict=True, assign=True)
     return cfg, model.eval()
+
+
+def unexported_parts(checkpoint_dir: Path) -> list[str]:
+    """What a text artifact of a multimodal checkpoint without an image path of ours leaves out: its `vision` and
+    `audio` inputs (Gemma 4's encoders, Gemma 4 unified's patch and frame embedders), as its config.json declares
+    them. The build logs it and the manifest records it (`model.not_exported`); [] for anything else."""
+    from gemma_export.config.model_config import MULTIMODAL, read_json
+
+    path = checkpoint_dir / "config.json"
+    raw = read_json(path) if path.is_file() else None
+    if not isinstance(raw, dict) or raw.get("model_type") not in MULTIMODAL or has_vision(checkpoint_dir):
+        return []
+    return [part for part in ("vision", "audio") if isinstance(raw.get(f"{part}_config"), dict)]
 
 
 def has_vision(checkpoint_dir: Path) -> bool:

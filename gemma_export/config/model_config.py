@@ -163,9 +163,36 @@ FAMILIES: dict[str, Family] = {
         },
     ),
 }
-GEMMA4_LIKE = ("gemma4_text", "embedding_gemma2_text")  # parsed by _gemma4_traits
+# Gemma 4 "unified" (12B; transformers' Gemma4UnifiedTextConfig defaults): the Gemma 4 decoder without per-layer
+# embeddings or experts, a 1024 window; its multimodal wrapper embeds image patches and audio frames directly
+# (no towers), which the text artifact leaves out. Its per-layer overrides, k = v, KV sharing and double-wide
+# MLPs are the same GemmaConfig fields as gemma4_text's.
+FAMILIES["gemma4_unified_text"] = Family(
+    **_GEMMA4_TRAITS,
+    defaults={
+        **_SHARED_DEFAULTS,
+        "vocab_size": 262144,
+        "hidden_size": 2304,
+        "intermediate_size": 9216,
+        "num_hidden_layers": 30,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 4,
+        "max_position_embeddings": 262144,
+        "sliding_window": 1024,
+        "global_head_dim": 512,
+        "use_bidirectional_attention": "vision",
+        "rope_parameters": FAMILIES["gemma4_text"].defaults["rope_parameters"],
+    },
+)
+GEMMA4_LIKE = ("gemma4_text", "gemma4_unified_text", "embedding_gemma2_text")  # parsed by _gemma4_traits
+GEMMA4_DECODERS = ("gemma4_text", "gemma4_unified_text")
 # Multimodal checkpoints whose text model we export: model_type -> the text config's model_type.
-MULTIMODAL = {"gemma3": "gemma3_text", "gemma4": "gemma4_text", "embedding_gemma2": "embedding_gemma2_text"}
+MULTIMODAL = {
+    "gemma3": "gemma3_text",
+    "gemma4": "gemma4_text",
+    "gemma4_unified": "gemma4_unified_text",
+    "embedding_gemma2": "embedding_gemma2_text",
+}
 # PaliGemma (1 and 2): the text config names its own family (gemma or gemma2).
 PREFIX_LM = {"paligemma": ("gemma", "gemma2")}
 SUPPORTED_MODEL_TYPES = (
@@ -175,6 +202,8 @@ SUPPORTED_MODEL_TYPES = (
     "gemma3",
     "gemma4_text",
     "gemma4",
+    "gemma4_unified_text",
+    "gemma4_unified",
     "embedding_gemma2_text",
     "embedding_gemma2",
     "paligemma",
@@ -460,13 +489,13 @@ def parse_config(raw: dict[str, Any], source: str = "config.json") -> GemmaConfi
     window = r.opt_int("sliding_window") or 0
     if model_type == "embedding_gemma2_text":  # an encoder; its window a radius: |i - j| <= sliding_window
         bidirectional, window = True, window + 1 if window else 0
-    elif model_type == "gemma4_text":  # "all" (an encoder), "vision" (images only: text stays causal) or null
+    elif model_type in GEMMA4_DECODERS:  # "all" (an encoder), "vision" (images only: text stays causal) or null
         mode = raw.get("use_bidirectional_attention")
         if mode not in (None, "all", "vision"):
             raise BadInput(f"{source}: 'use_bidirectional_attention' must be 'all', 'vision' or null, got {mode!r}")
         bidirectional = mode == "all"
         if bidirectional and window:
-            window = window // 2 + 1  # as Gemma4TextConfig converts it
+            window = window // 2 + 1  # as Gemma4TextConfig (and Gemma4UnifiedTextConfig) converts it
     else:
         bidirectional = r.bool("use_bidirectional_attention", default=False)
     if bidirectional and window and model_type not in GEMMA4_LIKE:
@@ -553,15 +582,20 @@ def _gemma4_traits(cfg: GemmaConfig, raw: dict[str, Any], r: _Reader, source: st
         raise BadInput(f"{source}: 'num_kv_shared_layers' must be in [0, {layers}), got {shared}")
     if shared and set(cfg.layer_types[layers - shared :]) - set(cfg.layer_types[: layers - shared]):
         raise BadInput(f"{source}: a KV-shared layer's type has no earlier layer of that type to read keys from")
-    experts = r.int("num_experts", default=0) if r.bool("enable_moe_block", default=False) else 0
+    # Gemma4UnifiedTextConfig has no per-layer embeddings or experts: fields of that name are not its own
+    unified = cfg.model_type == "gemma4_unified_text"
+    moe = not unified and r.bool("enable_moe_block", default=False)
+    experts = r.int("num_experts", default=0) if moe else 0
     cfg = replace(
         cfg,
         layer_head_dims=tuple(head_dims),
         layer_kv_heads=tuple(kv_heads),
         attention_k_eq_v=k_eq_v,
         num_kv_shared_layers=shared,
-        hidden_size_per_layer_input=r.int("hidden_size_per_layer_input", default=0),
-        vocab_size_per_layer_input=0 if encoder else r.int("vocab_size_per_layer_input", default=cfg.vocab_size),
+        hidden_size_per_layer_input=0 if unified else r.int("hidden_size_per_layer_input", default=0),
+        vocab_size_per_layer_input=0
+        if encoder or unified
+        else r.int("vocab_size_per_layer_input", default=cfg.vocab_size),
         embedding_dim=r.int("embedding_dim") if encoder else 0,
         use_double_wide_mlp=r.bool("use_double_wide_mlp", default=False),
         num_experts=experts,

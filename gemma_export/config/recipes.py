@@ -129,7 +129,8 @@ class ParitySection(_Strict):
 
 
 class EmbeddingSection(_Strict):
-    dense: Annotated[list[Annotated[int, Field(gt=0)]], Field(min_length=1)]  # the head's Dense widths
+    # the head's Dense widths; [] for EmbeddingGemma 2, whose projection to the embedding width is in the backbone
+    dense: list[Annotated[int, Field(gt=0)]]
     max_seq_length: Annotated[int, Field(gt=0)]
     dims: Annotated[list[Annotated[int, Field(gt=0)]], Field(min_length=1)]  # Matryoshka dims, the full one first
 
@@ -248,6 +249,8 @@ def check_checkpoint(recipe: Recipe, cfg: GemmaConfig | GriffinConfig, source: s
     """Refuse a checkpoint whose architecture is not the recipe's, naming the fields that differ."""
     ours, theirs = recipe.config().to_json(), cfg.to_json()
     skip = NOT_ARCHITECTURE + (DEPTH_FIELDS if cut_depth else ())
+    if cut_depth and theirs.get("sliding_window") == 0:  # cut to global layers only (Gemma 4 --layers 1): no window
+        skip += ("sliding_window",)
     differ = [k for k in sorted(set(ours) | set(theirs)) if k not in skip and ours.get(k) != theirs.get(k)]
     if differ:
         shown = "; ".join(f"{k}: recipe {_short(ours.get(k))}, checkpoint {_short(theirs.get(k))}" for k in differ[:6])

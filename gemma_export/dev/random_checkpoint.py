@@ -146,6 +146,8 @@ _ARCHITECTURES = {
     "gemma3_text": "Gemma3ForCausalLM",
     "recurrent_gemma": "RecurrentGemmaForCausalLM",
     "gemma4_text": "Gemma4ForCausalLM",
+    "gemma4_unified_text": "Gemma4UnifiedForCausalLM",
+    "embedding_gemma2_text": "EmbeddingGemma2TextModel",
 }
 
 
@@ -387,8 +389,10 @@ def tensor_specs(cfg: GemmaConfig | GriffinConfig, *, tie_word_embeddings: bool 
     """
     if isinstance(cfg, GriffinConfig):
         return _griffin_specs(cfg, tie_word_embeddings=tie_word_embeddings)
-    if cfg.model_type == "gemma4_text":
+    if cfg.model_type in ("gemma4_text", "gemma4_unified_text"):
         return _gemma4_specs(cfg, tie_word_embeddings=tie_word_embeddings)
+    if cfg.model_type == "embedding_gemma2_text":
+        return _embedding_gemma2_specs(cfg)
     h, inter, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
     q, kv = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
     specs: list[Spec] = [("model.embed_tokens.weight", (cfg.vocab_size, h), h**-0.5)]
@@ -484,6 +488,53 @@ def _gemma4_specs(cfg: GemmaConfig, *, tie_word_embeddings: bool) -> list[Spec]:
     if not tie_word_embeddings:
         specs.append(("lm_head.weight", (cfg.vocab_size, h), h**-0.5))
     return specs
+
+
+def _embedding_gemma2_specs(cfg: GemmaConfig) -> list[Spec]:
+    """EmbeddingGemma 2's tensors (`EmbeddingGemma2TextModel.state_dict()`: a bare encoder, no `model.` prefix):
+    Gemma 4's layers in that class's order, projection-only per-layer embeddings (`ple.`, `ple_block.`), the
+    embedding projection to `embedding_dim`."""
+    h, inter, ple, layers = (
+        cfg.hidden_size,
+        cfg.intermediate_size,
+        cfg.hidden_size_per_layer_input,
+        cfg.num_hidden_layers,
+    )
+    specs: list[Spec] = [("embed_tokens.weight", (cfg.vocab_size, h), h**-0.5)]
+    for i in range(layers):
+        p, d = f"layers.{i}.", cfg.head_dim_of(i)
+        q, kv = cfg.num_attention_heads * d, cfg.kv_heads_of(i) * d
+        specs += [
+            (p + "layer_scalar", (1,), NORM_AROUND_ONE),
+            (p + "self_attn.q_proj.weight", (q, h), h**-0.5),
+            (p + "self_attn.k_proj.weight", (kv, h), h**-0.5),
+            (p + "self_attn.v_proj.weight", (kv, h), h**-0.5),
+            (p + "self_attn.o_proj.weight", (h, q), q**-0.5),
+            (p + "self_attn.q_norm.weight", (d,), NORM_AROUND_ONE),
+            (p + "self_attn.k_norm.weight", (d,), NORM_AROUND_ONE),
+            (p + "mlp.gate_proj.weight", (inter, h), h**-0.5),
+            (p + "mlp.up_proj.weight", (inter, h), h**-0.5),
+            (p + "mlp.down_proj.weight", (h, inter), inter**-0.5),
+        ]
+        norms = [
+            "input_layernorm",
+            "post_attention_layernorm",
+            "pre_feedforward_layernorm",
+            "post_feedforward_layernorm",
+        ]
+        specs += [(p + f"{n}.weight", (h,), NORM_AROUND_ONE) for n in norms]
+        specs += [
+            (p + "ple_block.per_layer_input_gate.weight", (ple, h), h**-0.5),
+            (p + "ple_block.per_layer_projection.weight", (h, ple), ple**-0.5),
+            (p + "ple_block.post_per_layer_input_norm.weight", (h,), NORM_AROUND_ONE),
+        ]
+    return [
+        *specs,
+        ("norm.weight", (h,), NORM_AROUND_ONE),
+        ("ple.per_layer_model_projection.weight", (layers * ple, h), h**-0.5),
+        ("ple.per_layer_projection_norm.weight", (ple,), NORM_AROUND_ONE),
+        ("embedding_projection.weight", (cfg.embedding_dim, h), h**-0.5),
+    ]
 
 
 def _griffin_specs(cfg: GriffinConfig, *, tie_word_embeddings: bool) -> list[Spec]:
@@ -713,7 +764,9 @@ def cut_depth(config: dict[str, Any], layers: int | None, name: str) -> dict[str
     if not 1 <= layers <= config["num_hidden_layers"]:
         raise BadInput(f"--layers must be between 1 and {config['num_hidden_layers']} for {name}, got {layers}")
     config["num_hidden_layers"] = layers
-    if config.get("model_type") in ("gemma4_text", "embedding_gemma2_text") and config.get("layer_types"):
+    if config.get("model_type") in ("gemma4_text", "gemma4_unified_text", "embedding_gemma2_text") and config.get(
+        "layer_types"
+    ):
         # Gemma 4's pattern is written out (E2B: 4 local : 1 global): keep its first layers, the last one global
         kinds = [*config["layer_types"][: layers - 1], "full_attention"]
         config["layer_types"] = kinds

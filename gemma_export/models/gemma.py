@@ -359,6 +359,7 @@ CHECKPOINT_RENAMES: dict[str, dict[str, str]] = {
         "per_layer_input.projection": "per_layer_projection",
         "per_layer_input.norm": "post_per_layer_input_norm",
     },
+    "gemma4_unified_text": {},
     "embedding_gemma2_text": {
         "per_layer_inputs.projection": "ple.per_layer_model_projection",
         "per_layer_inputs.norm": "ple.per_layer_projection_norm",

@@ -87,6 +87,8 @@ def load_decoder(checkpoint_dir: Path, options: BuildOptions) -> Loaded:
     if options.cache_layout is not None:
         model.use_cache_layout(options.cache_layout)
     source = manifest_source(checkpoint_dir)  # a GGUF's file, sha256 and tensor types; {} for a folder
+    if vision_half is None and (parts := load.unexported_parts(checkpoint_dir)):
+        source["not_exported"] = parts  # build() logs it once
     return Loaded(
         cfg=cfg,
         model=model,
@@ -209,6 +211,9 @@ def build(checkpoint_dir: Path, out_dir: Path, options: BuildOptions, stages: St
     with stages.stage("load"):
         loaded = (load_encoder if encoder else load_decoder)(checkpoint_dir, options)
         check_recipe(options, loaded, checkpoint_dir)
+    if parts := loaded.model_info.get("not_exported"):  # never a silent drop: one line here, and the manifest
+        stages.note(f"load: {loaded.model_info['source_model_type']} checkpoint: its {' and '.join(parts)} inputs "
+                    "are NOT exported; the artifact is its text decoder (manifest: model.not_exported)")  # fmt: skip
     with stages.stage("trace"):
         graph = loaded.export(loaded.model)
     with stages.stage("optimize"):

@@ -73,6 +73,11 @@ class Stages:
             line = f"[gemma-export] {name}: done in {record.seconds:.1f} s{size}{rss}"
             self.console.print(line, markup=False, soft_wrap=True)  # one line, however narrow the console
 
+    def note(self, text: str) -> None:
+        """One log line between stages (unless quiet: --json callers read the manifest)."""
+        if not self.quiet:
+            self.console.print(f"[gemma-export] {text}", markup=False, soft_wrap=True)
+
     def to_json(self) -> list[dict]:
         def entry(r: StageRecord) -> dict:
             out = {"stage": r.name, "seconds": round(r.seconds, 3), "bytes": r.bytes, "peak_rss": r.peak_rss}

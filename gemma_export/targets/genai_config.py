@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from gemma_export.config.model_config import GemmaConfig, GriffinConfig
+from gemma_export.config.model_config import GEMMA4_DECODERS, GemmaConfig, GriffinConfig
 from gemma_export.pipeline import package
 
 GENAI_CONFIG = "genai_config.json"
@@ -32,7 +32,7 @@ def genai_supports(cfg: GemmaConfig | GriffinConfig, cache_layout: str | None = 
     caches 0..n-1, while a Gemma 4 artifact has per-layer head dims and KV heads and, on the E-models, no cache
     for its KV-shared layers (0.18 knows "gemma4" only as its multimodal pipeline).
     """
-    return isinstance(cfg, GemmaConfig) and cache_layout in (None, "full") and cfg.model_type != "gemma4_text"
+    return isinstance(cfg, GemmaConfig) and cache_layout in (None, "full") and cfg.model_type not in GEMMA4_DECODERS
 
 
 def genai_config(cfg: GemmaConfig, max_length: int) -> dict[str, Any]:

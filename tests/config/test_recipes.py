@@ -30,7 +30,8 @@ from tests.support import ROOT
 SHIPPED = (
     "gemma-2b", "gemma-7b", "codegemma-7b", "gemma-2-2b", "gemma-2-9b", "gemma-2-27b", "gemma-3-270m", "gemma-3-1b",
     "gemma-3-4b", "gemma-3-12b", "gemma-3-27b", "recurrentgemma-2b", "recurrentgemma-9b", "embeddinggemma-300m",
-    "gemma-4-e2b", "gemma-4-e4b", "gemma-4-31b", "gemma-4-26b-a4b",
+    "gemma-4-e2b", "gemma-4-e4b", "gemma-4-31b", "gemma-4-26b-a4b", "gemma-4-12b",
+    "embeddinggemma-2",
 )  # fmt: skip
 
 

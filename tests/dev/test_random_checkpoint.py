@@ -22,6 +22,7 @@ from safetensors import safe_open
 
 from gemma_export.checkpoint import load
 from gemma_export.config.model_config import (
+    GEMMA4_LIKE,
     GLOBAL,
     SLIDING,
     GriffinConfig,
@@ -250,14 +251,15 @@ def test_published_configs_match_transformers(name: str) -> None:
         # Gemma 1's transformers config has no layer types, scalar or caps: every layer global, head_dim scaling.
         layer_types = getattr(theirs, "layer_types", None) or [GLOBAL] * ours.num_hidden_layers
         assert ours.layer_types == tuple(layer_types)
-        if raw["model_type"] == "gemma4_text":  # scores unscaled; per-layer head dims and KV heads
+        if raw["model_type"] in GEMMA4_LIKE:  # scores unscaled; per-layer head dims and KV heads
             assert ours.attention_scale == 1.0
             per_layer = theirs.per_layer_config
             assert list(ours.layer_head_dims) == [c.head_dim for c in per_layer]
             assert list(ours.layer_kv_heads) == [c.num_key_value_heads for c in per_layer]
         else:
             assert ours.attention_scale == getattr(theirs, "query_pre_attn_scalar", theirs.head_dim) ** -0.5
-        assert ours.sliding_window == (theirs.sliding_window if SLIDING in layer_types else 0)
+        radius = raw["model_type"] == "embedding_gemma2_text"  # its window a radius: |i - j| <= sliding_window
+        assert ours.sliding_window == (theirs.sliding_window + radius if SLIDING in layer_types else 0)
         caps = [getattr(theirs, f"{c}_logit_softcapping", None) or 0.0 for c in ("attn", "final")]
         assert [ours.attn_logit_softcapping, ours.final_logit_softcapping] == caps
         rope = theirs.rope_parameters
@@ -267,11 +269,12 @@ def test_published_configs_match_transformers(name: str) -> None:
             assert ours.rope[kind].fraction == params.get("partial_rotary_factor", 1.0)
         fields = ["max_position_embeddings"]
     fields += ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"]
-    if raw["model_type"] != "gemma4_text":  # per layer on Gemma 4 (compared above)
+    if raw["model_type"] not in GEMMA4_LIKE:  # per layer on Gemma 4 (compared above)
         fields += ["num_key_value_heads", "head_dim"]
     assert {f: getattr(ours, f) for f in fields} == {f: getattr(theirs, f) for f in fields}
 
-    embedder = is_embedding_config(raw)  # a bare Gemma3TextModel: AutoModel, tensors without "model."
+    # a bare Gemma3TextModel / EmbeddingGemma2TextModel: AutoModel, tensors without "model."
+    embedder = is_embedding_config(raw) or raw["model_type"] == "embedding_gemma2_text"
     with torch.device("meta"):
         auto = transformers.AutoModel if embedder else transformers.AutoModelForCausalLM
         model = auto.from_config(theirs)
@@ -290,7 +293,7 @@ def test_write_published(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     assert (out / "model-00001-of-00001.safetensors").is_file() and (out / "model.safetensors.index.json").is_file()
     same = write_random_checkpoint(tmp_path / "same", TINY_CONFIGS["recurrent_gemma"], seed=3, max_shard_bytes=2**31)
     assert _files(out) == _files(same)
-    with pytest.raises(BadInput, match="known: codegemma-7b, embeddinggemma-300m, gemma-2-27b"):
+    with pytest.raises(BadInput, match="known: codegemma-7b, embeddinggemma-2, embeddinggemma-300m, gemma-2-27b"):
         write_published(tmp_path / "x", "gemma-4-1b")
 
 

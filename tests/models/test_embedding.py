@@ -260,3 +260,23 @@ def test_embeddinggemma2_artifact_matches_transformers(eg2_folder, tmp_path, dim
     expected, _ = _eg2_expected(eg2_folder, ids, mask, dim)
     got, _ = OrtEncoder(out, manifest).embed(ids, mask)
     assert got.shape == (3, dim) and np.abs(got - expected).max() <= 1e-5
+
+
+def test_embeddinggemma2_random_checkpoint_is_what_transformers_loads(eg2_folder, tmp_path) -> None:
+    """random_checkpoint (what `--recipe embeddinggemma-2 --random` builds) writes EmbeddingGemma 2 folders that
+    transformers' EmbeddingGemma2TextModel loads tensor for tensor, with the same token states as ours."""
+    import json
+
+    import transformers
+
+    config = json.loads((eg2_folder / "config.json").read_text())
+    folder = random_checkpoint.write_random_checkpoint(tmp_path, config)
+    hf, info = transformers.AutoModel.from_pretrained(folder, dtype=torch.float32, output_loading_info=True)
+    assert not any(info.values()), info  # nothing missing, unexpected or mismatched
+    assert type(hf).__name__ == "EmbeddingGemma2TextModel"
+    _, _, model = load.load_embedding(folder)
+    ids, mask = _eg2_batch()
+    with torch.no_grad():
+        tokens = hf.eval()(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).last_hidden_state
+    real = mask.astype(bool)
+    assert np.abs(_eg2_ours(model, ids, mask)[1][real] - tokens.numpy()[real]).max() <= 1e-4

@@ -116,6 +116,7 @@ def test_multimodal_checkpoint_text_part(tmp_path) -> None:
     cfg, model = load.load_model(tmp_path)
     assert cfg.source_model_type == "gemma4" and cfg.model_type == "gemma4_text"
     assert _error(hf, model, cfg) <= TOL
+    assert load.unexported_parts(tmp_path) == ["vision"]  # what the build logs and model.not_exported records
 
 
 # ---- each trait matters -------------------------------------------------------------------------------
@@ -273,8 +274,8 @@ def test_random_checkpoint_is_what_transformers_loads(shape, tmp_path) -> None:
     assert _error(hf.eval(), model, cfg) <= TOL
 
 
-@pytest.mark.parametrize("name", ["gemma-4-e2b", "gemma-4-e4b", "gemma-4-31b", "gemma-4-26b-a4b"])
-@pytest.mark.parametrize("layers", [2, 6, 10])
+@pytest.mark.parametrize("name", ["gemma-4-e2b", "gemma-4-e4b", "gemma-4-31b", "gemma-4-26b-a4b", "gemma-4-12b"])
+@pytest.mark.parametrize("layers", [1, 2, 6, 10])  # 1: one global layer, no window left
 def test_random_depth_cut_keeps_a_valid_gemma4(name, layers) -> None:
     """`--random NAME --layers N`: the first N layers of the published pattern, the last one global, KV sharing
     kept only where each shared layer still has an earlier producer of its type; the recipe accepts the cut."""

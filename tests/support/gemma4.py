@@ -125,3 +125,51 @@ def hub_spelling(folder: Path) -> None:
     raw["global_head_dim"] = dims.pop()
     raw["num_global_key_value_heads"] = kv.pop()
     path.write_text(json.dumps(raw, indent=2))
+
+
+# Gemma 4 "unified" (the 12B; transformers' Gemma4UnifiedTextConfig): no per-layer embeddings or experts. Its traits
+# here: per_layer_config overrides (the global layers' head_dim 32 and 1 KV head, against 16 and 2), k = v on global
+# layers, the last 3 of 8 layers reading layers 4 (local) and 3 (global), double-wide MLPs on those 3.
+UNIFIED: dict[str, Any] = {
+    **{k: v for k, v in _BASE.items() if k not in ("model_type", "global_head_dim", "final_logit_softcapping")},
+    "num_hidden_layers": 8,
+    "num_key_value_heads": 2,
+    "layer_types": [S, S, S, F, S, S, S, F],
+    "per_layer_config": {
+        "3": {"head_dim": 32, "num_key_value_heads": 1},
+        "7": {"head_dim": 32, "num_key_value_heads": 1},
+    },
+    "attention_k_eq_v": True,
+    "num_kv_shared_layers": 3,
+    "use_double_wide_mlp": True,
+    "use_bidirectional_attention": "vision",
+}
+
+
+def hf_unified_text_config(**overrides):
+    import transformers
+
+    return transformers.Gemma4UnifiedTextConfig(**{**copy.deepcopy(UNIFIED), **overrides})
+
+
+def save_unified(out: Path, *, multimodal: bool = False, seed: int = 0, **overrides) -> Path:
+    """A Gemma4UnifiedForCausalLM checkpoint, or (multimodal) a Gemma4UnifiedForConditionalGeneration one with its
+    image-patch and audio-frame embedders (`model.embed_vision.`, `model.embed_audio.`) beside the language model."""
+    import transformers
+
+    text = hf_unified_text_config(**overrides)
+    if multimodal:
+        vision = transformers.Gemma4UnifiedVisionConfig(
+            patch_size=2, pooling_kernel_size=2, mm_embed_dim=32, mm_posemb_size=16, output_proj_dims=64
+        )
+        audio = transformers.Gemma4UnifiedAudioConfig(audio_embed_dim=16)
+        config = transformers.Gemma4UnifiedConfig(
+            text_config=text.to_dict(), vision_config=vision.to_dict(), audio_config=audio.to_dict()
+        )
+        model = transformers.Gemma4UnifiedForConditionalGeneration(config).eval()
+    else:
+        model = transformers.Gemma4UnifiedForCausalLM(text).eval()
+    randomize(model, seed)
+    model.save_pretrained(out)
+    random_checkpoint.write_tokenizer(out)
+    return out
