@@ -167,21 +167,14 @@ FAMILIES: dict[str, Family] = {
 # embeddings or experts, a 1024 window; its multimodal wrapper embeds image patches and audio frames directly
 # (no towers), which the text artifact leaves out. Its per-layer overrides, k = v, KV sharing and double-wide
 # MLPs are the same GemmaConfig fields as gemma4_text's.
+_GEMMA4_PLE = ("vocab_size_per_layer_input", "hidden_size_per_layer_input")  # gemma4_text's, not the unified's
 FAMILIES["gemma4_unified_text"] = Family(
     **_GEMMA4_TRAITS,
     defaults={
-        **_SHARED_DEFAULTS,
-        "vocab_size": 262144,
-        "hidden_size": 2304,
-        "intermediate_size": 9216,
-        "num_hidden_layers": 30,
-        "num_attention_heads": 8,
-        "num_key_value_heads": 4,
+        **{k: v for k, v in FAMILIES["gemma4_text"].defaults.items() if k not in _GEMMA4_PLE},
         "max_position_embeddings": 262144,
         "sliding_window": 1024,
-        "global_head_dim": 512,
         "use_bidirectional_attention": "vision",
-        "rope_parameters": FAMILIES["gemma4_text"].defaults["rope_parameters"],
     },
 )
 GEMMA4_LIKE = ("gemma4_text", "gemma4_unified_text", "embedding_gemma2_text")  # parsed by _gemma4_traits

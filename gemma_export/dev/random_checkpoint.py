@@ -427,6 +427,10 @@ def tensor_specs(cfg: GemmaConfig | GriffinConfig, *, tie_word_embeddings: bool 
     return specs
 
 
+_GEMMA4_LAYER_NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                       "post_feedforward_layernorm")  # fmt: skip
+
+
 def _gemma4_specs(cfg: GemmaConfig, *, tie_word_embeddings: bool) -> list[Spec]:
     """Gemma 4's tensors (`Gemma4ForCausalLM.state_dict()` order): per-layer head dims and KV heads, no k/v
     weights on KV-shared layers, no v_proj on k = v layers, per-layer embeddings, the expert block, a layer
@@ -453,13 +457,7 @@ def _gemma4_specs(cfg: GemmaConfig, *, tie_word_embeddings: bool) -> list[Spec]:
             (p + "mlp.up_proj.weight", (width, h), h**-0.5),
             (p + "mlp.down_proj.weight", (h, width), width**-0.5),
         ]
-        norms = [
-            "input_layernorm",
-            "post_attention_layernorm",
-            "pre_feedforward_layernorm",
-            "post_feedforward_layernorm",
-        ]
-        specs += [(p + f"{n}.weight", (h,), NORM_AROUND_ONE) for n in norms]
+        specs += [(p + f"{n}.weight", (h,), NORM_AROUND_ONE) for n in _GEMMA4_LAYER_NORMS]
         if ple:
             specs += [
                 (p + "per_layer_input_gate.weight", (ple, h), h**-0.5),
@@ -516,13 +514,7 @@ def _embedding_gemma2_specs(cfg: GemmaConfig) -> list[Spec]:
             (p + "mlp.up_proj.weight", (inter, h), h**-0.5),
             (p + "mlp.down_proj.weight", (h, inter), inter**-0.5),
         ]
-        norms = [
-            "input_layernorm",
-            "post_attention_layernorm",
-            "pre_feedforward_layernorm",
-            "post_feedforward_layernorm",
-        ]
-        specs += [(p + f"{n}.weight", (h,), NORM_AROUND_ONE) for n in norms]
+        specs += [(p + f"{n}.weight", (h,), NORM_AROUND_ONE) for n in _GEMMA4_LAYER_NORMS]
         specs += [
             (p + "ple_block.per_layer_input_gate.weight", (ple, h), h**-0.5),
             (p + "ple_block.per_layer_projection.weight", (h, ple), ple**-0.5),

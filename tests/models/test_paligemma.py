@@ -111,26 +111,36 @@ def test_a_prefix_longer_than_the_window_matches_transformers(folder, processor,
     assert np.abs(in_window[1] - ref[1])[real[1]].max() <= TOL  # ... and only where a prefix outgrows the window
 
 
-def test_greedy_tokens_for_a_prefix_longer_than_the_window_match_transformers_generate(
-    folder, processor, images, hf_model
-) -> None:
-    inputs = processor(text=LONG_PROMPTS, images=images, return_tensors="pt", padding=True)
-    steps = 10
-    assert inputs["input_ids"].shape[1] > 1.5 * WINDOW
+def _greedy_against_transformers(folder, inputs, hf_model, steps: int):
+    """(our reference decoder, a function running its greedy generation on the processor's prompts and images,
+    transformers' greedy tokens for the same inputs)."""
     cfg, _, vision, decoder = load.load_multimodal(folder)
     with torch.no_grad():
         expected = hf_model.generate(**inputs, max_new_tokens=steps, do_sample=False)[:, inputs["input_ids"].shape[1] :]
         features = vision(inputs["pixel_values"]).numpy()
     mask = inputs["attention_mask"].numpy()
     prompts = [list(row[m.astype(bool)]) for row, m in zip(inputs["input_ids"].numpy(), mask, strict=True)]
-    got = generate_with_images(TorchDecoder(decoder), prompts, features, decoder.image_token_id, steps, eos_ids=[],
-                               pad_id=cfg.pad_token_id, prefix_lm=True)  # fmt: skip
-    assert got == expected.tolist()
+
+    def run(model) -> list[list[int]]:
+        return generate_with_images(TorchDecoder(model), prompts, features, model.image_token_id, steps, eos_ids=[],
+                                    pad_id=cfg.pad_token_id, prefix_lm=True)  # fmt: skip
+
+    return decoder, run, expected.tolist()
+
+
+def test_greedy_tokens_for_a_prefix_longer_than_the_window_match_transformers_generate(
+    folder, processor, images, hf_model
+) -> None:
+    inputs = processor(text=LONG_PROMPTS, images=images, return_tensors="pt", padding=True)
+    steps = 10
+    assert inputs["input_ids"].shape[1] > 1.5 * WINDOW
+    decoder, run, expected = _greedy_against_transformers(folder, inputs, hf_model, steps)
+    got = run(decoder)
+    assert got == expected
     assert len({t for row in got for t in row}) > 2  # not a degenerate repetition
     for layer in decoder.decoder.layers:  # Gemma 3's rule: the prefix bounded by the window
         layer.self_attn.blocks = BLOCKS_IN_WINDOW
-    in_window = generate_with_images(TorchDecoder(decoder), prompts, features, decoder.image_token_id, steps,
-                                     eos_ids=[], pad_id=cfg.pad_token_id, prefix_lm=True)  # fmt: skip
+    in_window = run(decoder)
     assert in_window[0] != got[0] and in_window[1] == got[1]
 
 
@@ -138,15 +148,9 @@ def test_greedy_tokens_match_transformers_generate(folder, processor, images, hf
     inputs = processor(text=PROMPTS, images=images, return_tensors="pt", padding=True)
     steps = 12  # the prompt plus the answer runs past the window
     assert inputs["input_ids"].shape[1] <= WINDOW < inputs["input_ids"].shape[1] + steps
-    cfg, _, vision, decoder = load.load_multimodal(folder)
-    with torch.no_grad():
-        expected = hf_model.generate(**inputs, max_new_tokens=steps, do_sample=False)[:, inputs["input_ids"].shape[1] :]
-        features = vision(inputs["pixel_values"]).numpy()
-    mask = inputs["attention_mask"].numpy()
-    prompts = [list(row[m.astype(bool)]) for row, m in zip(inputs["input_ids"].numpy(), mask, strict=True)]
-    got = generate_with_images(TorchDecoder(decoder), prompts, features, decoder.image_token_id, steps, eos_ids=[],
-                               pad_id=cfg.pad_token_id, prefix_lm=True)  # fmt: skip
-    assert got == expected.tolist()
+    decoder, run, expected = _greedy_against_transformers(folder, inputs, hf_model, steps)
+    got = run(decoder)
+    assert got == expected
     assert len({t for row in got for t in row}) > 2  # not a degenerate repetition
 
 
