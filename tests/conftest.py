@@ -1,5 +1,6 @@
 """Shared fixtures: tiny random-weight checkpoints written by transformers itself (the oracle), and the
-artifacts built from them (built once per test session: an export takes seconds)."""
+artifacts built from them (built once per test run, and shared by the pytest-xdist workers: an export takes
+seconds, tens under load)."""
 
 from __future__ import annotations
 
