@@ -1,13 +1,16 @@
 """Shared fixtures: tiny random-weight checkpoints written by transformers itself (the oracle), and the
-artifacts built from them (built once per test session: an export takes seconds)."""
+artifacts built from them (built once per test run, and shared by the pytest-xdist workers: an export takes
+seconds, tens under load)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.support.artifacts import made_once, shared_artifact
 from tests.support.checkpoints import FIXTURE_OVERRIDES, MODEL_TYPES, save_hf_checkpoint
 
 
@@ -18,8 +21,13 @@ def model_type(request) -> str:
 
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("checkpoints")
-    return {t: save_hf_checkpoint(root / t, t, **FIXTURE_OVERRIDES.get(t, {})) for t in MODEL_TYPES}
+    """Written once per run, shared by the pytest-xdist workers (tests/support/artifacts.py): the artifacts
+    built from them are shared too, and each records the checkpoint it was built from."""
+
+    def make(t: str) -> Callable[[Path], Path]:
+        return lambda out: save_hf_checkpoint(out, t, **FIXTURE_OVERRIDES.get(t, {}))
+
+    return {t: made_once(tmp_path_factory, f"checkpoints/{t}", make(t)) for t in MODEL_TYPES}
 
 
 @pytest.fixture(scope="session")
@@ -29,20 +37,13 @@ def checkpoint(checkpoints, model_type) -> Path:
 
 @pytest.fixture(scope="session")
 def artifacts(tmp_path_factory) -> dict[str, Path]:
-    """Built lazily, once per model type."""
+    """Built lazily, once per model type and run (tests/support/artifacts.py)."""
     return {}
 
 
 @pytest.fixture(scope="session")
-def artifact(artifacts, checkpoint, model_type, tmp_path_factory) -> Path:
-    from gemma_export.pipeline.build import BuildOptions, build
-    from gemma_export.pipeline.progress import Stages
-
-    if model_type not in artifacts:
-        out = tmp_path_factory.mktemp("artifacts") / model_type
-        build(checkpoint, out, BuildOptions(), Stages(quiet=True))
-        artifacts[model_type] = out
-    return artifacts[model_type]
+def artifact(artifacts, checkpoints, model_type, tmp_path_factory) -> Path:
+    return shared_artifact(model_type, artifacts, checkpoints, tmp_path_factory)
 
 
 @pytest.fixture(scope="session")

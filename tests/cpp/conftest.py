@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import native
+from tests.support.artifacts import built_once, shared_artifact
 
 # kind -> (model type, cache layout; None = the model's own): every state contract the runtimes drive (a full
 # cache in shared buffers, a windowed cache, RecurrentGemma's state)
@@ -35,16 +36,19 @@ def _build(checkpoint: Path, out: Path, **options) -> Path:
 
 
 def _decoder(kind: str, artifacts: dict[str, Path], checkpoints: dict[str, Path], tmp_path_factory) -> Path:
-    """Built once per session; the Gemma 1/2/3 full-cache ones are conftest's session artifacts."""
+    """Built once per run (tests/support/artifacts.py); the Gemma 1/2/3 full-cache ones are conftest's shared
+    artifacts, the windowed one is tests/targets/test_ort_cpu.py's `lowered_windowed`."""
     model_type, layout = DECODERS[kind]
     if kind not in artifacts:
         if model_type == "recurrent_gemma":
             from gemma_export.dev.random_checkpoint import TINY_CONFIGS, write_random_checkpoint
 
             checkpoint = write_random_checkpoint(tmp_path_factory.mktemp("ckpt") / kind, TINY_CONFIGS[model_type])
+            artifacts[kind] = _build(checkpoint, tmp_path_factory.mktemp("artifacts") / kind)
+        elif layout is None:
+            artifacts[kind] = shared_artifact(model_type, artifacts, checkpoints, tmp_path_factory)
         else:
-            checkpoint = checkpoints[model_type]
-        artifacts[kind] = _build(checkpoint, tmp_path_factory.mktemp("artifacts") / kind, cache_layout=layout)
+            artifacts[kind] = built_once(tmp_path_factory, kind, checkpoints[model_type], cache_layout=layout)
     return artifacts[kind]
 
 

@@ -17,6 +17,7 @@ from gemma_export.targets.genai_config import GENAI_CONFIG
 from gemma_export.verify import gate as verify
 from gemma_export.verify import passes
 from gemma_export.verify.reference import TorchDecoder
+from tests.support.artifacts import shared_artifact
 from tests.support.genai_client import genai_greedy
 from tests.support.transformers_oracle import hf_greedy, long_and_padded
 
@@ -113,10 +114,11 @@ def test_manifest_describes_the_contract(artifact, checkpoint) -> None:
 
 
 @pytest.mark.slow
-def test_same_inputs_give_byte_identical_artifacts(checkpoints, tmp_path) -> None:
-    first, second = tmp_path / "a", tmp_path / "b"
-    for out in (first, second):
-        build(checkpoints["gemma3_text"], out, BuildOptions(), Stages(quiet=True))
+def test_same_inputs_give_byte_identical_artifacts(artifacts, checkpoints, tmp_path, tmp_path_factory) -> None:
+    # the first build is the session's (built earlier in this process, or now): a second build compared with it
+    first = shared_artifact("gemma3_text", artifacts, checkpoints, tmp_path_factory)
+    second = tmp_path / "b"
+    build(checkpoints["gemma3_text"], second, BuildOptions(), Stages(quiet=True))
     for name in (package.MODEL_FILE, package.WEIGHTS_FILE, MANIFEST, GENAI_CONFIG):
         assert (first / name).read_bytes() == (second / name).read_bytes(), name
 

@@ -42,6 +42,7 @@ from gemma_export.verify import gate as verify
 from gemma_export.verify import passes
 from gemma_export.verify.reference import TorchDecoder
 from tests.support import op_harness as harness
+from tests.support.artifacts import built_once
 from tests.support.attention_vectors import VECTORS, load_vector, row_error
 
 TOL = 1e-4
@@ -205,9 +206,9 @@ def portable_windowed(checkpoints, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def lowered_windowed(checkpoints, tmp_path_factory) -> Path:
-    """Gemma 3 (q/k norms, 5 local : 1 global), --target ort-cpu, windowed cache."""
-    out = tmp_path_factory.mktemp("lowered-windowed") / "gemma3_text"
-    return build_once(checkpoints["gemma3_text"], out, cache_layout="windowed")
+    """Gemma 3 (q/k norms, 5 local : 1 global), --target ort-cpu, windowed cache (the same build as
+    tests/cpp's "gemma3_text-windowed" artifact: made once per run)."""
+    return built_once(tmp_path_factory, "gemma3_text-windowed", checkpoints["gemma3_text"], cache_layout="windowed")
 
 
 WINDOWED = {"portable_windowed": "gemma2", "lowered_windowed": "gemma3_text"}
