@@ -225,15 +225,15 @@ RgbImage resize(const RgbImage& image, int64_t width, int64_t height, const std:
   std::vector<int32_t> kh, kv;
   int ksize_h = coefficients(in_w, 0, in_w, out_w, filter, bh, kh);
   int ksize_v = coefficients(in_h, 0, in_h, out_h, filter, bv, kv);
-  RgbImage cur = image;
-  if (out_w != in_w) {  // horizontal pass over the rows the vertical pass reads
-    int first = bv[0], last = bv[out_h * 2 - 2] + bv[out_h * 2 - 1];
+  // The two passes, each rounding to uint8. Pillow (>= 11.2) runs the vertical pass first when its intermediate
+  // image (in_w x out_h) is smaller than the horizontal pass's (out_w x in_h).
+  auto horizontal = [&](const RgbImage& in, int first, int rows) {
     RgbImage tmp;
     tmp.width = out_w;
-    tmp.height = last - first;
+    tmp.height = rows;
     tmp.rgb.resize(tmp.width * tmp.height * 3);
-    for (int yy = 0; yy < tmp.height; ++yy) {
-      const uint8_t* row = cur.rgb.data() + static_cast<size_t>(yy + first) * in_w * 3;
+    for (int yy = 0; yy < rows; ++yy) {
+      const uint8_t* row = in.rgb.data() + static_cast<size_t>(yy + first) * in.width * 3;
       for (int xx = 0; xx < out_w; ++xx) {
         int xmin = bh[xx * 2], xmax = bh[xx * 2 + 1];
         const int32_t* k = &kh[static_cast<size_t>(xx) * ksize_h];
@@ -244,26 +244,36 @@ RgbImage resize(const RgbImage& image, int64_t width, int64_t height, const std:
         }
       }
     }
-    for (int i = 0; i < out_h; ++i) bv[i * 2] -= first;
-    cur = std::move(tmp);
-  }
-  if (out_h != in_h) {
+    return tmp;
+  };
+  auto vertical = [&](const RgbImage& in) {
     RgbImage tmp;
-    tmp.width = cur.width;
+    tmp.width = in.width;
     tmp.height = out_h;
     tmp.rgb.resize(tmp.width * tmp.height * 3);
     for (int yy = 0; yy < out_h; ++yy) {
       int ymin = bv[yy * 2], ymax = bv[yy * 2 + 1];
       const int32_t* k = &kv[static_cast<size_t>(yy) * ksize_v];
-      for (int64_t xx = 0; xx < cur.width; ++xx)
+      for (int64_t xx = 0; xx < in.width; ++xx)
         for (int c = 0; c < 3; ++c) {
           int ss = 1 << (kPrecisionBits - 1);
-          for (int y = 0; y < ymax; ++y) ss += cur.rgb[(static_cast<size_t>(y + ymin) * cur.width + xx) * 3 + c] * k[y];
-          tmp.rgb[(static_cast<size_t>(yy) * cur.width + xx) * 3 + c] = clip8(ss);
+          for (int y = 0; y < ymax; ++y) ss += in.rgb[(static_cast<size_t>(y + ymin) * in.width + xx) * 3 + c] * k[y];
+          tmp.rgb[(static_cast<size_t>(yy) * in.width + xx) * 3 + c] = clip8(ss);
         }
     }
-    cur = std::move(tmp);
+    return tmp;
+  };
+  bool need_h = out_w != in_w, need_v = out_h != in_h;
+  if (need_h && need_v && static_cast<int64_t>(in_w) * out_h < static_cast<int64_t>(out_w) * in_h)
+    return horizontal(vertical(image), 0, out_h);
+  RgbImage cur = image;
+  if (need_h) {  // over the rows the vertical pass reads
+    int first = need_v ? bv[0] : 0, last = need_v ? bv[out_h * 2 - 2] + bv[out_h * 2 - 1] : in_h;
+    if (need_v)
+      for (int i = 0; i < out_h; ++i) bv[i * 2] -= first;
+    cur = horizontal(cur, first, last - first);
   }
+  if (need_v) cur = vertical(cur);
   return cur;
 }
 
