@@ -123,7 +123,7 @@ double hamming_filter(double x) {
   if (x == 0.0) return 1.0;
   if (x >= 1.0) return 0.0;
   x = x * M_PI;
-  return std::sin(x) / x * (0.54 + 0.46 * std::cos(x));
+  return std::sin(x) / x * (0.54f + 0.46f * std::cos(x));  // float constants, as Pillow's
 }
 double bicubic_filter(double x) {
   const double a = -0.5;
