@@ -17,11 +17,11 @@
 namespace gemma {
 namespace {
 
-[[noreturn]] void unreadable(const std::string& path, const std::string& why) {
+[[noreturn, maybe_unused]] void unreadable(const std::string& path, const std::string& why) {
   throw Error("--image " + python_path(path) + ": not a readable image (" + why + ")");
 }
 
-std::string unidentified(const std::string& path) {  // Pillow's UnidentifiedImageError
+[[maybe_unused]] std::string unidentified(const std::string& path) {  // Pillow's UnidentifiedImageError
   return "cannot identify image file " + python_repr(python_path(path));
 }
 
