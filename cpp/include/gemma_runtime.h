@@ -90,6 +90,14 @@ struct Embeddings {
   std::vector<size_t> tokens;            // per text: how many tokens were embedded
 };
 
+// Image prompts (image + text artifacts, README "Image prompts"): the prompts with their image markers
+// expanded into the image token layout, and the images' preprocessed pixels.
+struct ImagePrompts {
+  std::vector<TokenIds> prompts;  // token ids per prompt (the tokenizer's <bos> included)
+  std::vector<float> pixels;      // [images, 3, height, width] float32, the vision graph's pixel_values
+  int64_t images = 0, height = 0, width = 0;
+};
+
 class Model {
  public:
   // Opens the artifact: manifest (format version checked), tokenizer if present, ONNX Runtime session.
@@ -111,6 +119,14 @@ class Model {
   Generation generate(const std::vector<TokenIds>& prompts, const GenerateOptions& options = {});
   // Texts in, text out (the tokenizer's <bos> added, special tokens skipped in the output).
   std::vector<std::string> generate_text(const std::vector<std::string>& prompts, const GenerateOptions& options = {});
+  // Image prompts: the images go to the prompts' image markers in order (one marker per image). Errors as
+  // `gemma-export generate --image`'s (no marker, unreadable image, a text-only artifact, ...); an artifact
+  // with images needs gemma_runtime built with libpng and libjpeg (else: "image support was not compiled in").
+  bool has_vision() const;
+  ImagePrompts image_prompts(const std::vector<std::string>& prompts, const std::vector<std::string>& image_paths);
+  Generation generate(const ImagePrompts& input, const GenerateOptions& options = {});
+  std::vector<std::string> generate_text(const std::vector<std::string>& prompts,
+                                         const std::vector<std::string>& image_paths, const GenerateOptions& options = {});
   // Sentence embeddings of an EmbeddingGemma artifact; `task` names one of its prompts (query, document, ...),
   // empty = its default prompt.
   Embeddings embed(const std::vector<std::string>& texts, const std::string& task = "");

@@ -66,6 +66,12 @@ Decoder::Decoder(const Manifest& manifest, Ort::Session& session)
                         std::get<std::string>(mask.shape[1]) == "sequence_length");
   keeps_logits_ = manifest.has_input("logits_to_keep");
   for (const auto& s : manifest.state) any_shared_ = any_shared_ || s.shared_buffer;
+  multimodal_ = manifest.has_input("token_type_ids") && manifest.has_input("image_features");
+  hidden_ = manifest.hidden_size;
+  if (multimodal_) {
+    const auto& shape = manifest.input("image_features").shape;
+    if (shape.size() == 2 && std::holds_alternative<int64_t>(shape[1])) hidden_ = std::get<int64_t>(shape[1]);
+  }
 }
 
 Decoder::~Decoder() = default;
@@ -90,7 +96,8 @@ void Decoder::reset(int64_t batch) {
 }
 
 const std::vector<float>& Decoder::step(const std::vector<int64_t>& ids, int64_t seq, const std::vector<int64_t>& mask,
-                                        int64_t total, const std::vector<int64_t>& positions, int64_t keep) {
+                                        int64_t total, const std::vector<int64_t>& positions, int64_t keep,
+                                        const std::vector<int64_t>* types, const std::vector<float>* features) {
   std::vector<int64_t> ids_shape{batch_, seq}, mask_shape{batch_, total}, pos_shape{batch_, seq};
   std::vector<int64_t> new_columns;
   const std::vector<int64_t>* mask_data = &mask;
@@ -109,6 +116,19 @@ const std::vector<float>& Decoder::step(const std::vector<int64_t>& ids, int64_t
   feeds.push_back(tensor(ids, ids_shape));
   feeds.push_back(tensor(*mask_data, mask_shape));
   feeds.push_back(tensor(positions, pos_shape));
+  std::vector<int64_t> zero_types;
+  static float no_rows;
+  if (multimodal_) {
+    if (!types) zero_types.assign(batch_ * total, 0), types = &zero_types;
+    std::vector<int64_t> types_shape{batch_, total};
+    feeds.push_back(tensor(*types, types_shape));
+    names.push_back("token_type_ids");
+    int64_t rows = features && hidden_ ? static_cast<int64_t>(features->size()) / hidden_ : 0;
+    std::vector<int64_t> feature_shape{rows, hidden_};
+    float* data = rows ? const_cast<float*>(features->data()) : &no_rows;
+    feeds.push_back(Ort::Value::CreateTensor<float>(cpu_, data, rows * hidden_, feature_shape.data(), 2));
+    names.push_back("image_features");
+  }
   bool drops_rows = 0 < keep && keep < seq;
   bool cut_in_graph = drops_rows && keeps_logits_;
   std::vector<int64_t> keep_value{keep};

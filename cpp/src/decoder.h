@@ -25,8 +25,11 @@ class Decoder {
   void reset(int64_t batch);                              // empty caches for a new batch
   // One forward pass over ids [batch, seq] with mask [batch, total] (past + new) and positions [batch, seq];
   // `keep` as logits_to_keep. Returns the last position's float32 logits, [batch, vocab].
+  // `types` [batch, total] and `features` [rows, hidden]: an image artifact's token_type_ids and the image
+  // features of this pass's image tokens (null: zeros and no rows).
   const std::vector<float>& step(const std::vector<int64_t>& ids, int64_t seq, const std::vector<int64_t>& mask,
-                                 int64_t total, const std::vector<int64_t>& positions, int64_t keep);
+                                 int64_t total, const std::vector<int64_t>& positions, int64_t keep,
+                                 const std::vector<int64_t>* types = nullptr, const std::vector<float>* features = nullptr);
 
  private:
   struct Cache;
@@ -38,7 +41,8 @@ class Decoder {
   Ort::Session& session_;
   Ort::MemoryInfo cpu_;
   int64_t batch_ = 0, reserved_ = 0, vocab_;
-  bool mask_covers_past_, keeps_logits_, any_shared_ = false;
+  bool mask_covers_past_, keeps_logits_, any_shared_ = false, multimodal_ = false;
+  int64_t hidden_ = 0;
   std::vector<std::unique_ptr<Cache>> caches_;
   std::unique_ptr<Ort::IoBinding> binding_;
   bool rebind_ = true;

@@ -204,9 +204,54 @@ Manifest Manifest::read(const std::string& artifact_dir) {
     if (!item.value().is_object()) r.fail(where, "Input should be a valid dictionary or instance of FileEntry");
     m.files[item.key()] = {r.str(item.value(), "path", where), r.str(item.value(), "sha256", where), r.integer(item.value(), "bytes", where)};
   }
+  if (doc.contains("vision") && !doc["vision"].is_null()) {
+    const json& v = r.object(doc, "vision", "", "VisionInfo");
+    VisionInfo info;
+    info.model = r.str(v, "model", "vision");
+    const json& p = r.object(v, "preprocessing", "vision", "ImagePreprocessing");
+    const std::string w = "vision.preprocessing";
+    auto number = [&](const char* key) {
+      const json& x = r.field(p, key, w);
+      if (!x.is_number()) r.fail(w + "." + key, "Input should be a valid number");
+      return x.get<double>();
+    };
+    auto numbers = [&](const char* key) {
+      std::vector<double> out;
+      for (const auto& x : r.list(p, key, w)) {
+        if (!x.is_number()) r.fail(w + "." + key, "Input should be a valid number");
+        out.push_back(x.get<double>());
+      }
+      return out;
+    };
+    ImagePreprocessing& pre = info.pre;
+    const json& size = r.list(p, "size", w);
+    if (size.size() != 2) r.fail(w + ".size", "expected [height, width]");
+    pre.height = r.integer(size[0], w + ".size.0");
+    pre.width = r.integer(size[1], w + ".size.1");
+    pre.resample = r.str(p, "resample", w);
+    pre.do_convert_rgb = r.boolean(p, "do_convert_rgb", w);
+    pre.do_rescale = r.boolean(p, "do_rescale", w);
+    pre.rescale_factor = number("rescale_factor");
+    pre.do_normalize = r.boolean(p, "do_normalize", w);
+    pre.image_mean = numbers("image_mean");
+    pre.image_std = numbers("image_std");
+    if (pre.image_mean.size() != 3 || pre.image_std.size() != 3) r.fail(w, "image_mean and image_std need 3 values");
+    pre.image_marker = r.str(p, "image_marker", w);
+    for (const auto& x : r.list(p, "image_sequence", w)) pre.image_sequence.push_back(x.is_string() ? x.get<std::string>() : "");
+    if (pre.image_sequence.size() != 5) r.fail(w + ".image_sequence", "expected 5 strings");
+    pre.mm_tokens_per_image = r.integer(p, "mm_tokens_per_image", w);
+    pre.image_token_id = r.integer(p, "image_token_id", w);
+    if (p.contains("prompt_layout")) pre.prompt_layout = r.str(p, "prompt_layout", w);
+    if (p.contains("bos_token")) pre.bos_token = r.str(p, "bos_token", w);
+    if (p.contains("prefix_window") && !p["prefix_window"].is_null()) pre.prefix_window = r.integer(p, "prefix_window", w);
+    m.vision = info;
+  }
+  if (model.contains("config") && model["config"].is_object() && model["config"].contains("hidden_size") &&
+      model["config"]["hidden_size"].is_number_integer())
+    m.hidden_size = model["config"]["hidden_size"].get<int64_t>();
   r.object(doc, "versions", "", "dict");
   r.object(doc, "parity", "", "LogitParity");
-  r.only(doc, {"format", "model", "build", "inputs", "outputs", "state", "files", "quantization", "recipe", "versions", "parity"}, "");
+  r.only(doc, {"format", "model", "build", "inputs", "outputs", "state", "files", "quantization", "recipe", "versions", "parity", "vision"}, "");
   if (!m.files.count("model")) r.fail("files", "no `model` entry");
   return m;
 }

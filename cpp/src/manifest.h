@@ -39,6 +39,26 @@ struct EmbeddingHead {
   std::optional<std::string> default_prompt_name;
 };
 
+// The `vision` section (image + text artifacts): the vision graph's role in `files` and the preprocessing
+// (manifest.py's ImagePreprocessing).
+struct ImagePreprocessing {
+  int64_t height = 0, width = 0;
+  std::string resample;
+  bool do_convert_rgb = true, do_rescale = true, do_normalize = true;
+  double rescale_factor = 1.0 / 255;
+  std::vector<double> image_mean, image_std;
+  std::string image_marker;
+  std::vector<std::string> image_sequence;  // before, begin, image token, end, after
+  int64_t mm_tokens_per_image = 0, image_token_id = 0;
+  std::string prompt_layout = "gemma3", bos_token;
+  int64_t prefix_window = 0;
+};
+
+struct VisionInfo {
+  std::string model;  // role in `files`
+  ImagePreprocessing pre;
+};
+
 struct Manifest {
   std::string format, model_type;
   int64_t vocab_size = 0, bos_token_id = 0, pad_token_id = 0;
@@ -51,6 +71,8 @@ struct Manifest {
   std::vector<TensorSpec> inputs, outputs;
   std::vector<StateEntry> state;
   std::map<std::string, FileEntry> files;
+  std::optional<VisionInfo> vision;
+  int64_t hidden_size = 0;
 
   bool is_embedding_model() const { return task && *task == "sentence-embedding"; }
   bool has_input(const std::string& name) const;

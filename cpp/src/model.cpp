@@ -7,6 +7,7 @@
 #include <sys/stat.h>
 
 #include "decoder.h"
+#include "image.h"
 #include "gemma_runtime.h"
 #include "manifest.h"
 #include "ort.h"
@@ -39,12 +40,15 @@ void check_prompts(const std::vector<TokenIds>& prompts, int64_t vocab_size, int
 }
 
 struct Model::Impl {
+  std::unique_ptr<Ort::Session> vision_session;
   std::string dir;
   RuntimeOptions options;
   Manifest manifest;
   std::optional<Tokenizer> tokenizer;
   std::unique_ptr<Ort::Session> session;
   std::unique_ptr<Decoder> decoder;
+
+  Generation generate(const std::vector<TokenIds>& prompts, const GenerateOptions& options, const std::vector<float>* features);
 
   const Tokenizer& get_tokenizer() {
     if (!tokenizer) {
@@ -104,6 +108,14 @@ const TokenIds& Model::eos_token_ids() const { return impl_->manifest.eos_token_
 const Tokenizer& Model::tokenizer() const { return impl_->get_tokenizer(); }
 
 Generation Model::generate(const std::vector<TokenIds>& prompts, const GenerateOptions& options) {
+  return impl_->generate(prompts, options, nullptr);
+}
+
+// generate() and generate(ImagePrompts): `features` [image tokens, hidden] (runtime/images.py's
+// generate_with_images) or null (text).
+Generation Model::Impl::generate(const std::vector<TokenIds>& prompts, const GenerateOptions& options,
+                                 const std::vector<float>* features) {
+  Model::Impl* impl_ = this;
   const Manifest& m = impl_->manifest;
   if (m.is_embedding_model()) throw Error(impl_->dir + ": an embedding artifact (use `gemma-run embed`)");
   options.sampling.check();
@@ -129,18 +141,66 @@ Generation Model::generate(const std::vector<TokenIds>& prompts, const GenerateO
   decoder.reserve(width + options.max_new_tokens);
   decoder.reset(batch);
 
-  // Prefill in column chunks whose float32 logits fit the budget (prefill_slices), one logit row kept.
+  // Image prompts: token_type_ids (1 at image tokens; PaliGemma: over the whole prompt) and each image
+  // token's feature row (row-major order).
+  std::vector<int64_t> types, row_of;
+  int64_t hidden = 0;
+  if (features) {
+    const ImagePreprocessing& pre = m.vision->pre;
+    bool prefix_lm = pre.prompt_layout == "paligemma";
+    types.assign(batch * width, 0);
+    row_of.assign(batch * width, -1);
+    int64_t n_image = 0;
+    for (int64_t i = 0; i < batch * width; ++i) {
+      bool image = ids[i] == pre.image_token_id && mask[i] != 0;
+      if (image) row_of[i] = n_image++;
+      types[i] = prefix_lm ? (mask[i] != 0) : image;
+    }
+    if (prefix_lm && pre.prefix_window && width > pre.prefix_window)
+      throw Error("a PaliGemma prompt of " + std::to_string(width) + " tokens (image tokens included) is longer than the "
+                  "sliding window (" + std::to_string(pre.prefix_window) + "): this artifact's graph would cut its "
+                  "bidirectional prefix (rebuild it: PaliGemma artifacts built now take prompts of any length)");
+    hidden = n_image ? static_cast<int64_t>(features->size()) / n_image : 0;
+    if (n_image * hidden != static_cast<int64_t>(features->size()) || (n_image == 0 && !features->empty()))
+      throw Error(std::to_string(n_image) + " image tokens in the prompts but features for " +
+                  std::to_string(hidden ? features->size() / hidden : 0));
+  }
+
+  // Prefill in column chunks whose float32 logits fit the budget (prefill_slices), one logit row kept; with
+  // images, chunks that would cut a bidirectional block (a run of token_type_ids 1) are merged (whole_blocks).
   const std::vector<float>* logits = nullptr;
   int64_t chunk = std::max<int64_t>(1, kLogitsBudgetBytes / (4 * batch * vocab));
+  std::vector<std::pair<int64_t, int64_t>> slices;
   for (int64_t start = 0; start < width; start += chunk) {
-    int64_t stop_col = std::min(start + chunk, width), n = stop_col - start;
+    int64_t stop_col = std::min(start + chunk, width);
+    bool joins = false;
+    if (features && !slices.empty())
+      for (int64_t b = 0; b < batch; ++b) joins = joins || (types[b * width + start - 1] && types[b * width + start]);
+    if (joins) slices.back().second = stop_col;
+    else slices.emplace_back(start, stop_col);
+  }
+  for (auto [start, stop_col] : slices) {
+    int64_t n = stop_col - start;
     std::vector<int64_t> ids_c(batch * n), pos_c(batch * n), mask_c(batch * stop_col);
     for (int64_t b = 0; b < batch; ++b) {
       std::copy(ids.begin() + b * width + start, ids.begin() + b * width + stop_col, ids_c.begin() + b * n);
       std::copy(pos.begin() + b * width + start, pos.begin() + b * width + stop_col, pos_c.begin() + b * n);
       std::copy(mask.begin() + b * width, mask.begin() + b * width + stop_col, mask_c.begin() + b * stop_col);
     }
-    logits = &decoder.step(ids_c, n, mask_c, stop_col, pos_c, 1);
+    if (!features) {
+      logits = &decoder.step(ids_c, n, mask_c, stop_col, pos_c, 1);
+      continue;
+    }
+    std::vector<int64_t> types_c(batch * stop_col);
+    std::vector<float> rows;
+    for (int64_t b = 0; b < batch; ++b) {
+      std::copy(types.begin() + b * width, types.begin() + b * width + stop_col, types_c.begin() + b * stop_col);
+      for (int64_t col = start; col < stop_col; ++col) {
+        int64_t r = row_of[b * width + col];
+        if (r >= 0) rows.insert(rows.end(), features->begin() + r * hidden, features->begin() + (r + 1) * hidden);
+      }
+    }
+    logits = &decoder.step(ids_c, n, mask_c, stop_col, pos_c, 1, &types_c, &rows);
   }
 
   SplitMix64 rng(static_cast<uint64_t>(options.sampling.seed));
@@ -182,6 +242,110 @@ Generation Model::generate(const std::vector<TokenIds>& prompts, const GenerateO
   }
   out.last_logits = *logits;
   return out;
+}
+
+bool Model::has_vision() const { return impl_->manifest.vision.has_value(); }
+
+namespace {
+
+size_t count_markers(const std::string& text, const std::string& marker) {
+  size_t n = 0;
+  if (marker.empty()) return 0;
+  for (size_t at = text.find(marker); at != std::string::npos; at = text.find(marker, at + marker.size())) ++n;
+  return n;
+}
+
+std::string replace_all(const std::string& text, const std::string& from, const std::string& to) {
+  std::string out;
+  size_t start = 0;
+  for (size_t at = text.find(from); at != std::string::npos; at = text.find(from, start)) {
+    out += text.substr(start, at - start) + to;
+    start = at + from.size();
+  }
+  return out + text.substr(start);
+}
+
+// runtime/images.py's expand_prompt
+std::string expand_prompt(const std::string& text, const ImagePreprocessing& pre) {
+  const auto& seq = pre.image_sequence;
+  std::string full = seq[0] + seq[1];
+  for (int64_t i = 0; i < pre.mm_tokens_per_image; ++i) full += seq[2];
+  full += seq[3] + seq[4];
+  std::string t = text;
+  if (pre.prompt_layout == "paligemma") {
+    size_t found = t.rfind(pre.image_marker);
+    size_t end = (found == std::string::npos ? 0 : found + pre.image_marker.size());
+    if (found == std::string::npos) end = pre.image_marker.size() - 1;  // Python: rfind -1 + len(marker)
+    t = t.substr(0, end) + pre.bos_token + t.substr(end) + "\n";
+  }
+  return replace_all(t, pre.image_marker, full);
+}
+
+}  // namespace
+
+ImagePrompts Model::image_prompts(const std::vector<std::string>& prompts, const std::vector<std::string>& image_paths) {
+  const Manifest& m = impl_->manifest;
+  if (!m.vision) throw Error(impl_->dir + ": a text-only artifact; it takes no --image");
+  if (prompts.empty()) throw Error("--image needs --prompt text with an image marker (not --token-ids)");
+  const ImagePreprocessing& pre = m.vision->pre;
+  size_t markers = 0;
+  for (const auto& p : prompts) markers += count_markers(p, pre.image_marker);
+  if (markers != image_paths.size())
+    throw Error(std::string(prompts.size() == 1 ? "the prompt has " : "the prompts have ") + std::to_string(markers) +
+                " image marker(s) " + pre.image_marker + " but " + std::to_string(image_paths.size()) +
+                " --image(s) were given: put one " + pre.image_marker + " where each image goes");
+  ImagePrompts out;
+  out.height = pre.height;
+  out.width = pre.width;
+  for (const auto& path : image_paths) {
+    RgbImage image = load_image(path);
+    std::vector<float> px = pixel_values(image, pre);
+    out.pixels.insert(out.pixels.end(), px.begin(), px.end());
+    ++out.images;
+  }
+  const Tokenizer& tok = tokenizer();
+  for (const auto& p : prompts) out.prompts.push_back(tok.encode(expand_prompt(p, pre)));
+  return out;
+}
+
+Generation Model::generate(const ImagePrompts& input, const GenerateOptions& options) {
+  Impl& impl = *impl_;
+  const Manifest& m = impl.manifest;
+  if (!m.vision) throw Error(impl.dir + ": a text-only artifact; it takes no --image");
+  check_prompts(input.prompts, m.vocab_size, m.max_length, options.max_new_tokens);
+  std::vector<float> features;
+  if (input.images) {
+    impl.get_session();  // ONNX Runtime loaded, files verified
+    if (!impl.vision_session) {
+      Ort::SessionOptions so;
+      so.SetIntraOpNumThreads(impl.options.threads);
+      so.SetLogSeverityLevel(3);
+      std::string path = impl.dir + "/" + m.files.at(m.vision->model).path;
+      try {
+        impl.vision_session = std::make_unique<Ort::Session>(ort::env(), path.c_str(), so);
+      } catch (const Ort::Exception& e) {
+        throw Error(path + ": ONNX Runtime cannot load the model (" + e.what() + ")", 3);
+      }
+    }
+    auto cpu = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
+    std::vector<int64_t> shape{input.images, 3, input.height, input.width};
+    auto pixels = Ort::Value::CreateTensor<float>(cpu, const_cast<float*>(input.pixels.data()), input.pixels.size(),
+                                                  shape.data(), shape.size());
+    const char* in_names[] = {"pixel_values"};
+    const char* out_names[] = {"image_features"};
+    auto result = impl.vision_session->Run(Ort::RunOptions{nullptr}, in_names, &pixels, 1, out_names, 1);
+    const float* data = result[0].GetTensorData<float>();
+    features.assign(data, data + result[0].GetTensorTypeAndShapeInfo().GetElementCount());
+  }
+  return impl.generate(input.prompts, options, &features);
+}
+
+std::vector<std::string> Model::generate_text(const std::vector<std::string>& prompts,
+                                              const std::vector<std::string>& image_paths, const GenerateOptions& options) {
+  const Tokenizer& tok = tokenizer();
+  std::vector<std::string> texts;
+  for (const auto& ids : generate(image_prompts(prompts, image_paths), options).new_ids) texts.push_back(tok.decode(ids));
+  return texts;
 }
 
 std::vector<std::string> Model::generate_text(const std::vector<std::string>& prompts, const GenerateOptions& options) {

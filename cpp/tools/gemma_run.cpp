@@ -2,6 +2,9 @@
 //   gemma-run ARTIFACT (--prompt TEXT ... | --token-ids 2,10,...) [--max-new-tokens N] [--temperature T --top-k K
 //             --top-p P --seed S] [--threads N] [--stream] [--json] [--dump-logits FILE] [--bench] [--ignore-eos]
 //   gemma-run embed ARTIFACT --text TEXT ... [--task NAME] [--threads N] [--json]
+//   gemma-run ARTIFACT --prompt "... <start_of_image> ..." --image PATH ...   (image prompts, --image repeatable)
+//   gemma-run pixels ARTIFACT --image PATH --out FILE   (debug: FILE the resized uint8 [h, w, 3], FILE.f32 the
+//             float32 pixel_values [3, h, w], as runtime/images.py computes them)
 //   gemma-run tokenize TOKENIZER_JSON   (stdin: one JSON string (encode) or id list (decode) per line)
 // Exit codes as gemma-export's: 0 ok, 2 bad input ("gemma-run: error: ..." on stderr), 3 internal error.
 #include <chrono>
@@ -14,6 +17,7 @@
 #include <nlohmann/json.hpp>
 
 #include "gemma_runtime.h"
+#include "image.h"
 #include "manifest.h"
 
 namespace {
@@ -23,7 +27,8 @@ using ordered = nlohmann::ordered_json;
 
 struct Args {
   std::string command = "generate", artifact;
-  std::vector<std::string> prompts, texts;
+  std::vector<std::string> prompts, texts, images;
+  std::optional<std::string> out;
   std::optional<std::string> token_ids, task, dump_logits;
   gemma::GenerateOptions generate;
   gemma::RuntimeOptions runtime;
@@ -54,7 +59,7 @@ Args parse(int argc, char** argv) {
   Args a;
   std::vector<std::string> args(argv + 1, argv + argc);
   size_t i = 0;
-  if (!args.empty() && (args[0] == "embed" || args[0] == "tokenize")) a.command = args[i++];
+  if (!args.empty() && (args[0] == "embed" || args[0] == "tokenize" || args[0] == "pixels")) a.command = args[i++];
   auto value = [&](const std::string& option) -> std::string {
     if (i + 1 >= args.size()) throw Error("Option '" + option + "' requires an argument.");
     return args[++i];
@@ -63,6 +68,8 @@ Args parse(int argc, char** argv) {
     const std::string& o = args[i];
     if (o == "--prompt") a.prompts.push_back(value(o));
     else if (o == "--text") a.texts.push_back(value(o));
+    else if (o == "--image") a.images.push_back(value(o));
+    else if (o == "--out") a.out = value(o);
     else if (o == "--token-ids") a.token_ids = value(o);
     else if (o == "--task") a.task = value(o);
     else if (o == "--max-new-tokens") a.generate.max_new_tokens = parse_int(o, value(o));
@@ -119,10 +126,17 @@ void print(const ordered& result) {
 int generate(Args& a) {
   gemma::Model model(a.artifact, a.runtime);  // manifest read, --threads checked
   a.generate.sampling.check();
-  if (a.prompts.empty() == !a.token_ids.has_value()) throw Error("give either --prompt (repeatable) or --token-ids");
+  if (a.images.empty() && a.prompts.empty() == !a.token_ids.has_value())
+    throw Error("give either --prompt (repeatable) or --token-ids");
   std::vector<gemma::TokenIds> batch;
   const gemma::Tokenizer* tok = nullptr;
-  if (a.token_ids) {
+  std::optional<gemma::ImagePrompts> images;
+  if (!a.images.empty()) {
+    if (a.token_ids) throw Error("--image needs --prompt text with an image marker (not --token-ids)");
+    images = model.image_prompts(a.prompts, a.images);
+    batch = images->prompts;
+    tok = &model.tokenizer();
+  } else if (a.token_ids) {
     batch.push_back(parse_token_ids(*a.token_ids));
   } else {
     tok = &model.tokenizer();
@@ -149,7 +163,7 @@ int generate(Args& a) {
     };
   }
   started = clock::now();
-  gemma::Generation gen = model.generate(batch, a.generate);
+  gemma::Generation gen = images ? model.generate(*images, a.generate) : model.generate(batch, a.generate);
   if (a.dump_logits) {
     std::ofstream f(*a.dump_logits, std::ios::binary);
     f.write(reinterpret_cast<const char*>(gen.last_logits.data()), static_cast<std::streamsize>(gen.last_logits.size() * 4));
@@ -166,7 +180,13 @@ int generate(Args& a) {
     texts.push_back(text);
     outputs.push_back(ordered{{"prompt_ids", batch[b]}, {"new_ids", gen.new_ids[b]}, {"text", text}});
   }
-  ordered result{{"artifact", gemma::python_path(a.artifact)}, {"outputs", outputs}};
+  ordered result{{"artifact", gemma::python_path(a.artifact)}};
+  if (images) {
+    ordered paths = ordered::array();
+    for (const auto& p : a.images) paths.push_back(gemma::python_path(p));
+    result["images"] = paths;
+  }
+  result["outputs"] = outputs;
   if (a.bench) {
     result["prefill_s"] = std::chrono::duration<double>(first - started).count();
     result["decode_s"] = last == clock::time_point{} ? 0.0 : std::chrono::duration<double>(last - first).count();
@@ -199,6 +219,18 @@ int embed(Args& a) {
       std::printf(", ...]\n");
     }
   }
+  return 0;
+}
+
+int pixels(const Args& a) {
+  gemma::Manifest m = gemma::Manifest::read(a.artifact);
+  if (!m.vision) throw Error(gemma::python_path(a.artifact) + ": a text-only artifact; it takes no --image");
+  if (a.images.size() != 1 || !a.out) throw Error("pixels needs one --image and --out");
+  gemma::RgbImage resized;
+  std::vector<float> values = gemma::pixel_values(gemma::load_image(a.images[0]), m.vision->pre, &resized);
+  std::ofstream(*a.out, std::ios::binary).write(reinterpret_cast<const char*>(resized.rgb.data()), resized.rgb.size());
+  std::ofstream(*a.out + ".f32", std::ios::binary)
+      .write(reinterpret_cast<const char*>(values.data()), static_cast<std::streamsize>(values.size() * 4));
   return 0;
 }
 
@@ -238,6 +270,7 @@ int main(int argc, char** argv) {
     Args a = parse(argc, argv);
     if (a.command == "embed") return embed(a);
     if (a.command == "tokenize") return tokenize(a);
+    if (a.command == "pixels") return pixels(a);
     return generate(a);
   } catch (const Error& e) {
     std::cerr << "gemma-run: error: " << one_line(e.what()) << std::endl;

@@ -94,6 +94,32 @@ JNIEXPORT jobjectArray JNICALL Java_ai_gemma_runtime_GemmaModel_generate(JNIEnv*
   });
 }
 
+// Image prompts: [prompt ids per prompt..., new ids per prompt...] (the expanded prompts' ids first).
+JNIEXPORT jobjectArray JNICALL Java_ai_gemma_runtime_GemmaModel_generateImages(JNIEnv* env, jclass, jlong handle,
+                                                                               jobjectArray prompts, jobjectArray images,
+                                                                               jint max_new_tokens, jdouble temperature,
+                                                                               jlong top_k, jdouble top_p, jlong seed) {
+  return guarded<jobjectArray>(env, nullptr, [&] {
+    std::vector<std::string> texts, paths;
+    for (jsize i = 0; i < env->GetArrayLength(prompts); ++i)
+      texts.push_back(bytes(env, static_cast<jbyteArray>(env->GetObjectArrayElement(prompts, i))));
+    for (jsize i = 0; i < env->GetArrayLength(images); ++i)
+      paths.push_back(bytes(env, static_cast<jbyteArray>(env->GetObjectArrayElement(images, i))));
+    gemma::GenerateOptions options;
+    options.max_new_tokens = max_new_tokens;
+    options.sampling = {temperature, top_k, top_p, seed};
+    gemma::ImagePrompts input = model(handle)->image_prompts(texts, paths);
+    gemma::Generation gen = model(handle)->generate(input, options);
+    size_t n = gen.new_ids.size();
+    jobjectArray out = env->NewObjectArray(static_cast<jsize>(2 * n), env->FindClass("[J"), nullptr);
+    for (size_t b = 0; b < n; ++b) {
+      env->SetObjectArrayElement(out, static_cast<jsize>(b), to_longs(env, input.prompts[b]));
+      env->SetObjectArrayElement(out, static_cast<jsize>(n + b), to_longs(env, gen.new_ids[b]));
+    }
+    return out;
+  });
+}
+
 JNIEXPORT jobjectArray JNICALL Java_ai_gemma_runtime_GemmaModel_embed(JNIEnv* env, jclass, jlong handle, jobjectArray texts,
                                                                       jbyteArray task) {
   return guarded<jobjectArray>(env, nullptr, [&] {

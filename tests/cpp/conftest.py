@@ -71,3 +71,12 @@ def embedding_artifact(tmp_path_factory) -> Path:
     config = {**TINY_CONFIGS["gemma3_text"], "use_bidirectional_attention": True}
     folder = write_random_embedding_folder(tmp_path_factory.mktemp("st") / "embedding", config, dense=(256,))
     return _build(folder, tmp_path_factory.mktemp("artifacts") / "embedding")
+
+
+@pytest.fixture(scope="session")
+def paligemma_artifact(tmp_path_factory) -> Path:
+    """The tiny PaliGemma (tests/support/vision.py), built once per session."""
+    from tests.support.vision import save_paligemma_checkpoint
+
+    checkpoint = save_paligemma_checkpoint(tmp_path_factory.mktemp("checkpoints") / "paligemma")
+    return _build(checkpoint, tmp_path_factory.mktemp("artifacts") / "paligemma")

@@ -39,6 +39,20 @@ public final class GemmaModel implements AutoCloseable {
                 options.seed);
     }
 
+    /**
+     * Image prompts (an image + text artifact): each image goes to the next image marker of the prompts
+     * (&lt;start_of_image&gt;, PaliGemma's &lt;image&gt;). Returns the expanded prompts' token ids, then the new
+     * tokens: [2 * prompts][].
+     */
+    public long[][] generateWithImages(String[] prompts, String[] imagePaths, GenerationOptions options) {
+        byte[][] texts = new byte[prompts.length][];
+        for (int i = 0; i < prompts.length; i++) texts[i] = utf8(prompts[i]);
+        byte[][] paths = new byte[imagePaths.length][];
+        for (int i = 0; i < imagePaths.length; i++) paths[i] = utf8(imagePaths[i]);
+        return generateImages(live(), texts, paths, options.maxNewTokens, options.temperature, options.topK,
+                options.topP, options.seed);
+    }
+
     /** Sentence embeddings [texts][dim] of an EmbeddingGemma artifact; task "" = the default prompt. */
     public float[][] embed(String[] texts, String task) {
         byte[][] encoded = new byte[texts.length][];
@@ -74,6 +88,8 @@ public final class GemmaModel implements AutoCloseable {
     private static native byte[] decode(long handle, long[] ids);
     private static native long[][] generate(long handle, long[][] prompts, int maxNewTokens, double temperature,
             long topK, double topP, long seed);
+    private static native long[][] generateImages(long handle, byte[][] prompts, byte[][] images, int maxNewTokens,
+            double temperature, long topK, double topP, long seed);
     private static native float[][] embed(long handle, byte[][] texts, byte[] task);
     private static native void checkSampling(double temperature, long topK, double topP, long seed);
 }

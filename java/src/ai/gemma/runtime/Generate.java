@@ -26,6 +26,7 @@ public final class Generate {
     static int run(String[] args) {
         String artifact = null, tokenIds = null;
         List<String> prompts = new ArrayList<>();
+        List<String> images = new ArrayList<>();
         GenerationOptions options = new GenerationOptions();
         int threads = 0;
         boolean json = false;
@@ -33,6 +34,7 @@ public final class Generate {
             String o = args[i];
             switch (o) {
                 case "--prompt": prompts.add(value(args, ++i, o)); break;
+                case "--image": images.add(value(args, ++i, o)); break;
                 case "--token-ids": tokenIds = value(args, ++i, o); break;
                 case "--max-new-tokens": options.maxNewTokens = (int) integer(o, value(args, ++i, o)); break;
                 case "--temperature": options.temperature = real(o, value(args, ++i, o)); break;
@@ -50,19 +52,34 @@ public final class Generate {
         if (artifact == null) throw new GemmaInputException("Missing argument 'ARTIFACT'.");
         try (GemmaModel model = new GemmaModel(artifact, threads, "")) {
             GemmaModel.checkSampling(options);
-            if (prompts.isEmpty() == (tokenIds == null)) {
+            if (!images.isEmpty() && tokenIds != null) {
+                throw new GemmaInputException("--image needs --prompt text with an image marker (not --token-ids)");
+            }
+            if (images.isEmpty() && prompts.isEmpty() == (tokenIds == null)) {
                 throw new GemmaInputException("give either --prompt (repeatable) or --token-ids");
             }
-            long[][] batch;
-            if (tokenIds != null) {
+            long[][] batch, generated = null;
+            if (!images.isEmpty()) {
+                long[][] both = model.generateWithImages(prompts.toArray(new String[0]), images.toArray(new String[0]),
+                        options);
+                batch = java.util.Arrays.copyOfRange(both, 0, both.length / 2);
+                generated = java.util.Arrays.copyOfRange(both, both.length / 2, both.length);
+            } else if (tokenIds != null) {
                 batch = new long[][] {parseTokenIds(tokenIds)};
             } else {
                 batch = new long[prompts.size()][];
                 for (int i = 0; i < batch.length; i++) batch[i] = model.encode(prompts.get(i));
             }
-            long[][] generated = model.generate(batch, options);
+            if (images.isEmpty()) generated = model.generate(batch, options);
             StringBuilder out = new StringBuilder();
             out.append("{\n  \"ok\": true,\n  \"artifact\": ").append(Json.string(Json.pythonPath(artifact)));
+            if (!images.isEmpty()) {
+                out.append(",\n  \"images\": [");
+                for (int i = 0; i < images.size(); i++) {
+                    out.append(i == 0 ? "\n    " : ",\n    ").append(Json.string(Json.pythonPath(images.get(i))));
+                }
+                out.append("\n  ]");
+            }
             out.append(",\n  \"outputs\": [");
             List<String> texts = new ArrayList<>();
             for (int b = 0; b < batch.length; b++) {
