@@ -39,10 +39,11 @@ def needs_images(cpp_runtime, artifact: Path, image: Path) -> None:
         pytest.skip("gemma_runtime built without libpng/libjpeg (image support not compiled in)")
 
 
-def test_pixels_equal_pillows(cpp_runtime, image_artifact, image_files, tmp_path) -> None:
+def test_pixels_equal_pillows(cpp_runtime, image_artifact, image_files, tmp_path, request) -> None:
     kind, artifact = image_artifact
     if kind == "paligemma":  # 61x90 -> 28x28: Pillow 13 runs some resizes vertical pass first (its rule unknown here)
-        pytest.xfail("Pillow 13's resize pass order not matched for every size: ~20% of pixels off by 1 (README)")
+        reason = "Pillow 13's resize pass order not matched for every size: ~20% of pixels off by 1 (README)"
+        request.node.add_marker(pytest.mark.xfail(strict=True, reason=reason))
     needs_images(cpp_runtime, artifact, image_files[0])
     from PIL import Image
 
