@@ -75,8 +75,7 @@ class Gemma3MultimodalDecoder(nn.Module):
         self.cfg = decoder.cfg
         self.image_token_id = image_token_id
         self.position_offset = position_offset  # PaliGemma: 1
-        self.blocks = blocks  # how a block meets a sliding window (ops/visibility.py); PaliGemma: BLOCKS_PAST_WINDOW
-        for layer in decoder.layers:
+        for layer in decoder.layers:  # how a block meets a sliding window (ops/visibility.py); PaliGemma: 2
             layer.self_attn.blocks = blocks
 
     @property

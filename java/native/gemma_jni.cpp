@@ -52,6 +52,14 @@ T guarded(JNIEnv* env, T fallback, F body) {
 
 gemma::Model* model(jlong handle) { return reinterpret_cast<gemma::Model*>(handle); }
 
+gemma::GenerateOptions generate_options(jint max_new_tokens, jdouble temperature, jlong top_k, jdouble top_p,
+                                        jlong seed) {
+  gemma::GenerateOptions options;
+  options.max_new_tokens = max_new_tokens;
+  options.sampling = {temperature, top_k, top_p, seed};
+  return options;
+}
+
 }  // namespace
 
 extern "C" {
@@ -84,9 +92,7 @@ JNIEXPORT jobjectArray JNICALL Java_ai_gemma_runtime_GemmaModel_generate(JNIEnv*
     std::vector<gemma::TokenIds> batch;
     for (jsize i = 0; i < env->GetArrayLength(prompts); ++i)
       batch.push_back(from_longs(env, static_cast<jlongArray>(env->GetObjectArrayElement(prompts, i))));
-    gemma::GenerateOptions options;
-    options.max_new_tokens = max_new_tokens;
-    options.sampling = {temperature, top_k, top_p, seed};
+    gemma::GenerateOptions options = generate_options(max_new_tokens, temperature, top_k, top_p, seed);
     gemma::Generation gen = model(handle)->generate(batch, options);
     jobjectArray out = env->NewObjectArray(static_cast<jsize>(gen.new_ids.size()), env->FindClass("[J"), nullptr);
     for (size_t b = 0; b < gen.new_ids.size(); ++b) env->SetObjectArrayElement(out, static_cast<jsize>(b), to_longs(env, gen.new_ids[b]));
@@ -105,9 +111,7 @@ JNIEXPORT jobjectArray JNICALL Java_ai_gemma_runtime_GemmaModel_generateImages(J
       texts.push_back(bytes(env, static_cast<jbyteArray>(env->GetObjectArrayElement(prompts, i))));
     for (jsize i = 0; i < env->GetArrayLength(images); ++i)
       paths.push_back(bytes(env, static_cast<jbyteArray>(env->GetObjectArrayElement(images, i))));
-    gemma::GenerateOptions options;
-    options.max_new_tokens = max_new_tokens;
-    options.sampling = {temperature, top_k, top_p, seed};
+    gemma::GenerateOptions options = generate_options(max_new_tokens, temperature, top_k, top_p, seed);
     gemma::ImagePrompts input = model(handle)->image_prompts(texts, paths);
     gemma::Generation gen = model(handle)->generate(input, options);
     size_t n = gen.new_ids.size();

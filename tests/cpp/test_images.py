@@ -42,19 +42,11 @@ def needs_images(cpp_runtime, artifact: Path, image: Path) -> None:
 def test_pixels_equal_pillows(cpp_runtime, image_artifact, image_files, tmp_path) -> None:
     kind, artifact = image_artifact
     needs_images(cpp_runtime, artifact, image_files[0])
-    from PIL import Image
-
-    filters = {v: k for k, v in python_images.RESAMPLE_NAMES.items()}
     pre = Manifest.read(artifact).vision.preprocessing.model_dump()
     height, width = pre["size"]
     for image in image_files:
         out = tmp_path / f"{image.name}.u8"
-        done = cpp_runtime.run("pixels", artifact, "--image", image, "--out", out)
-        assert done.returncode == 0, done.stderr
-        with Image.open(image) as im:
-            resized = np.array(im.convert("RGB").resize((width, height), Image.Resampling(filters[pre["resample"]])))
-        ours = np.fromfile(out, np.uint8).reshape(height, width, 3)
-        np.testing.assert_array_equal(ours, resized, err_msg=f"{kind} {image.name}")
+        assert_pixels_equal_pillows(cpp_runtime, artifact, [image], out)  # the resized uint8 exactly
         expected = python_images.pixel_values([python_images.load_image(image)], pre)[0]
         got = np.fromfile(f"{out}.f32", np.float32).reshape(3, height, width)
         np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6, err_msg=f"{kind} {image.name}")

@@ -59,7 +59,7 @@ def our_logits(folder, inputs, prefix_lm: bool = True, blocks: int = BLOCKS_PAST
     """`blocks`: the decoder's block mode; PaliGemma's is BLOCKS_PAST_WINDOW (Gemma 3's: BLOCKS_IN_WINDOW)."""
     _, _, vision, decoder = load.load_multimodal(folder)
     assert decoder.position_offset == 1  # transformers' 1-indexed positions
-    assert decoder.blocks == BLOCKS_PAST_WINDOW
+    assert all(layer.self_attn.blocks == BLOCKS_PAST_WINDOW for layer in decoder.decoder.layers)
     for layer in decoder.decoder.layers:
         layer.self_attn.blocks = blocks
     with torch.no_grad():
