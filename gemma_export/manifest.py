@@ -195,7 +195,8 @@ class Quantization(_Strict):
     accuracy_level: int = Field(description="MatMulNBits: 0 float32 activations, 4 int8")
     widths: dict[str, Width] = Field(description="per role: projections, embedding, and the roles kept wider")
     quantized: dict[str, int | str] = Field(
-        description="what was rewritten: MatMul count (`matmul_gptq`: by GPTQ), LM head, embedding"
+        description="what was rewritten: MatMul count (`matmul_gptq`: by GPTQ), LM head, embedding, `lookup_tables` "
+        "(other tables looked up by token id, e.g. Gemma 4's per-layer embeddings)"
     )
     kept_float32: str
     weight_bytes: dict[Literal["before", "after"], int]

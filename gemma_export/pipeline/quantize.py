@@ -5,9 +5,9 @@ What is quantized, and what is not:
 
 * every MatMul with a constant weight (q/k/v/o, gate/up/down; RecurrentGemma's linear_x/y/out and MLP), at the
   width its role gets (`QuantSpec`): with `--quant int4`, from the codes, scales and zero points GPTQ chose in
-  the calibrate stage (calibrate.py, gptq.py; `write_calibrated`); otherwise by onnxruntime's own
-  `MatMulNBitsQuantizer` (round-to-nearest per block of `block_size` input features, one float32 scale and,
-  when asymmetric, one zero point per block; one pass of the quantizer per width, the other MatMuls excluded);
+  the calibrate stage (calibrate.py, gptq.py); otherwise rounded to nearest by onnxruntime's own kernel
+  (`qbits_block_quant`, what its `MatMulNBitsQuantizer` runs: per block of `block_size` input features, one
+  float32 scale and, when asymmetric, one zero point per block), laid out and named as that quantizer does;
 * the tied LM head `Gemm(x, embedding, transB=1)`: the ORT quantizer only rewrites MatMul and would leave the
   largest tensor (262144 x 640 on Gemma-3-270M, 63% of its weights) in float32. Its packed layout is
   [N, k_blocks, blob] of B = embedding^T, i.e. the embedding's own rows cut into blocks along hidden: the
@@ -17,27 +17,30 @@ What is quantized, and what is not:
   models. Keeping a float32 copy for the lookup would cost vocab x hidden x 4 bytes (671 MB on 270M, more
   than all the quantized layers together); the price is the lookup's quantization error, which the
   agreement gate measures like every other;
+* every other float32 table looked up by `input_ids` alone (Gemma 4's per-layer embeddings): a
+  `GatherBlockQuantized` at the embedding's width;
 * kept in float32: norms, biases, RoPE tables, RecurrentGemma's Conv1D and block-diagonal RG-LRU gates
   (Einsum, not MatMul), and every activation: MatMulNBits computes in float32 (or, with accuracy_level 4,
   int8 activations per block with float32 accumulation), so residuals, norms and logits stay float32.
 
 The `ai.gemma` nodes (Attention, RGLRU) and their function bodies are not MatMul nodes and are left alone.
-The ORT quantizer works on a ModelProto: the IR model is serialised in memory, quantized and read back, so
-that the package stage writes it as it writes every model (one external-data file, one writer, same bytes
-for the same inputs). Round-to-nearest and GPTQ are deterministic.
+The stage rewrites the IR in place, one weight at a time (never the whole model as a ModelProto: on a
+multi-billion-parameter checkpoint that copy alone exceeded the machine's memory), and the package stage
+writes it as it writes every model (one external-data file, one writer, same bytes for the same inputs).
+Round-to-nearest and GPTQ are deterministic.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from types import ModuleType
 from typing import Any
 
 import numpy as np
-import onnx
 import onnx_ir as ir
-from onnx import helper, numpy_helper
+from onnx_ir import convenience
 
 from gemma_export.pipeline import gptq, graph_patterns, memory
 
@@ -148,193 +151,228 @@ def is_valid_block_size(block_size: int) -> bool:
     return block_size >= 16 and block_size & (block_size - 1) == 0
 
 
+# ---------------------------------------------------------------------------------------------------------
+# The stage: one weight at a time, on the IR
+# ---------------------------------------------------------------------------------------------------------
+
+CHUNK_BYTES = 64 << 20  # float32 copied per call of the kernel: a contiguous slice of one weight, not the model
+
+
+@dataclass(frozen=True)
+class Packed:
+    """One weight as MatMulNBits / GatherBlockQuantized store it, laid out as ONNX Runtime's quantizer writes it:
+    data uint8 [N, k_blocks, blob], scales float32 [N, k_blocks], zero points uint8 (None when symmetric)."""
+
+    data: np.ndarray
+    scales: np.ndarray
+    zero_points: np.ndarray | None
+
+
 def quantize(
     model: ir.Model, spec: QuantSpec, calibrated: gptq.Calibrated | None = None
 ) -> tuple[ir.Model, dict[str, Any]]:
-    """The model with its weights quantized, and the manifest's `quantization` record. The MatMuls named in
-    `calibrated` (the calibrate stage's GPTQ) take its weights; the others are rounded to nearest here."""
-    before = _initializer_bytes(model.graph)
-    head = _tied_head_output(model.graph)  # found here, on the IR; the ORT quantizer leaves the Gemm as it is
-    ir.external_data.load_to_model(model)  # the ORT quantizer reads weights from the proto, not from files
-    proto = ir.to_proto(model)
-    # the proto holds a copy now: the checkpoint's pages it was read from need not stay resident (memory.py)
-    memory.drop_resident(getattr(v.const_value, "raw", None) for v in model.graph.initializers.values())
-    inits = {t.name for t in proto.graph.initializer}
-    matmuls = [n.name for n in proto.graph.node
-               if n.op_type == "MatMul" and n.domain in ("", "ai.onnx") and n.input[1] in inits]  # fmt: skip
-    done = write_calibrated(proto, calibrated, spec.accuracy_level) if calibrated else set()
-    rounded = [name for name in matmuls if name not in done]
-    widths = sorted({spec.width_of(name) for name in rounded}, key=lambda w: (w.bits, w.block_size, w.symmetric))
-    for width in widths:  # one pass of onnxruntime's quantizer per width, every other MatMul left alone
-        others = [name for name in matmuls if name in done or spec.width_of(name) != width]
-        quantizer = _ort_quantizer().MatMulNBitsQuantizer(
-            proto,
-            bits=width.bits,
-            block_size=width.block_size,
-            is_symmetric=width.symmetric,
-            accuracy_level=spec.accuracy_level,
-            nodes_to_exclude=others,
-            op_types_to_quantize=("MatMul",),
-        )
-        quantizer.process()
-        proto = quantizer.model.model
-    quantized_matmuls = sum(1 for n in proto.graph.node if n.op_type == "MatMulNBits")
-    matmuls_total = sum(1 for n in proto.graph.node if n.op_type in ("MatMul", "MatMulNBits"))
-    tied = head is not None and quantize_tied_embedding(proto, head, spec.embedding, spec.accuracy_level)
-    out = ir.from_proto(proto)
-    after = _initializer_bytes(out.graph)
+    """The model with its weights quantized, in place, and the manifest's `quantization` record. The MatMuls named
+    in `calibrated` (the calibrate stage's GPTQ) take its weights; the others are rounded to nearest here.
+
+    One weight at a time: each is read (a view of the checkpoint's mapping), packed, and its pages dropped from
+    the resident set (memory.py), so the stage's memory is the packed weights plus one weight's transient slice,
+    whatever the model's size (an E2B's 9.4 GB per-layer table included)."""
+    graph = model.graph
+    before = _initializer_bytes(graph)
+    head = graph_patterns.tied_gemm(graph)
+    float_table = (
+        head is not None and head.inputs[1].is_initializer() and head.inputs[1].const_value.dtype == ir.DataType.FLOAT
+    )
+    head = head if float_table else None
+    matmuls = [n for n in graph if n.op_type == "MatMul" and n.domain == "" and _constant_matrix(n.inputs[1])]
+    done: set[str] = set()
+    for node in matmuls:
+        if calibrated is not None and node.name in calibrated.weights:
+            width, packed = _calibrated(node, calibrated)
+            done.add(node.name)
+        else:
+            width = spec.width_of(node.name)
+            b = node.inputs[1].const_value.numpy()  # [K, N]
+            packed = round_to_nearest(lambda lo, hi, b=b: b[:, lo:hi], b.shape[1], width)
+        _to_matmul_nbits(graph, node, packed, width, spec.accuracy_level)
+    kept_float = sum(1 for n in graph if n.op_type == "MatMul")
+    tied = head is not None and _quantize_tied_embedding(graph, head, spec.embedding, spec.accuracy_level)
+    tables = _quantize_lookup_tables(graph, spec.embedding)
     record = {
         "method": GPTQ_METHOD if done else RTN_METHOD,
         **spec.to_json(),
         "quantized": {
-            "matmul": quantized_matmuls,
+            "matmul": len(matmuls),
             **({"matmul_gptq": len(done)} if calibrated else {}),
-            "matmul_kept_float": matmuls_total - quantized_matmuls,  # a MatMul whose weight is not a constant
+            "matmul_kept_float": kept_float,  # a MatMul whose weight is not a constant (or is shared)
             "lm_head": "MatMulNBits on the tied embedding" if tied else "float32 (no tied Gemm head found)",
             "embedding": "GatherBlockQuantized on the LM head's quantized weight" if tied else "float32",
+            **({"lookup_tables": "GatherBlockQuantized: " + ", ".join(tables)} if tables else {}),
         },
         "kept_float32": "norms, biases, RoPE, Conv1D, RG-LRU gates, activations, logits",
-        "weight_bytes": {"before": before, "after": after},
+        "weight_bytes": {"before": before, "after": _initializer_bytes(graph)},
         **(calibrated.record if done else {}),
     }
-    return out, record
+    return model, record
 
 
-def write_calibrated(proto: onnx.ModelProto, calibrated: gptq.Calibrated, accuracy_level: int) -> set[str]:
-    """Each MatMul named in `calibrated` -> MatMulNBits on its weights, laid out and named as ONNX Runtime's
-    quantizer does (`{B}_Q4`, `{B}_scales`, `{B}_zero_points`). Returns the names rewritten.
-
-    The graph's weight must be the reference weight the codes were computed from (B = W^T, checked exactly):
-    a projection named after another module would otherwise be quantized with the wrong weights, silently."""
-    graph = proto.graph
-    inits = {t.name: t for t in graph.initializer}
-    users: dict[str, int] = {}
-    for node in graph.node:
-        for name in node.input:
-            users[name] = users.get(name, 0) + 1
-    done: set[str] = set()
-    rewritten, dropped, added = [], set(), []
-    for node in graph.node:
-        weight = calibrated.weights.get(node.name)
-        b_name = node.input[1] if len(node.input) == 2 else ""
-        if weight is None or node.op_type != "MatMul" or b_name not in inits or users[b_name] != 1:
-            rewritten.append(node)
-            continue
-        b = numpy_helper.to_array(inits[b_name])
-        if not np.array_equal(b, calibrated.originals[node.name].detach().numpy().T):
-            raise RuntimeError(f"{node.name}: the graph's weight is not the calibrated module's")
-        packed, scales, zero_points = weight.pack()
-        names = [f"{b_name}_Q{weight.bits}", f"{b_name}_scales", f"{b_name}_zero_points"]
-        added += [numpy_helper.from_array(a, n) for a, n in zip((packed, scales, zero_points), names, strict=True)]
-        k, n = b.shape
-        attrs: dict[str, Any] = {"K": k, "N": n, "bits": weight.bits, "block_size": weight.block_size}
-        if accuracy_level:
-            attrs["accuracy_level"] = accuracy_level
-        rewritten.append(helper.make_node("MatMulNBits", [node.input[0], *names], list(node.output),
-                                          f"{node.name}_Q{weight.bits}", domain=MS_DOMAIN, **attrs))  # fmt: skip
-        dropped.add(b_name)
-        done.add(node.name)
-    graph.ClearField("node")
-    graph.node.extend(rewritten)
-    kept = [t for t in graph.initializer if t.name not in dropped]
-    graph.ClearField("initializer")
-    graph.initializer.extend([*kept, *added])
-    return done
-
-
-def quantize_tied_embedding(proto: onnx.ModelProto, head_output: str, spec: Width, accuracy_level: int) -> bool:
-    """Gemm(x, E, transB=1) -> MatMulNBits(x, Q(E)) and Gather(E, ids) -> GatherBlockQuantized(Q(E), ids).
-
-    `head_output` names the output of the tied Gemm (`_tied_head_output`). Returns whether it was quantized:
-    E stays float32 when it serves anything but that head and lookups.
-    """
-    ort_quantizer = _ort_quantizer()
-    graph = proto.graph
-    inits = {t.name: t for t in graph.initializer}
-    nodes = list(graph.node)  # held, so that id() names each node until the graph is rewritten
-    heads = [n for n in nodes if list(n.output) == [head_output] and n.op_type == "Gemm"]
-    if len(heads) != 1:
-        return False
-    head = heads[0]
-    name = head.input[1]
-    users = [n for n in nodes if name in n.input]
-    lookups = [n for n in users if n.op_type == "Gather" and n.domain == "" and n.input[0] == name]
-    expected = {id(head), *map(id, lookups)}
-    if any(id(n) not in expected for n in users) or any(_attr(n, "axis", 0) != 0 for n in lookups):
-        return False  # E serves something else too: leave it float32 rather than guess
-    weight = numpy_helper.to_array(inits[name])  # [vocab, hidden]
-    vocab, hidden = weight.shape
-    config = ort_quantizer.DefaultWeightOnlyQuantConfig(
-        block_size=spec.block_size, is_symmetric=spec.symmetric, accuracy_level=accuracy_level, bits=spec.bits
+def round_to_nearest(columns: Callable[[int, int], np.ndarray], n: int, width: Width) -> Packed:
+    """ONNX Runtime's round-to-nearest kernel (`qbits_block_quant`) on a [K, N] weight given by its column
+    slices (`columns(lo, hi)`: [K, hi - lo]), a slice at a time: columns are quantized independently (blocks run
+    along K), so the result is the kernel's on the whole weight, without a contiguous copy of all of it."""
+    config = _ort_quantizer().DefaultWeightOnlyQuantConfig(
+        block_size=width.block_size, is_symmetric=width.symmetric, bits=width.bits
     )
-    # B = E^T is [K=hidden, N=vocab]; the kernel wants it C-contiguous (a transient copy, freed on return).
-    kernel = ort_quantizer.DefaultWeightOnlyQuantizer(config)
-    packed, scales, zero_points = kernel.qbits_block_quant(np.ascontiguousarray(weight.T))
-    del weight
-    k_blocks = packed.shape[1]
-    q_name, s_name, z_name = f"{name}_Q{spec.bits}", f"{name}_scales", f"{name}_zero_points"
-    new_inits = [numpy_helper.from_array(packed, q_name), numpy_helper.from_array(scales, s_name)]
-    quant_inputs = [q_name, s_name]
-    if not spec.symmetric:
-        new_inits.append(numpy_helper.from_array(zero_points, z_name))
-        quant_inputs.append(z_name)
+    kernel = _ort_quantizer().DefaultWeightOnlyQuantizer(config)
+    k = columns(0, 1).shape[0]
+    step = max(1, CHUNK_BYTES // (4 * k))
+    parts = [kernel.qbits_block_quant(np.ascontiguousarray(columns(lo, min(lo + step, n)), np.float32))
+             for lo in range(0, n, step)]  # fmt: skip
+    data, scales, zero_points = (np.concatenate(p) if len(p) > 1 else p[0] for p in zip(*parts, strict=True))
+    return Packed(data, scales, None if width.symmetric else zero_points)
 
-    attrs: dict[str, Any] = {"K": hidden, "N": vocab, "bits": spec.bits, "block_size": spec.block_size}
-    if accuracy_level:
+
+def _calibrated(node: ir.Node, calibrated: gptq.Calibrated) -> tuple[Width, Packed]:
+    """GPTQ's codes for this MatMul. The graph's weight must be the reference weight the codes were computed from
+    (B = W^T, checked exactly): a projection named after another module would otherwise be quantized with the
+    wrong weights, silently."""
+    weight = calibrated.weights[node.name]
+    if not np.array_equal(node.inputs[1].const_value.numpy(), calibrated.originals[node.name].detach().numpy().T):
+        raise RuntimeError(f"{node.name}: the graph's weight is not the calibrated module's")
+    data, scales, zero_points = weight.pack()
+    return Width(weight.bits, weight.block_size, symmetric=False), Packed(data, scales, zero_points)
+
+
+def _to_matmul_nbits(graph: ir.Graph, node: ir.Node, packed: Packed, width: Width, accuracy_level: int) -> None:
+    """MatMul(x, B) (or the tied Gemm(x, E, transB=1), B = E^T) -> MatMulNBits(x, B_Q, B_scales[, B_zero_points]),
+    named as ONNX Runtime's quantizer names them; B leaves the graph (once unused) and its pages the resident set."""
+    b = node.inputs[1]
+    n = packed.data.shape[0]
+    k = b.const_value.shape[0] if node.op_type == "MatMul" else b.const_value.shape[1]  # Gemm: B = E^T
+    inputs = [node.inputs[0], *_packed_initializers(graph, b.name, packed, width)]
+    attrs: dict[str, Any] = {"K": k, "N": n, "bits": width.bits, "block_size": width.block_size}
+    if accuracy_level:  # optional: 0 is the default, and most execution providers do not know the attribute
         attrs["accuracy_level"] = accuracy_level
-    matmul = helper.make_node("MatMulNBits", [head.input[0], *quant_inputs], list(head.output), head.name + "_nbits",
-                              domain=MS_DOMAIN, **attrs)  # fmt: skip
-    replacements = {id(head): [matmul]}
-    # The lookup sees the packed [vocab, k_blocks, blob] bytes as [vocab, k_blocks * blob] rows (no copy on
-    # disk); rows are whole blocks, so a hidden size that is not a multiple of the block is sliced back.
-    flat_shape = f"{name}_rows_shape"
-    new_inits.append(numpy_helper.from_array(np.array([vocab, k_blocks * packed.shape[2]], np.int64), flat_shape))
-    padded = k_blocks * spec.block_size != hidden
-    if padded:
-        bounds = [f"{name}_unpad_{b}" for b in ("starts", "ends", "axes")]
-        values = ([0], [hidden], [-1])
-        new_inits += [numpy_helper.from_array(np.array(v, np.int64), b) for b, v in zip(bounds, values, strict=True)]
-    for gather in lookups:
-        out = gather.output[0]
-        lookup = helper.make_node(
-            "GatherBlockQuantized",
-            [f"{out}_rows", gather.input[1], s_name, *([] if spec.symmetric else [z_name])],
-            [f"{out}_padded" if padded else out],
-            gather.name + "_nbits",
-            domain=MS_DOMAIN,
-            bits=spec.bits,
-            block_size=spec.block_size,
-            gather_axis=0,
-            quantize_axis=1,
-        )
-        rows = helper.make_node("Reshape", [q_name, flat_shape], [f"{out}_rows"], f"{gather.name}_rows")
-        replacements[id(gather)] = [rows, lookup]
-        if padded:
-            unpad = helper.make_node("Slice", [f"{out}_padded", *bounds], [out], f"{gather.name}_unpad")
-            replacements[id(gather)].append(unpad)
+    nbits = ir.node("MatMulNBits", inputs, attrs, domain=MS_DOMAIN, name=f"{node.name}_Q{width.bits}")
+    convenience.replace_nodes_and_values(graph, node, [node], [nbits], node.outputs, nbits.outputs)
+    _remove_initializer(graph, b)
 
-    rewritten = [m for n in nodes for m in replacements.get(id(n), [n])]
-    graph.ClearField("node")
-    graph.node.extend(rewritten)
-    kept = [t for t in graph.initializer if t.name != name]
-    graph.ClearField("initializer")
-    graph.initializer.extend([*kept, *new_inits])
+
+def _quantize_tied_embedding(graph: ir.Graph, head: ir.Node, width: Width, accuracy_level: int) -> bool:
+    """Gemm(x, E, transB=1) -> MatMulNBits(x, Q(E)) and Gather(E, ids) -> GatherBlockQuantized(Q(E), ids), one
+    copy of the packed bytes for both. Returns whether it was quantized: E stays float32 when it serves anything
+    but that head and lookups."""
+    table = head.inputs[1]
+    lookups = [user for user, _ in table.uses() if user is not head]
+    if not all(_is_lookup(user, table) for user in lookups):
+        return False  # E serves something else too: leave it float32 rather than guess
+    e = table.const_value.numpy()  # [vocab, hidden]: B = E^T is [K = hidden, N = vocab]
+    packed = round_to_nearest(lambda lo, hi: e[lo:hi].T, e.shape[0], width)
+    _to_matmul_nbits(graph, head, packed, width, accuracy_level)  # drops E once its lookups are rewritten too
+    data = graph.initializers[f"{table.name}_Q{width.bits}"]
+    for gather in lookups:
+        _to_gather_block_quantized(graph, gather, data, packed, width, table.name, e.shape[1])
+    _remove_initializer(graph, table)
     return True
 
 
-def _tied_head_output(graph: ir.Graph) -> str | None:
-    """The output name of the graph's tied head (graph_patterns.tied_gemm), when its E is a float32 initializer:
-    the table quantize_tied_embedding packs. The name stays the same in the proto, which has no node handles."""
-    head = graph_patterns.tied_gemm(graph)
-    if head is None:
-        return None
-    table = head.inputs[1]
-    return head.outputs[0].name if table.is_initializer() and table.dtype == ir.DataType.FLOAT else None
+def _quantize_lookup_tables(graph: ir.Graph, width: Width) -> list[str]:
+    """Every other float32 table looked up by the token ids and by nothing else (Gemma 4's per-layer embeddings:
+    262144 x 8960 on E2B, half its weights) -> GatherBlockQuantized at the embedding's width. Returns their names.
+    Tables looked up by anything but `input_ids` (RoPE's, by position) are not embeddings: they stay float32."""
+    names = []
+    for value in list(graph.initializers.values()):
+        users = [user for user, _ in value.uses()]
+        tensor = value.const_value
+        if not users or tensor is None or tensor.dtype != ir.DataType.FLOAT or len(tensor.shape) != 2:
+            continue
+        if not all(_is_lookup(user, value) and _is_token_ids(user.inputs[1]) for user in users):
+            continue
+        table = tensor.numpy()
+        packed = round_to_nearest(lambda lo, hi, table=table: table[lo:hi].T, table.shape[0], width)
+        vocab, k_blocks, blob = packed.data.shape  # stored as the rows the lookup reads: no MatMul reads them
+        rows = Packed(packed.data.reshape(vocab, k_blocks * blob), packed.scales, packed.zero_points)
+        rows_value, *scales_and_zeros = _packed_initializers(graph, value.name, rows, width)
+        for gather in users:
+            _lookup(graph, gather, rows_value, scales_and_zeros, width, value.name, table.shape[1])
+        _remove_initializer(graph, value)
+        names.append(value.name)
+    return names
 
 
-def _attr(node: onnx.NodeProto, name: str, default: Any) -> Any:
-    attr = next((a for a in node.attribute if a.name == name), None)
-    return default if attr is None else helper.get_attribute_value(attr)
+def _to_gather_block_quantized(
+    graph: ir.Graph, gather: ir.Node, data: ir.Value, packed: Packed, width: Width, name: str, hidden: int
+) -> None:
+    """A lookup of the tied table: the packed [vocab, k_blocks, blob] bytes of the LM head seen as
+    [vocab, k_blocks * blob] rows (a Reshape: no copy on disk), and its scales and zero points."""
+    vocab, k_blocks, blob = packed.data.shape
+    shape = _initializer(graph, f"{name}_rows_shape", np.array([vocab, k_blocks * blob], np.int64), reuse=True)
+    rows = ir.node("Reshape", [data, shape], name=f"{gather.name}_rows")
+    rows.outputs[0].name = f"{gather.outputs[0].name}_rows"
+    graph.insert_before(gather, rows)
+    scales_and_zeros = [graph.initializers[f"{name}_scales"]]
+    if packed.zero_points is not None:
+        scales_and_zeros.append(graph.initializers[f"{name}_zero_points"])
+    _lookup(graph, gather, rows.outputs[0], scales_and_zeros, width, name, hidden)
+
+
+def _lookup(graph: ir.Graph, gather: ir.Node, rows: ir.Value, scales_and_zeros: list[ir.Value], width: Width,
+            name: str, hidden: int) -> None:  # fmt: skip
+    """Gather(T, ids) -> GatherBlockQuantized(rows, ids, scales[, zero points]); rows are whole blocks, so a
+    hidden size that is not a multiple of the block is sliced back."""
+    attrs = {"bits": width.bits, "block_size": width.block_size, "gather_axis": 0, "quantize_axis": 1}
+    lookup = ir.node("GatherBlockQuantized", [rows, gather.inputs[1], *scales_and_zeros], attrs,
+                     domain=MS_DOMAIN, name=f"{gather.name}_nbits")  # fmt: skip
+    new = [lookup]
+    blocks = -(-hidden // width.block_size)
+    if blocks * width.block_size != hidden:
+        bounds = [_initializer(graph, f"{name}_unpad_{b}", np.array(v, np.int64), reuse=True)
+                  for b, v in (("starts", [0]), ("ends", [hidden]), ("axes", [-1]))]  # fmt: skip
+        lookup.outputs[0].name = f"{gather.outputs[0].name}_padded"
+        new.append(ir.node("Slice", [lookup.outputs[0], *bounds], name=f"{gather.name}_unpad"))
+    convenience.replace_nodes_and_values(graph, gather, [gather], new, gather.outputs, new[-1].outputs)
+
+
+def _packed_initializers(graph: ir.Graph, name: str, packed: Packed, width: Width) -> list[ir.Value]:
+    """`{name}_Q{bits}`, `{name}_scales` and (asymmetric) `{name}_zero_points`, as ONNX Runtime names them."""
+    values = [_initializer(graph, f"{name}_Q{width.bits}", packed.data),
+              _initializer(graph, f"{name}_scales", packed.scales)]  # fmt: skip
+    if packed.zero_points is not None:
+        values.append(_initializer(graph, f"{name}_zero_points", packed.zero_points))
+    return values
+
+
+def _initializer(graph: ir.Graph, name: str, array: np.ndarray, reuse: bool = False) -> ir.Value:
+    if reuse and name in graph.initializers:
+        return graph.initializers[name]
+    tensor = ir.tensor(array, name=name)
+    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
+    graph.register_initializer(value)
+    return value
+
+
+def _remove_initializer(graph: ir.Graph, value: ir.Value) -> None:
+    """Once unused: out of the graph, and its pages (a view of the checkpoint's mapping) out of the resident set."""
+    if value.uses() or value.name not in graph.initializers:
+        return
+    memory.drop_resident([getattr(value.const_value, "raw", None)])
+    graph.initializers.pop(value.name)
+
+
+def _is_lookup(node: ir.Node, table: ir.Value) -> bool:
+    return (node.op_type == "Gather" and node.domain == "" and node.inputs[0] is table
+            and node.attributes.get_int("axis", 0) == 0)  # fmt: skip
+
+
+def _is_token_ids(value: ir.Value | None) -> bool:
+    return value is not None and value.is_graph_input() and value.name == "input_ids"
+
+
+def _constant_matrix(value: ir.Value | None) -> bool:
+    """A 2-D float32 constant used by this one node (ONNX Runtime's quantizer's scope, less its N-D cases)."""
+    tensor = value.const_value if value is not None else None
+    return (tensor is not None and value.is_initializer() and tensor.dtype == ir.DataType.FLOAT
+            and len(tensor.shape) == 2 and len(value.uses()) == 1)  # fmt: skip
 
 
 def _initializer_bytes(graph: ir.Graph) -> int:

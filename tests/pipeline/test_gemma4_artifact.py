@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import pytest
 import torch
@@ -17,7 +18,7 @@ import torch
 from gemma_export.checkpoint import load
 from gemma_export.manifest import Manifest
 from gemma_export.models.gemma import kv_cache_bytes
-from gemma_export.pipeline import quantize, trace
+from gemma_export.pipeline import package, quantize, trace
 from gemma_export.pipeline.build import BuildOptions, build
 from gemma_export.pipeline.progress import Stages
 from gemma_export.runtime.session import OrtDecoder, generate, left_pad, positions
@@ -162,6 +163,19 @@ def test_quantized_artifact_passes_its_gate(g4_built, name) -> None:
     manifest = Manifest.read(g4_built(name))
     assert manifest.parity.passed
     assert manifest.quantization is not None
+
+
+def test_per_layer_embeddings_are_quantized_for_their_lookup(g4_built) -> None:
+    """E2B's per-layer table is half its weights (262144 x 8960): a quantized build must not keep it float32."""
+    artifact = g4_built("e-int8")
+    record = Manifest.read(artifact).quantization
+    assert "model.per_layer_inputs.embed.weight" in record.quantized["lookup_tables"]
+    proto = onnx.load(str(artifact / package.MODEL_FILE), load_external_data=False)
+    inits = {t.name: t for t in proto.graph.initializer}
+    assert "model.per_layer_inputs.embed.weight" not in inits
+    lookups = [n for n in proto.graph.node if n.op_type == "GatherBlockQuantized"]
+    assert {n.input[0] for n in lookups} >= {"model.per_layer_inputs.embed.weight_Q8"}
+    assert inits["model.per_layer_inputs.embed.weight_Q8"].data_type == onnx.TensorProto.UINT8
 
 
 def test_logits_to_keep_is_the_last_rows(g4_built, g4_checkpoints) -> None:

@@ -390,3 +390,50 @@ def test_tied_embedding_lookup_and_head_read_the_same_quantized_rows(bits, symme
     assert emb.shape == (3, hidden)
     np.testing.assert_allclose(emb, dequantized[ids], atol=1e-6)
     np.testing.assert_allclose(logits, x @ dequantized.T, atol=1e-4)
+
+
+def test_round_to_nearest_by_slices_is_the_kernel_on_the_whole_weight(monkeypatch) -> None:
+    """The stage packs a weight a few columns at a time (memory: one slice, not the model); columns are quantized
+    independently, so the bytes must be ONNX Runtime's kernel's on the whole weight."""
+    rng = np.random.default_rng(1)
+    b = rng.standard_normal((80, 37)).astype(np.float32)  # K not a multiple of the block: padded blocks too
+    width = quantize.Width(bits=4, block_size=32, symmetric=False)
+    whole = quantize.round_to_nearest(lambda lo, hi: b[:, lo:hi], b.shape[1], width)
+    monkeypatch.setattr(quantize, "CHUNK_BYTES", 80 * 4 * 5)  # 5 columns a slice: 8 slices, the last short
+    sliced = quantize.round_to_nearest(lambda lo, hi: b[:, lo:hi], b.shape[1], width)
+    config = quantize._ort_quantizer().DefaultWeightOnlyQuantConfig(block_size=32, is_symmetric=False, bits=4)
+    kernel = quantize._ort_quantizer().DefaultWeightOnlyQuantizer(config).qbits_block_quant(b.copy())
+    for ours, theirs in zip((whole.data, whole.scales, whole.zero_points), kernel, strict=True):
+        np.testing.assert_array_equal(ours, theirs)
+    for a, c in zip(vars(whole).values(), vars(sliced).values(), strict=True):
+        np.testing.assert_array_equal(a, c)
+
+
+def test_only_tables_looked_up_by_token_ids_are_quantized() -> None:
+    """A table gathered by `input_ids` is an embedding (Gemma 4's per-layer one): packed for GatherBlockQuantized.
+    One gathered by anything else (RoPE's cos/sin by position) must stay float32."""
+    rng = np.random.default_rng(2)
+    embed, rope = rng.standard_normal((50, 48)).astype(np.float32), rng.standard_normal((64, 16)).astype(np.float32)
+    int64, float32 = onnx.TensorProto.INT64, onnx.TensorProto.FLOAT
+    nodes = [helper.make_node("Gather", ["T", "input_ids"], ["t"], "per_layer"),
+             helper.make_node("Gather", ["R", "position_ids"], ["r"], "rope")]  # fmt: skip
+    inputs = [helper.make_tensor_value_info(n, int64, ["n"]) for n in ("input_ids", "position_ids")]
+    outputs = [helper.make_tensor_value_info(n, float32, None) for n in ("t", "r")]
+    inits = [numpy_helper.from_array(embed, "T"), numpy_helper.from_array(rope, "R")]
+    graph = helper.make_graph(nodes, "tables", inputs, outputs, inits)
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)], ir_version=10))
+    width = quantize.Width(bits=8, block_size=32, symmetric=False)  # 48 = 1.5 blocks: sliced back to 48
+    quantized, record = quantize.quantize(model, quantize.QuantSpec(width, width, accuracy_level=0))
+    proto = ir.to_proto(quantized)
+    names = {t.name for t in proto.graph.initializer}
+    assert "T" not in names and "R" in names and record["quantized"]["lookup_tables"].endswith(": T")
+    assert [n.op_type for n in proto.graph.node] == ["GatherBlockQuantized", "Slice", "Gather"]
+
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    ids = np.array([0, 9, 49])
+    t, r = session.run(None, {"input_ids": ids, "position_ids": ids})
+    np.testing.assert_array_equal(r, rope[ids])
+    step = np.abs(embed).max() * 2 / 255
+    assert t.shape == (3, 48) and np.abs(t - embed[ids]).max() <= step / 2 + 1e-6
