@@ -8,6 +8,10 @@ GEMMA_EXPORT_LLAMA_CPP names (never built there).
 
     python -m gemma_export.bench.llamacpp                 build the tools when missing (~5 min on 2 cores)
     python -m gemma_export.bench.llamacpp --f32 GGUF      ... and print an F32 GGUF of the same tensors (cached)
+    python -m gemma_export.bench.llamacpp --from-hf FOLDER [--type Q4_K_M|Q8_0|F16|BF16]
+                                                          ... and print a GGUF of a Hugging Face folder, made by
+                                                          llama.cpp's convert_hf_to_gguf.py (extracted from the
+                                                          same sdist) and llama-quantize (cached)
     python -m gemma_export.bench.llamacpp --perplexity GGUF --text FILE [--ctx 1024]
 
 What `bench` measures, per (prompt P, new tokens N) cell, as our workers do (a fresh process per measurement,
@@ -259,13 +263,19 @@ def to_f32(gguf: Path, out: Path | None = None, threads: int = 0, progress: Prog
     """
     if out is None:
         out = cache_root() / "gguf" / f"{gguf.stem}-F32-{file_sha256(gguf)[:12]}.gguf"
+    return quantize(gguf, out, "F32", threads, progress)
+
+
+def quantize(gguf: Path, out: Path, file_type: str, threads: int = 0, progress: Progress | None = None) -> Path:
+    """`llama-quantize --allow-requantize GGUF OUT TYPE [THREADS]`, unless OUT exists; written to a temporary
+    name beside OUT and renamed when complete."""
     if out.is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(f".{out.name}.partial")
+    partial = out.with_name(f".{out.name}.{os.getpid()}.partial")
     if progress:
-        progress(f"llama-quantize {gguf.name} -> {out.name} (F32)")
-    cmd = [str(tool("llama-quantize")), "--allow-requantize", str(gguf), str(partial), "F32"]
+        progress(f"llama-quantize {gguf.name} -> {out.name} ({file_type})")
+    cmd = [str(tool("llama-quantize")), "--allow-requantize", str(gguf), str(partial), file_type]
     try:
         _run_tool(cmd + ([str(threads)] if threads else []), timeout=3600.0)
         partial.rename(out)
@@ -275,23 +285,171 @@ def to_f32(gguf: Path, out: Path | None = None, threads: int = 0, progress: Prog
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Hugging Face folders -> GGUF: llama.cpp's own converter, from the same sdist
+# ---------------------------------------------------------------------------------------------------------
+
+# What convert_hf_to_gguf.py needs, under the sdist's vendor/llama.cpp: the script, its model classes (conversion/,
+# where gemma.py maps Gemma4ForCausalLM / Gemma4ForConditionalGeneration to Gemma4Model) and the gguf-py package
+# of the same commit (the venv's `gguf` may be another version; the vendored one goes first on PYTHONPATH).
+CONVERTER_PATHS = ("convert_hf_to_gguf.py", "conversion", "gguf-py")
+CONVERTER = "convert_hf_to_gguf.py"
+# The types --from-hf makes. The converter writes BF16 (F16 when asked for F16) from the folder's tensors, and
+# llama-quantize makes the others from that file; both are kept in the cache.
+HF_TYPES = ("Q4_K_M", "Q8_0", "F16", "BF16")
+
+
+def converter_dir() -> Path:
+    """Where the converter is extracted, beside the tools' cache (also when GEMMA_EXPORT_LLAMA_CPP names them)."""
+    return cache_root() / f"llama.cpp-{LLAMA_CPP_PYTHON_VERSION}" / "convert"
+
+
+def ensure_converter(progress: Progress | None = None, timeout: float = 3600.0) -> Path:
+    """The converter's folder (CONVERTER_PATHS), extracted once from the pinned sdist (downloaded by pip): into
+    a temporary folder beside it, renamed when complete."""
+    dest = converter_dir()
+    if all((dest / p).exists() for p in CONVERTER_PATHS):
+        return dest
+    progress = progress or (lambda _: None)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        progress(f"downloading llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION} (sdist) for {CONVERTER}")
+        try:
+            sdist = download_sdist(work, work / "download.log", timeout)
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired):
+            tail = (work / "download.log").read_text().strip().splitlines()[-1:] or ["no output"]
+            raise ToolsUnavailable(f"pip download of llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION} failed: "
+                                   f"{tail[0]}") from None  # fmt: skip
+        staged = extract_converter(sdist, work / dest.name)
+        if dest.exists():
+            shutil.rmtree(dest)  # an incomplete folder of ours: replaced
+        with contextlib.suppress(OSError):  # another process may have finished the same extraction first
+            staged.rename(dest)
+        if not all((dest / p).exists() for p in CONVERTER_PATHS):
+            raise ToolsUnavailable(f"cannot move the extracted converter to {dest}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return dest
+
+
+def extract_converter(sdist: Path, dest: Path) -> Path:
+    """CONVERTER_PATHS out of the sdist's vendor/llama.cpp into `dest` (tarfile's "data" filter, as
+    extract_sdist); `dest`."""
+    dest.mkdir(parents=True)
+    with tarfile.open(sdist, "r:gz") as tar:
+        members = []
+        for m in tar.getmembers():
+            parts = Path(m.name).parts
+            if len(parts) > 3 and parts[1:3] == ("vendor", "llama.cpp") and parts[3] in CONVERTER_PATHS:
+                members.append(m)
+        found = {Path(m.name).parts[3] for m in members}
+        if missing := [p for p in CONVERTER_PATHS if p not in found]:
+            raise ToolsUnavailable(f"{sdist.name} has no vendor/llama.cpp/{', '.join(missing)}")
+        try:
+            tar.extractall(dest / "src", members=members, filter="data")
+        except tarfile.FilterError as e:
+            raise ToolsUnavailable(f"{sdist.name}: refused to extract it ({e})") from None
+    (vendored,) = (dest / "src").glob("*/vendor/llama.cpp")
+    for name in CONVERTER_PATHS:
+        (vendored / name).rename(dest / name)
+    shutil.rmtree(dest / "src")
+    return dest
+
+
+def hf_folder_key(folder: Path) -> str:
+    """A sha256 of what decides the converter's output, read cheaply (never the weights): the llama.cpp
+    version, the bytes of every .json file (config, safetensors index, tokenizer) and of tokenizer.model, and
+    each .safetensors file's name, size and modification time. Symlinks are followed."""
+    if not (folder / "config.json").is_file():
+        raise BadInput(f"{folder}: no config.json (not a Hugging Face checkpoint folder)")
+    h = hashlib.sha256(f"llama-cpp-python {LLAMA_CPP_PYTHON_VERSION}\n".encode())
+    for path in sorted(folder.iterdir()):
+        if path.name.endswith(".safetensors"):
+            st = path.stat()
+            h.update(f"{path.name} {st.st_size} {st.st_mtime_ns}\n".encode())
+        elif path.suffix == ".json" or path.name == "tokenizer.model":
+            h.update(f"{path.name} {file_sha256(path)}\n".encode())
+    return h.hexdigest()
+
+
+def from_hf(
+    folder: Path, file_type: str = "Q4_K_M", threads: int = 0, progress: Progress | None = None,
+    timeout: float = 4 * 3600.0,
+) -> Path:  # fmt: skip
+    """A GGUF of a Hugging Face folder, made by llama.cpp's converter and llama-quantize, and its path.
+
+    Kept in the cache as gguf/NAME-KEY12-TYPE.gguf (NAME: the folder's name, KEY12: `hf_folder_key`), made only
+    once: the converter writes NAME-KEY12-BF16.gguf (F16 for F16), which stays in the cache for the other types,
+    and llama-quantize makes TYPE from it. Each file is written to a temporary name and renamed when complete.
+    """
+    file_type = file_type.upper()
+    if file_type not in HF_TYPES:
+        raise BadInput(f"--type {file_type}: expected one of {', '.join(HF_TYPES)}")
+    folder = folder.absolute()
+    if not folder.is_dir():
+        raise BadInput(f"{folder}: no such folder")
+    stem = f"{folder.name}-{hf_folder_key(folder)[:12]}"
+    out = cache_root() / "gguf" / f"{stem}-{file_type}.gguf"
+    if out.is_file():
+        return out
+    base_type = "F16" if file_type == "F16" else "BF16"
+    base = out.with_name(f"{stem}-{base_type}.gguf")
+    if not base.is_file():
+        convert_hf(folder, base, base_type.lower(), progress, timeout)
+    if file_type != base_type:
+        start = time.monotonic()
+        quantize(base, out, file_type, threads, progress)
+        if progress:
+            progress(f"{out.name}: {out.stat().st_size / 1e9:.2f} GB in {time.monotonic() - start:.0f} s")
+    return out
+
+
+def convert_hf(folder: Path, out: Path, outtype: str, progress: Progress | None = None, timeout: float = 14400.0):
+    """`convert_hf_to_gguf.py FOLDER --outtype OUTTYPE` to a temporary name beside OUT, renamed when complete;
+    a failure is a ToolFailed with its last stderr line."""
+    converter = ensure_converter(progress, timeout)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(f".{out.name}.{os.getpid()}.partial")
+    env = dict(os.environ)
+    env.pop("NO_LOCAL_GGUF", None)  # it would make the converter skip its own gguf-py
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(converter / "gguf-py"), env.get("PYTHONPATH")) if p)
+    cmd = [sys.executable, str(converter / CONVERTER), str(folder), "--outtype", outtype, "--outfile", str(partial)]
+    if progress:
+        progress(f"{CONVERTER} {folder} -> {out.name} ({outtype})")
+    start = time.monotonic()
+    try:
+        _, _, peak = _run_tool(cmd, timeout, name=CONVERTER, env=env)
+        partial.rename(out)
+    finally:
+        partial.unlink(missing_ok=True)
+    if progress:
+        rss = f", peak RSS {peak / 1e9:.1f} GB (its memory-mapped weights included)" if peak else ""
+        progress(f"{out.name}: {out.stat().st_size / 1e9:.2f} GB in {time.monotonic() - start:.0f} s{rss}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Running the tools
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _run_tool(cmd: list[str], timeout: float) -> tuple[str, str, int | None]:
+def _run_tool(
+    cmd: list[str], timeout: float, *, name: str | None = None, env: dict[str, str] | None = None
+) -> tuple[str, str, int | None]:
     """Run a tool; its stdout, stderr and peak RSS (VmHWM polled from /proc, None off Linux).
 
-    Output goes to temporary files (a pipe that fills would stall the tool between polls).
+    Output goes to temporary files (a pipe that fills would stall the tool between polls). `name` is the tool's
+    name in errors (default: the command's file name).
     """
+    name = name or Path(cmd[0]).name
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env)
         peak, deadline = None, time.monotonic() + timeout
         try:
             while proc.poll() is None:
                 peak = max(peak or 0, vm_hwm(proc.pid) or 0) or None
                 if time.monotonic() > deadline:
-                    raise ToolFailed(f"{Path(cmd[0]).name} timed out after {timeout:.0f} s")
+                    raise ToolFailed(f"{name} timed out after {timeout:.0f} s")
                 time.sleep(POLL_SECONDS)
         finally:
             if proc.poll() is None:
@@ -301,9 +459,18 @@ def _run_tool(cmd: list[str], timeout: float) -> tuple[str, str, int | None]:
         err.seek(0)
         stdout, stderr = out.read(), err.read()
     if proc.returncode != 0:
-        lines = [line for line in stderr.splitlines() if line.strip()] or [f"exit code {proc.returncode}"]
-        raise ToolFailed(f"{Path(cmd[0]).name} failed: {lines[-1].strip()}")
+        raise ToolFailed(f"{name} failed: {_last_error_line(stderr, proc.returncode)}")
     return stdout, stderr, peak
+
+
+def _last_error_line(stderr: str, returncode: int) -> str:
+    """A failed tool's last stderr line; for a Python traceback ending in a bare exception name (a failed
+    `assert` prints only "AssertionError"), that name with the source line that raised it."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()] or [f"exit code {returncode}"]
+    last = lines[-1]
+    if len(lines) >= 2 and re.fullmatch(r"[\w.]+(Error|Exception)", last) and "Traceback" in stderr:
+        return f"{last} at `{lines[-2]}`"
+    return last
 
 
 def vm_hwm(pid: int) -> int | None:
@@ -426,6 +593,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gemma_export.bench.llamacpp", description=main.__doc__)
     parser.add_argument("--print-tools-dir", action="store_true", help="only print where the tools are (or go)")
     parser.add_argument("--f32", type=Path, metavar="GGUF", help="convert GGUF to F32 (cached); print its path")
+    parser.add_argument(
+        "--from-hf",
+        type=Path,
+        metavar="FOLDER",
+        help="convert a Hugging Face folder to a GGUF with llama.cpp's converter (cached); print its path",
+    )
+    parser.add_argument(
+        "--type",
+        default="Q4_K_M",
+        choices=HF_TYPES,
+        type=str.upper,
+        help="with --from-hf: the GGUF's type (default Q4_K_M)",
+    )
     parser.add_argument("--perplexity", type=Path, metavar="GGUF", help="print llama-perplexity's final estimate")
     parser.add_argument("--text", type=Path, help="with --perplexity: the text file")
     parser.add_argument("--ctx", type=int, default=1024, help="with --perplexity: context (default 1024)")
@@ -439,6 +619,8 @@ def main(argv: list[str] | None = None) -> int:
         folder = ensure_tools(report)
         if args.f32 is not None:
             print(to_f32(args.f32, threads=args.threads, progress=report))
+        elif args.from_hf is not None:
+            print(from_hf(args.from_hf, args.type, threads=args.threads, progress=report))
         elif args.perplexity is not None:
             if args.text is None:
                 raise BadInput("--perplexity needs --text FILE")
