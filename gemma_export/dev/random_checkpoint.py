@@ -1024,3 +1024,11 @@ def _draw(shape: tuple[int, ...], init: float | str, generator: torch.Generator)
 def _write_json(path: Path, obj: Any) -> None:
     """Sorted keys and a trailing newline, as transformers writes its JSON files; stable bytes for a seed."""
     path.write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":  # python -m gemma_export.dev.random_checkpoint NAME OUT: write once (make bench-e2b)
+    if len(sys.argv) != 3 or sys.argv[1] not in PUBLISHED_CONFIGS:
+        print(f"usage: python -m gemma_export.dev.random_checkpoint NAME OUT; NAME: {', '.join(PUBLISHED_CONFIGS)}",
+              file=sys.stderr)  # fmt: skip
+        sys.exit(2)
+    print(write_once(Path(sys.argv[2]), PUBLISHED_CONFIGS[sys.argv[1]]))

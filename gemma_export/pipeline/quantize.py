@@ -219,15 +219,19 @@ def quantize(
 def round_to_nearest(columns: Callable[[int, int], np.ndarray], n: int, width: Width) -> Packed:
     """ONNX Runtime's round-to-nearest kernel (`qbits_block_quant`) on a [K, N] weight given by its column
     slices (`columns(lo, hi)`: [K, hi - lo]), a slice at a time: columns are quantized independently (blocks run
-    along K), so the result is the kernel's on the whole weight, without a contiguous copy of all of it."""
+    along K), so the result is the kernel's on the whole weight, without a contiguous copy of all of it, and
+    without the weight resident at once (each slice's pages are dropped once it is packed: memory.py)."""
     config = _ort_quantizer().DefaultWeightOnlyQuantConfig(
         block_size=width.block_size, is_symmetric=width.symmetric, bits=width.bits
     )
     kernel = _ort_quantizer().DefaultWeightOnlyQuantizer(config)
     k = columns(0, 1).shape[0]
     step = max(1, CHUNK_BYTES // (4 * k))
-    parts = [kernel.qbits_block_quant(np.ascontiguousarray(columns(lo, min(lo + step, n)), np.float32))
-             for lo in range(0, n, step)]  # fmt: skip
+    parts = []
+    for lo in range(0, n, step):
+        part = columns(lo, min(lo + step, n))
+        parts.append(kernel.qbits_block_quant(np.ascontiguousarray(part, np.float32)))
+        memory.drop_resident([part])  # a slice of the checkpoint's mapping, read: out of the resident set again
     data, scales, zero_points = (np.concatenate(p) if len(p) > 1 else p[0] for p in zip(*parts, strict=True))
     return Packed(data, scales, None if width.symmetric else zero_points)
 
