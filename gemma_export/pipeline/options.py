@@ -15,6 +15,9 @@ from gemma_export.pipeline import package, quantize
 from gemma_export.verify import gate as verify
 
 PRECISIONS = ("fp32",)
+# offered wherever a recipe offers int4: int4's widths rounded to nearest (no calibration: minutes, not hours, on a
+# multi-billion-parameter model on a CPU), and int4 everywhere (quantize.py)
+INT4_VARIANTS = ("int4-rtn", "int4-plain")
 
 
 @dataclass(frozen=True)
@@ -140,11 +143,13 @@ def with_recipe(options: BuildOptions, given: set[str]) -> BuildOptions:
                            f"tensorrt" + (f": {reason}" if reason else ""))  # fmt: skip
     elif options.precision not in recipe.build.precisions:
         raise BadInput(recipe.refusal("--precision", options.precision))
-    if options.quant != "none":
-        if options.quant not in recipe.build.quantizations:
-            raise BadInput(recipe.refusal("--quant", options.quant))
+    if options.quant in recipe.build.quantizations:
         gate = getattr(recipe.parity, options.quant)  # the schema requires one per offered quantization
         options = replace(options, **{k: getattr(gate, k) for k in ("min_top1", "max_kl") if k not in given})
+    elif options.quant in INT4_VARIANTS and "int4" in recipe.build.quantizations:
+        pass  # int4's other roundings (same widths, or int4 everywhere): their own default gates (verify.py)
+    elif options.quant != "none":
+        raise BadInput(recipe.refusal("--quant", options.quant))
     if recipe.embedding is not None and options.dim not in recipe.embedding.dims:
         raise BadInput(f"recipe {recipe.name} offers --dim {', '.join(map(str, recipe.embedding.dims))}; "
                        f"got {options.dim}")  # fmt: skip
