@@ -73,7 +73,7 @@ bench-embeddinggemma: install
 	$(BIN)/gemma-export bench --random embeddinggemma-300m --json-out build/bench/embeddinggemma-300m.json
 
 # llama.cpp's llama-bench, llama-perplexity and llama-quantize, built once (about 5 min on 2 cores) from the
-# llama.cpp that the pinned llama-cpp-python sdist vendors, into ~/.cache/gemma-export/llama.cpp-VERSION/bin
+# llama.cpp that the pinned llama-cpp-python sdist vendors, into ~/.cache/gemma-export/llama.cpp-VERSION-RECIPE/bin
 # (gemma_export/bench/llamacpp.py; GEMMA_EXPORT_LLAMA_CPP=DIR uses tools built elsewhere instead).
 llama-cpp: install
 	$(BIN)/python -m gemma_export.bench.llamacpp

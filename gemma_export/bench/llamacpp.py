@@ -2,7 +2,7 @@
 
 The only module that knows llama.cpp. Its tools (llama-bench, llama-perplexity, llama-quantize) come from the
 llama.cpp that the `llama-cpp-python` sdist vendors (`vendor/llama.cpp`), pinned below, built with cmake for
-this CPU (GGML_NATIVE) into `CACHE/llama.cpp-VERSION/bin` (CACHE: $GEMMA_EXPORT_CACHE, else
+this CPU (GGML_NATIVE) into `CACHE/llama.cpp-VERSION-RECIPE/bin` (CACHE: $GEMMA_EXPORT_CACHE, else
 `${XDG_CACHE_HOME:-~/.cache}/gemma-export`), or are taken from the folder that the environment variable
 GEMMA_EXPORT_LLAMA_CPP names (never built there).
 
@@ -41,6 +41,7 @@ import contextlib
 import hashlib
 import json
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -63,6 +64,13 @@ BUILD_JOBS = 2
 # llama.cpp and only warns).
 CMAKE_FLAGS = ("-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_OPENSSL=OFF",
                "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF")  # fmt: skip
+# AMX off on x86: built for a CPU that has it (Sapphire Rapids: this workplace's machines), llama.cpp 0c1e570's AMX
+# matmul (ggml_backend_amx_mul_mat) segfaults on the first prompt (llama-bench and llama-perplexity exit -11,
+# measured; `--repack 0` avoids it too, but also turns off the AVX repacking its Q4_K kernels use). Explicit
+# -mno-* flags win over -march=native in GCC and Clang whatever their order.
+NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+# The cache folder's name changes with the build recipe, so that tools built by an earlier recipe are rebuilt.
+BUILD_RECIPE = "r2"  # r2: AMX off
 POLL_SECONDS = 0.02
 NAME = "llama.cpp"
 
@@ -93,7 +101,14 @@ def tools_dir() -> Path:
     """Where the tools are (or will be built): $GEMMA_EXPORT_LLAMA_CPP, else the cache."""
     if os.environ.get(ENV):
         return Path(os.environ[ENV]).expanduser()
-    return cache_root() / f"llama.cpp-{LLAMA_CPP_PYTHON_VERSION}" / "bin"
+    return cache_root() / f"llama.cpp-{LLAMA_CPP_PYTHON_VERSION}-{BUILD_RECIPE}" / "bin"
+
+
+def cmake_flags(machine: str | None = None) -> tuple[str, ...]:
+    """CMAKE_FLAGS, with AMX turned off on x86-64 (NO_AMX)."""
+    if (machine or platform.machine()).lower() in ("x86_64", "amd64"):
+        return (*CMAKE_FLAGS, f"-DCMAKE_C_FLAGS={NO_AMX}", f"-DCMAKE_CXX_FLAGS={NO_AMX}")
+    return CMAKE_FLAGS
 
 
 def missing_tools(folder: Path) -> list[str]:
@@ -153,7 +168,7 @@ def build_tools(dest: Path, progress: Progress, timeout: float) -> None:
         for name in TOOLS:
             shutil.copy2(built / name, staged / "bin" / name)
         info = {"llama_cpp_python": LLAMA_CPP_PYTHON_VERSION, "llama_cpp_commit": vendored_commit(source),
-                "cmake_flags": list(CMAKE_FLAGS)}  # fmt: skip
+                "cmake_flags": list(cmake_flags())}  # fmt: skip
         (staged / "build.json").write_text(json.dumps(info, indent=2) + "\n")
         if dest.exists() and missing_tools(dest / "bin"):
             shutil.rmtree(dest)  # an incomplete folder of ours (a tool deleted by hand): replaced
@@ -209,7 +224,7 @@ def extract_sdist(sdist: Path, dest: Path) -> Path:
 
 def cmake_build(source: Path, build: Path, log: Path, timeout: float) -> Path:
     """Configure and build only the tools (not llama.cpp's examples, tests or server); their folder."""
-    _logged(["cmake", "-S", str(source), "-B", str(build), *CMAKE_FLAGS], log, timeout)
+    _logged(["cmake", "-S", str(source), "-B", str(build), *cmake_flags()], log, timeout)
     _logged(["cmake", "--build", str(build), "--config", "Release", "-j", str(BUILD_JOBS), "--target", *TOOLS],
             log, timeout)  # fmt: skip
     return build / "bin"

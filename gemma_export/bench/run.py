@@ -21,7 +21,9 @@ Row keys (JSON):
     first_token_s     prompt in -> first token out (median)
     prefill_tok_s     batch * prompt_tokens / first_token_s
     decode_tok_s      batch * (new_tokens - 1) / median time of the remaining new_tokens - 1 steps
-    peak_rss_bytes    the worker's peak resident memory (VmHWM; the largest of its runs)
+    peak_rss_bytes    the worker's peak resident memory (VmHWM; the largest of its runs), loading included
+    end_rss_bytes     its resident memory after the last token (VmRSS; the largest of its runs; None: not
+                      observed, llama.cpp): ONNX Runtime's transient copies while it pre-packs weights are gone
     state_bytes       the carried decode state after the last token (None: not observable, genai, llama.cpp)
     same_tokens       how many leading generated tokens (first row) equal ours: a check, not a speed (None:
                       a system that picks no tokens, llama.cpp)
@@ -366,6 +368,7 @@ def summarise(system: str, precision: str, cell: dict[str, int], runs: list[dict
         "prefill_tok_s": _sig(batch * prompt / first),
         "decode_tok_s": _sig(batch * (new - 1) / decode) if decode > 0 else None,
         "peak_rss_bytes": max(r["peak_rss_bytes"] for r in runs),
+        "end_rss_bytes": max((r["end_rss_bytes"] for r in runs if r.get("end_rss_bytes")), default=None),
         "state_bytes": runs[-1]["state_bytes"],
         "tokens": runs[0]["tokens"],
         "samples": {
@@ -587,16 +590,17 @@ def decoder_table(result: dict[str, Any]):
     title = (f"{result['model']} {result['config']}, {result['threads']} threads, median of {result['repeat']}; "
              "x = ours / this")  # fmt: skip
     columns = ("batch", "prompt", "new", "system", "precision", "prefill tok/s", "first token s", "decode tok/s",
-               "x prefill", "x decode", "peak RSS", "state", "same tokens")  # fmt: skip
+               "x prefill", "x decode", "peak RSS", "RSS at end", "state", "same tokens")  # fmt: skip
     table = Table(*columns, title=title)
     for r in result["rows"]:
         cell = (str(r["batch"]), str(r["prompt_tokens"]), str(r["new_tokens"]), r["system"], r["precision"])
         if "error" in r:
-            table.add_row(*cell, "-", "-", r["error"], *["-"] * 5)
+            table.add_row(*cell, "-", "-", r["error"], *["-"] * 6)
             continue
         table.add_row(*cell, f"{r['prefill_tok_s']:g}", f"{r['first_token_s']:.4g}", f"{r['decode_tok_s']:g}",
                       str(r.get("prefill_ratio", "-")), str(r.get("decode_ratio", "-")),
-                      human_bytes(r["peak_rss_bytes"]), human_bytes(r["state_bytes"]),
+                      human_bytes(r["peak_rss_bytes"]), human_bytes(r.get("end_rss_bytes")),
+                      human_bytes(r["state_bytes"]),
                       same_tokens_cell(r))  # fmt: skip
     return table
 

@@ -13,7 +13,8 @@ same model, picks the same tokens. Each reports
 
     prefill_s        prompt in -> first token out: one forward pass over the prompt and the first pick
     decode_s         the remaining N - 1 tokens (one forward pass each)
-    peak_rss_bytes   the worker's peak resident memory (VmHWM)
+    peak_rss_bytes   the worker's peak resident memory (VmHWM), loading included
+    end_rss_bytes    its resident memory after the last token (VmRSS): what a running service holds
     state_bytes      the carried decode state after N tokens (KV caches, recurrent state); None for genai
     tokens           the first row's generated ids (the bench compares them across systems, then drops them)
 """
@@ -46,6 +47,13 @@ def synthetic_batch(vocab_size: int, batch: int, length: int, bos: int, seed: in
     return ids
 
 
+def resident_bytes() -> int | None:
+    """This process's resident memory now (VmRSS; None off Linux)."""
+    from gemma_export.pipeline.progress import resident_bytes as vm_rss
+
+    return vm_rss()
+
+
 def peak_rss_bytes() -> int:
     """This process's peak resident memory. VmHWM, not getrusage: ru_maxrss keeps the high-water mark of the
     parent across fork + exec, so every worker would report the (large) parent's peak (used off Linux only)."""
@@ -58,6 +66,7 @@ def _decoded(start: float, first: float, end: float, tokens: list[int], state_by
     return {
         "prefill_s": first - start,
         "decode_s": end - first,
+        "end_rss_bytes": resident_bytes(),  # first: the peak read after it covers it
         "peak_rss_bytes": peak_rss_bytes(),
         "state_bytes": state_bytes,
         "tokens": tokens,

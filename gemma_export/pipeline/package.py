@@ -141,6 +141,7 @@ def write_model(model: ir.Model, folder: Path, progress: Callable[[int], None] |
         if progress is not None:
             progress(written)
 
+    aliases = _detach_aliases(model.graph)
     swapped = _copied_from_files(model, mappings, EXTERNAL_THRESHOLD_BYTES)
     try:
         ir.save(
@@ -164,6 +165,34 @@ def write_model(model: ir.Model, folder: Path, progress: Callable[[int], None] |
         mappings.drop(last)
         for value, tensor in swapped:
             value.const_value = tensor
+        for alias, _ in aliases:
+            model.graph.register_initializer(alias)
+    if aliases:
+        _attach_aliases(folder / MODEL_FILE, aliases)
+
+
+def _detach_aliases(graph: ir.Graph) -> list[tuple[ir.Value, str]]:
+    """Initializers that alias another one's bytes (`meta["alias_of"]`: targets/ort_cpu.py's lookup tables),
+    taken out of `graph` before it is saved, each with the name of the one it aliases: its bytes are written once.
+    """
+    aliases = [(v, v.meta["alias_of"].name) for v in graph.initializers.values() if "alias_of" in v.meta]
+    for alias, _ in aliases:
+        graph.initializers.pop(alias.name)
+    return aliases
+
+
+def _attach_aliases(model_file: Path, aliases: list[tuple[ir.Value, str]]) -> None:
+    """Each alias as an initializer of its own name and shape that points at its original's bytes (the same
+    `external_data` location, offset and length), added to the saved graph (small: its weights are external)."""
+    proto = onnx.load(str(model_file), load_external_data=False)
+    saved = {t.name: t for t in proto.graph.initializer}
+    for alias, origin in aliases:
+        tensor = proto.graph.initializer.add()
+        tensor.CopyFrom(saved[origin])
+        tensor.name = alias.name
+        tensor.ClearField("dims")
+        tensor.dims.extend(alias.const_value.shape)
+    onnx.save(proto, str(model_file))
 
 
 EXTERNAL_THRESHOLD_BYTES = 1024  # larger weights go to model.onnx.data; small constants (shapes, axes) stay inline

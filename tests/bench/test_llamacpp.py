@@ -232,8 +232,16 @@ def test_tools_dir_env_then_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Pat
     monkeypatch.delenv(llamacpp.ENV)
     monkeypatch.delenv("GEMMA_EXPORT_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    version = llamacpp.LLAMA_CPP_PYTHON_VERSION
-    assert llamacpp.tools_dir() == tmp_path / "xdg" / "gemma-export" / f"llama.cpp-{version}" / "bin"
+    folder = f"llama.cpp-{llamacpp.LLAMA_CPP_PYTHON_VERSION}-{llamacpp.BUILD_RECIPE}"
+    assert llamacpp.tools_dir() == tmp_path / "xdg" / "gemma-export" / folder / "bin"
+
+
+def test_amx_is_turned_off_on_x86_only() -> None:
+    """llama.cpp's AMX matmul segfaults on this workplace's Sapphire Rapids CPUs (llamacpp.NO_AMX)."""
+    x86 = llamacpp.cmake_flags("x86_64")
+    assert f"-DCMAKE_C_FLAGS={llamacpp.NO_AMX}" in x86 and f"-DCMAKE_CXX_FLAGS={llamacpp.NO_AMX}" in x86
+    assert "-mno-amx-int8" in llamacpp.NO_AMX and "-DGGML_NATIVE=ON" in x86
+    assert llamacpp.cmake_flags("aarch64") == llamacpp.CMAKE_FLAGS
 
 
 def test_env_folder_without_tools_is_never_built_into(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

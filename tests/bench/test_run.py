@@ -28,8 +28,8 @@ from tests.support.bench import TINY_DECODER
 DECODER, EMBEDDER = "tiny-gemma3", "tiny-embeddinggemma"
 TINY_EMBEDDING = {**random_checkpoint.TINY_CONFIGS["gemma3_text"], "use_bidirectional_attention": True}
 ROW_KEYS = {"system", "precision", "batch", "prompt_tokens", "new_tokens", "runs", "first_token_s", "prefill_tok_s",
-            "decode_tok_s", "peak_rss_bytes", "state_bytes", "samples", "prefill_ratio", "decode_ratio",
-            "same_tokens"}  # fmt: skip
+            "decode_tok_s", "peak_rss_bytes", "end_rss_bytes", "state_bytes", "samples", "prefill_ratio",
+            "decode_ratio", "same_tokens"}  # fmt: skip
 RESULT_KEYS = {"ok", "task", "model", "config", "precision", "threads", "repeat", "systems", "rows", "notes", "build"}
 
 
@@ -85,6 +85,7 @@ def test_decoder_bench_compares_every_system(capsys, workdir: Path) -> None:
         # The same model computed by each system: the same greedy tokens (genai: through our builder shim).
         assert row["same_tokens"] == 4
         assert row["peak_rss_bytes"] > 10 << 20
+        assert 10 << 20 < row["end_rss_bytes"] <= row["peak_rss_bytes"]  # after the run, within its peak
         assert (row["state_bytes"] is None) == (system == GENAI)
     assert rows["gemma-export", 1]["state_bytes"] * 2 == rows["gemma-export", 2]["state_bytes"]
 

@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,7 @@ from gemma_export.pipeline import package, quantize, trace
 from gemma_export.pipeline.build import BuildOptions, build
 from gemma_export.pipeline.progress import Stages
 from gemma_export.runtime import generation
+from gemma_export.targets import ort_cpu
 from gemma_export.targets.genai_config import GENAI_CONFIG
 from tests.support.genai_client import genai_greedy
 
@@ -174,7 +176,8 @@ def test_quantized_build_rewrites_every_projection_and_records_its_agreement(bui
                 set(n.input) & float_inits]  # fmt: skip
     lookup = next(n for n in proto.graph.node if n.op_type == "GatherBlockQuantized")
     (head,) = [n for n in proto.graph.node if n.op_type == "MatMulNBits" and helper.get_node_attr_value(n, "N") == v]
-    assert all(name in head.input for name in lookup.input[2:])  # same scales (and zero points)
+    # the same scales (and zero points): by name, or (ort-cpu) under aliases of the same bytes
+    assert all(name.removesuffix(ort_cpu.ALIAS_SUFFIX) in head.input for name in lookup.input[2:])
     custom = {n.op_type for n in proto.graph.node if n.domain == "ai.gemma"}
     assert {f.name for f in proto.functions} == custom  # the quantizer left the custom ops and their bodies
     if TARGETS[model_type] == "onnx":
@@ -197,6 +200,25 @@ def test_quantized_build_rewrites_every_projection_and_records_its_agreement(bui
     assert 1 <= len(new) <= 5 and all(0 <= t < v for t in new)
 
 
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_the_lookup_maps_the_heads_packed_bytes_under_aliases(built, quant) -> None:
+    """ort-cpu (targets/ort_cpu.py alias_lookup_tables): the lookup reads the head's packed rows, scales and zero
+    points under names of its own that point at the same bytes, so that ONNX Runtime can release what
+    MatMulNBits pre-packs; the bytes are written once."""
+    proto = onnx.load(str(built("gemma3_text", quant) / package.MODEL_FILE), load_external_data=False)
+    (lookup,) = [n for n in proto.graph.node if n.op_type == "GatherBlockQuantized"]
+    (head,) = [n for n in proto.graph.node if n.op_type == "MatMulNBits" and "embed_tokens" in n.input[1]]
+    stored = {t.name: t for t in proto.graph.initializer}
+
+    def where(t: onnx.TensorProto) -> tuple:
+        return tuple((e.key, e.value) for e in t.external_data) or (t.raw_data,)
+
+    for looked, packed in zip([lookup.input[0], *lookup.input[2:]], head.input[1:4], strict=True):
+        assert looked != packed and looked in stored and where(stored[looked]) == where(stored[packed])
+    rows = stored[lookup.input[0]]
+    assert list(rows.dims) == [stored[head.input[1]].dims[0], math.prod(stored[head.input[1]].dims[1:])]
+
+
 @pytest.mark.parametrize("quant", ["int8", "int4-plain"])
 def test_weights_file_shrinks_by_the_expected_ratio(built, checkpoints, quant):
     """The uniform quantizations: every weight at one width (the mixed int4 is counted weight by weight above)."""
@@ -217,7 +239,9 @@ def test_weights_file_shrinks_by_the_expected_ratio(built, checkpoints, quant):
     on_disk = sum(_stored_bytes(t) for t in ours)
     linears = [*linear_shapes(cfg), (cfg.hidden_size, cfg.vocab_size)]
     assert on_disk == sum(packed_bytes(k, n, spec) for k, n in linears)
-    assert sum(_stored_bytes(t) for t in proto.graph.initializer) == inline_and_external(art, proto)
+    # every tensor stored once: the lookup's aliases (targets/ort_cpu.py) point at the head's bytes
+    once = [t for t in proto.graph.initializer if not (t.name.endswith(ort_cpu.ALIAS_SUFFIX) and t.external_data)]
+    assert sum(_stored_bytes(t) for t in once) == inline_and_external(art, proto)
 
 
 def _stored_bytes(tensor: onnx.TensorProto) -> int:
