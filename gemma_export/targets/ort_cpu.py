@@ -32,7 +32,8 @@ the node's attributes (scale, softcap, window, causal, kv_num_heads) are the onl
 
 Then, with onnxscript's rewriter: RMSNorm -> RMSNormalization-23, residual Add + RMSNorm ->
 com.microsoft.SkipSimplifiedLayerNormalization, rotate-half RoPE -> RotaryEmbedding-23; and the tied LM head
-(pipeline/graph_patterns.py) on the 3-D hidden states (no copy of the logits).
+(pipeline/graph_patterns.py) on the 3-D hidden states (no copy of the logits). Last, the tied embedding's lookup
+reads the head's weight under an alias of its bytes (`alias_lookup_tables`: one copy resident, not two).
 """
 
 from __future__ import annotations
