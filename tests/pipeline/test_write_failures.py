@@ -318,6 +318,13 @@ def test_full_tmpfs_is_one_line_and_leaves_nothing(ckpt: Path, traced_file: Path
 # ---- Ctrl-C: a real SIGINT to a running `gemma-export build` -----------------------------------------------------
 
 
+def _default_sigint() -> None:
+    """In the build's process, before it starts: SIGINT as a terminal leaves it. A runner started in the background
+    by a shell without job control (`sh -c 'pytest &'`) ignores SIGINT, and children inherit that: Python would
+    then never raise KeyboardInterrupt, and these tests would measure the runner, not the build."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("stage", ["trace", "verify"])
 def test_sigint_mid_build_leaves_nothing(stage: str, ckpt: Path, traced_file: Path, tmp_path: Path) -> None:
     """SIGINT once the stage has started (its plain "[gemma-export] STAGE: started" log line): in trace (the
@@ -332,6 +339,7 @@ def test_sigint_mid_build_leaves_nothing(stage: str, ckpt: Path, traced_file: Pa
         stderr=subprocess.PIPE,
         text=True,
         cwd=tmp_path,
+        preexec_fn=_default_sigint,
     )
     watchdog = threading.Timer(300, proc.kill)
     watchdog.start()
@@ -405,6 +413,7 @@ def test_ctrl_c_while_the_onnx_runtime_child_runs(ckpt: Path, traced_file: Path,
         text=True,
         cwd=work,
         start_new_session=True,  # its own process group, as a shell gives a foreground job
+        preexec_fn=_default_sigint,
     )
     try:
         deadline = time.monotonic() + 300
