@@ -534,10 +534,13 @@ def alias_lookup_tables(model: ir.Model) -> int:
             source, shape = _stored_as(table)
             if source is None or id(source) not in packed:
                 continue
-            view = ir.Tensor(source.const_value.numpy().reshape(shape))  # a view: no copy in memory or on disk
-            alias = ir.Value(name=source.name + ALIAS_SUFFIX, shape=ir.Shape(shape), type=source.type, const_value=view)
-            alias.meta["alias_of"] = source
-            graph.register_initializer(alias)
+            alias = graph.initializers.get(source.name + ALIAS_SUFFIX)  # another lookup of the same table's
+            if alias is None:
+                view = ir.Tensor(source.const_value.numpy().reshape(shape))  # a view: no copy in memory or on disk
+                alias = ir.Value(name=source.name + ALIAS_SUFFIX, shape=ir.Shape(shape), type=source.type,
+                                 const_value=view)  # fmt: skip
+                alias.meta["alias_of"] = source
+                graph.register_initializer(alias)
             node.replace_input_with(i, alias)
             aliased += 1
     return aliased

@@ -229,6 +229,15 @@ def _tied_model(vocab: int, hidden: int) -> ir.Model:
     return ir.from_proto(helper.make_model(graph, opset_imports=opsets, ir_version=10))
 
 
+def test_two_lookups_of_one_table_share_its_alias() -> None:
+    model = _tied_model(64, 16)
+    first = next(n for n in model.graph if n.op_type == "Gather")
+    second = ir.node("Gather", [first.inputs[0], first.inputs[1]])
+    model.graph.insert_after(first, second)
+    assert lower.alias_lookup_tables(model) == 2
+    assert first.inputs[0] is second.inputs[0] and first.inputs[0].name == "E" + lower.ALIAS_SUFFIX
+
+
 _RESIDENT_AFTER_LOAD = """
 import sys, numpy as np, onnxruntime as ort
 def rss(): return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) * 1024
