@@ -47,13 +47,6 @@ def synthetic_batch(vocab_size: int, batch: int, length: int, bos: int, seed: in
     return ids
 
 
-def resident_bytes() -> int | None:
-    """This process's resident memory now (VmRSS; None off Linux)."""
-    from gemma_export.pipeline.progress import resident_bytes as vm_rss
-
-    return vm_rss()
-
-
 def peak_rss_bytes() -> int:
     """This process's peak resident memory. VmHWM, not getrusage: ru_maxrss keeps the high-water mark of the
     parent across fork + exec, so every worker would report the (large) parent's peak (used off Linux only)."""
@@ -63,6 +56,8 @@ def peak_rss_bytes() -> int:
 
 
 def _decoded(start: float, first: float, end: float, tokens: list[int], state_bytes: int | None) -> dict[str, Any]:
+    from gemma_export.pipeline.progress import resident_bytes  # VmRSS now (None off Linux)
+
     return {
         "prefill_s": first - start,
         "decode_s": end - first,
