@@ -38,8 +38,14 @@ def tied_gemm(graph: ir.Graph) -> ir.Node | None:
 @dataclass(frozen=True)
 class TiedHead:
     flatten: ir.Node  # Reshape(x, [-1, hidden])
-    matmul: ir.Node  # the tied Gemm, or (quantized) com.microsoft.MatMulNBits
+    matmul: ir.Node  # the tied Gemm, or (quantized) com.microsoft.MatMulNBits, or a Concat of those (`parts`)
     restore: ir.Node  # Reshape(..., out_shape): [batch, seq, vocab] again
+
+    @property
+    def parts(self) -> list[ir.Node]:
+        """The MatMul nodes: `matmul`, or the MatMulNBits whose logits it concatenates (quantize.py: a table
+        stored in parts of rows at different widths)."""
+        return _parts(self.matmul) or []
 
     @property
     def hidden(self) -> ir.Value:
@@ -56,12 +62,12 @@ def tied_head(graph: ir.Graph) -> TiedHead | None:
 def _head_of(matmul: ir.Node) -> TiedHead | None:
     """The head around `matmul`, if it is one: a Reshape that only flattens x before it, and one that only
     restores x's [batch, seq] after it, each used by nothing else (a rewrite removes all three)."""
-    quantized = matmul.op_type == "MatMulNBits" and matmul.domain == MS_DOMAIN
-    if not (quantized or is_tied_gemm(matmul)) or len(matmul.outputs[0].uses()) != 1:
+    parts = _parts(matmul)
+    if not parts or len(matmul.outputs[0].uses()) != 1:
         return None
-    flat = matmul.inputs[0]
+    flat = parts[0].inputs[0]
     flatten = flat.producer() if flat is not None else None
-    if not _is_reshape(flatten) or len(flat.uses()) != 1:
+    if not _is_reshape(flatten) or len(flat.uses()) != len(parts):
         return None
     x = flatten.inputs[0]
     restore, index = matmul.outputs[0].uses()[0]
@@ -71,6 +77,23 @@ def _head_of(matmul: ir.Node) -> TiedHead | None:
     flattens = _ints(flatten.inputs[1]) == [-1, x.shape[2]]
     restores = list(logits.shape[:2]) == list(x.shape[:2]) or _leading_dims_then_rest(restore.inputs[1], x)
     return TiedHead(flatten, matmul, restore) if flattens and restores else None
+
+
+def _parts(node: ir.Node) -> list[ir.Node] | None:
+    """[node] when it is a tied Gemm or a MatMulNBits; the MatMulNBits nodes a Concat joins along the last axis
+    when they all read the same input and feed nothing else; None otherwise."""
+    if is_tied_gemm(node) or _is_nbits(node):
+        return [node]
+    if node.op_type != "Concat" or node.domain != "" or node.attributes.get_int("axis") not in (-1, 1):
+        return None
+    parts = [v.producer() if v is not None else None for v in node.inputs]
+    if not all(_is_nbits(p) and len(p.outputs[0].uses()) == 1 for p in parts):
+        return None
+    return parts if len({id(p.inputs[0]) for p in parts}) == 1 else None
+
+
+def _is_nbits(node: ir.Node | None) -> bool:
+    return node is not None and node.op_type == "MatMulNBits" and node.domain == MS_DOMAIN
 
 
 def _feeds_logits(node: ir.Node) -> bool:

@@ -182,8 +182,9 @@ def _detach_aliases(graph: ir.Graph) -> list[tuple[ir.Value, str]]:
 
 
 def _attach_aliases(model_file: Path, aliases: list[tuple[ir.Value, str]]) -> None:
-    """Each alias as an initializer of its own name and shape that points at its original's bytes (the same
-    `external_data` location, offset and length), added to the saved graph (small: its weights are external)."""
+    """Each alias as an initializer of its own name and shape that points at its original's bytes: the same
+    `external_data` location, at the original's offset plus the alias's own (`meta["alias_offset"]`, 0 unless
+    it is a slice), for its length; added to the saved graph (small: its weights are external)."""
     proto = onnx.load(str(model_file), load_external_data=False)
     saved = {t.name: t for t in proto.graph.initializer}
     for alias, origin in aliases:
@@ -192,6 +193,15 @@ def _attach_aliases(model_file: Path, aliases: list[tuple[ir.Value, str]]) -> No
         tensor.name = alias.name
         tensor.ClearField("dims")
         tensor.dims.extend(alias.const_value.shape)
+        offset, length = alias.meta.get("alias_offset", 0), alias.const_value.nbytes
+        if tensor.external_data:
+            entries = {e.key: e.value for e in tensor.external_data}
+            entries.update(offset=str(int(entries.get("offset", 0)) + offset), length=str(length))
+            tensor.ClearField("external_data")
+            for key, value in entries.items():
+                tensor.external_data.add(key=key, value=value)
+        else:  # stored inline (small): its own slice of the original's bytes
+            tensor.raw_data = saved[origin].raw_data[offset : offset + length]
     onnx.save(proto, str(model_file))
 
 

@@ -32,8 +32,10 @@ the node's attributes (scale, softcap, window, causal, kv_num_heads) are the onl
 
 Then, with onnxscript's rewriter: RMSNorm -> RMSNormalization-23, residual Add + RMSNorm ->
 com.microsoft.SkipSimplifiedLayerNormalization, rotate-half RoPE -> RotaryEmbedding-23; and the tied LM head
-(pipeline/graph_patterns.py) on the 3-D hidden states (no copy of the logits). Last, the tied embedding's lookup
-reads the head's weight under an alias of its bytes (`alias_lookup_tables`: one copy resident, not two).
+(pipeline/graph_patterns.py) on the 3-D hidden states (no copy of the logits), in slices of the vocabulary when its
+weight is large (`chunk_head`: one slice at a time resident twice while ONNX Runtime pre-packs it). Last, the
+tied embedding's lookup reads the head's weight under an alias of its bytes (`alias_lookup_tables`: one copy
+resident, not two).
 """
 
 from __future__ import annotations
@@ -100,7 +102,7 @@ def lower(model: ir.Model) -> ir.Model:
     fuse_norms(model)
     fuse_rotary(model)
     cancel_transposes(model)
-    fuse_head(model)
+    chunk_head(model, fuse_head(model), HEAD_CHUNK_BYTES)
     alias_lookup_tables(model)
     common_passes.RemoveUnusedNodesPass()(model)
     common_passes.CommonSubexpressionEliminationPass()(model)  # e.g. the RoPE tables' slices, once per table
@@ -487,26 +489,101 @@ def cancel_transposes(model: ir.Model) -> int:
 # --- the LM head -----------------------------------------------------------------------------------------
 
 
-def fuse_head(model: ir.Model) -> int:
+def fuse_head(model: ir.Model) -> ir.Node | None:
     """The tied LM head (pipeline/graph_patterns.py), `Reshape(Gemm(Reshape(x, [-1, hidden]), E, transB=1),
     [batch, seq, vocab])` -> `com.microsoft.FusedMatMul(x, E, transB=1)` on the 3-D input: the same sgemm, bit for
     bit, without ONNX Runtime's copy of the float32 logits at the final Reshape (a graph output is never a view):
     1 GB at a 1024-token prompt of a 262K vocabulary, 1.4 s of its prefill. A head quantized into MatMulNBits
-    (quantize.py) keeps its op and takes the 3-D input likewise. Returns the number of heads fused (0 or 1)."""
+    (quantize.py) keeps its op and takes the 3-D input likewise, and so does each part of one stored in parts
+    (their Concat kept). Returns the fused head's last node (None: no tied head)."""
     head = graph_patterns.tied_head(model.graph)
     if head is None:
-        return 0
-    x, matmul = head.hidden, head.matmul
+        return None
+    fused = [_on_3d(part, head.hidden) for part in head.parts]
+    if head.matmul.op_type == "Concat":
+        fused.append(ir.node("Concat", [f.outputs[0] for f in fused], {"axis": -1}, name=head.matmul.name))
+    # As onnxscript's rewriter does it: the new nodes after the last old one, the logits' name and shape kept.
+    old = [head.flatten, *head.parts, *([head.matmul] if head.matmul.op_type == "Concat" else []), head.restore]
+    convenience.replace_nodes_and_values(model.graph, head.restore, old, fused, head.restore.outputs,
+                                         fused[-1].outputs)  # fmt: skip
+    return fused[-1]
+
+
+def _on_3d(matmul: ir.Node, x: ir.Value) -> ir.Node:
+    """The head's MatMul on x [batch, seq, hidden]: a Gemm as FusedMatMul, a MatMulNBits as it is."""
     if matmul.op_type == "Gemm":
         plain = {"transA": 0, "transB": 1, "alpha": 1.0}
-        fused = ir.node("FusedMatMul", [x, matmul.inputs[1]], plain, domain=MS_DOMAIN)
-    else:
-        attrs = {k: v.value for k, v in matmul.attributes.items()}
-        fused = ir.node("MatMulNBits", [x, *matmul.inputs[1:]], attrs, domain=MS_DOMAIN)
-    # As onnxscript's rewriter does it: the new node after the last old one, the logits' name and shape kept.
-    old = [head.flatten, matmul, head.restore]
-    convenience.replace_nodes_and_values(model.graph, head.restore, old, [fused], head.restore.outputs, fused.outputs)
-    return 1
+        return ir.node("FusedMatMul", [x, matmul.inputs[1]], plain, domain=MS_DOMAIN, name=matmul.name)
+    attrs = {k: v.value for k, v in matmul.attributes.items()}
+    return ir.node("MatMulNBits", [x, *matmul.inputs[1:]], attrs, domain=MS_DOMAIN, name=matmul.name)
+
+
+HEAD_CHUNK_BYTES = 32 << 20  # the most of the head's weight resident twice at load (its original and packed copy)
+SLICE_ROWS = 64  # a slice's rows are a multiple of this: whole blocks of MLAS's kernels
+
+
+def chunk_head(model: ir.Model, head: ir.Node | None, max_bytes: int = HEAD_CHUNK_BYTES) -> int:
+    """A fused head (`fuse_head`: one MatMul, or a Concat of parts) whose weights exceed `max_bytes` -> the same
+    ops over consecutive slices of the vocabulary, their logits concatenated. Each slice reads its rows of the
+    weights (and of a quantized head's scales and zero points) under an alias of their bytes
+    (`meta["alias_offset"]`: package.write_model writes the head once); the head's own initializers are then read
+    by the lookup alone. Returns the number of MatMuls the head has now (0: left as it was).
+
+    Why: ONNX Runtime pre-packs each MatMul's weight at load and releases the original once it is packed; a
+    whole head's original and packed copy were resident together (+640 MiB on Gemma-3-270M's float32 head: a
+    1.7 GiB peak for 1.0 GiB of weights); in slices, one slice's. Decode reads the same bytes with the same
+    kernels (its speed unchanged, measured); a pass that keeps every position's logits copies them once more.
+    """
+    if head is None:
+        return 0
+    parts = [v.producer() for v in head.inputs] if head.op_type == "Concat" else [head]
+    sliced = [_slices(model.graph, part, max_bytes) for part in parts]
+    if all(len(s) == 1 and s[0] is part for s, part in zip(sliced, parts, strict=True)):
+        return 0
+    nodes = [node for s in sliced for node in s]
+    concat = ir.node("Concat", [n.outputs[0] for n in nodes], {"axis": -1}, name=f"{head.name}_slices")
+    kept = {id(part) for s, part in zip(sliced, parts, strict=True) if s == [part]}  # a small part stays as it is
+    old = [p for p in parts if id(p) not in kept] + ([head] if head.op_type == "Concat" else [])
+    new = [n for n in nodes if id(n) not in kept] + [concat]
+    convenience.replace_nodes_and_values(model.graph, head, old, new, head.outputs, concat.outputs)
+    return len(nodes)
+
+
+def _slices(graph: ir.Graph, matmul: ir.Node, max_bytes: int) -> list[ir.Node]:
+    """`matmul` over slices of its N rows, each reading aliases of its rows; [matmul] when it is small enough,
+    or not a plain FusedMatMul / MatMulNBits whose weights are initializers [N, ...] that the lookup reads too
+    (they stay, as the slices' storage)."""
+    weights = [v for v in matmul.inputs[1:] if v is not None]
+    vocab = weights[0].shape[0] if weights and weights[0].shape is not None else None
+    plain = (matmul.op_type == "MatMulNBits" and len(matmul.inputs) <= 4) or matmul.op_type == "FusedMatMul"
+    sliceable = (
+        plain
+        and isinstance(vocab, int)
+        and all(w.is_initializer() and w.const_value is not None and w.const_value.shape[0] == vocab for w in weights)
+        and all(len(w.uses()) > 1 for w in weights)
+    )
+    total = sum(w.const_value.nbytes for w in weights) if sliceable else 0
+    if total <= max_bytes:
+        return [matmul]
+    count = -(-total // max_bytes)
+    rows = -(-vocab // (count * SLICE_ROWS)) * SLICE_ROWS
+    attrs = {k: v.value for k, v in matmul.attributes.items()}
+    slices = []
+    for start in range(0, vocab, rows):
+        stop = min(start + rows, vocab)
+        inputs = [matmul.inputs[0], *(_rows_alias(graph, w, start, stop) for w in weights)]
+        if matmul.op_type == "MatMulNBits":
+            attrs["N"] = stop - start
+        slices.append(ir.node(matmul.op_type, inputs, dict(attrs), domain=matmul.domain,
+                              name=f"{matmul.name}_rows{start}"))  # fmt: skip
+    return slices
+
+
+def _rows_alias(graph: ir.Graph, source: ir.Value, start: int, stop: int) -> ir.Value:
+    """Rows [start, stop) of an initializer, as an initializer that aliases their bytes."""
+    array = source.const_value.numpy()
+    view = array[start:stop]  # leading-axis rows of a C-contiguous array: contiguous bytes, no copy
+    return _alias(graph, source, f"{source.name}.rows{start}", view, offset=start * array[0].nbytes)
 
 
 # A lookup reads a few rows of its table per call; these ops read all of a weight and pre-pack it at load.
@@ -524,7 +601,8 @@ def alias_lookup_tables(model: ir.Model) -> int:
     and releases the original, unless another node reads it: the lookup did, so the LM head's weight stayed
     resident twice (+640 MiB on Gemma-3-270M: 1.7 GiB for 1.0 GiB of fp32 weights), and a quantized head's
     Reshape was folded at load into a copy. Under its own name, the lookup's table is a memory mapping of its
-    own, of which only the rows looked up become resident. Returns the number of tables aliased."""
+    own, of which only the rows looked up become resident. A table that no MatMul reads (a head in slices reads
+    aliases of it) is read as it is, reshaped in place if need be. Returns the number of tables aliased."""
     graph = model.graph
     packed = {id(v) for n in graph for v in n.inputs[1:] if (n.domain, n.op_type) in PREPACKING and v is not None}
     aliased = 0
@@ -532,18 +610,33 @@ def alias_lookup_tables(model: ir.Model) -> int:
         for i in LOOKUPS.get((node.domain, node.op_type), ()):
             table = node.inputs[i] if i < len(node.inputs) else None
             source, shape = _stored_as(table)
-            if source is None or id(source) not in packed:
+            if source is None:
+                continue
+            if id(source) not in packed:
+                if table is not source and all(user.op_type == "Reshape" for user, _ in source.uses()):
+                    # a sliced head's table (chunk_head: the slices read aliases): it takes the lookup's shape
+                    # itself, as ONNX Runtime would fold the Reshape into a copy at load
+                    source.const_value = ir.Tensor(source.const_value.numpy().reshape(shape))
+                    source.shape = ir.Shape(shape)
+                    node.replace_input_with(i, source)
                 continue
             alias = graph.initializers.get(source.name + ALIAS_SUFFIX)  # another lookup of the same table's
             if alias is None:
-                view = ir.Tensor(source.const_value.numpy().reshape(shape))  # a view: no copy in memory or on disk
-                alias = ir.Value(name=source.name + ALIAS_SUFFIX, shape=ir.Shape(shape), type=source.type,
-                                 const_value=view)  # fmt: skip
-                alias.meta["alias_of"] = source
-                graph.register_initializer(alias)
+                view = source.const_value.numpy().reshape(shape)  # a view: no copy in memory or on disk
+                alias = _alias(graph, source, source.name + ALIAS_SUFFIX, view)
             node.replace_input_with(i, alias)
             aliased += 1
     return aliased
+
+
+def _alias(graph: ir.Graph, source: ir.Value, name: str, view: np.ndarray, offset: int = 0) -> ir.Value:
+    """A new initializer `name` whose bytes are `source`'s from byte `offset` on (`view`: a numpy view of them),
+    which package.write_model stores as a pointer to them, not a copy."""
+    alias = ir.Value(name=name, shape=ir.Shape(view.shape), type=source.type, const_value=ir.Tensor(view))
+    alias.meta["alias_of"] = source
+    alias.meta["alias_offset"] = offset
+    graph.register_initializer(alias)
+    return alias
 
 
 def _stored_as(table: ir.Value | None) -> tuple[ir.Value | None, list[int]]:

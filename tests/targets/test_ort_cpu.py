@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_ir as ir
+import onnxruntime as ort
 import pytest
 import torch
 from onnx import TensorProto, helper
@@ -244,32 +245,73 @@ def rss(): return int(next(l for l in open("/proc/self/status") if l.startswith(
 before = rss()
 session = ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
 session.run(None, {"ids": np.array([[3]], np.int64)})
-print(rss() - before)
+peak = int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) * 1024
+print(rss() - before, peak - before)
 """
 
 
 def test_a_pre_packed_head_leaves_one_copy_of_the_tied_table_resident(tmp_path) -> None:
     """Measured in a fresh process: ONNX Runtime holds the head's packed copy and, without the alias, the
-    original too (the lookup reads it); with the alias, the lookup's few rows."""
+    original too (the lookup reads it); with the alias, the lookup's few rows. While it packs a whole head,
+    both copies are resident; in slices (chunk_head), one slice's original at a time."""
+    table = 8192 * 1024 * 4  # 32 MiB: well above the session's own allocations
+    grown = {}
+    for way in ("plain", "aliased", "sliced"):
+        model = _tied_model(8192, 1024)
+        if way == "sliced":
+            head = next(n for n in model.graph if n.op_type == "FusedMatMul")
+            assert lower.chunk_head(model, head, max_bytes=table // 8) == 8
+        if way != "plain":
+            assert lower.alias_lookup_tables(model) == (way == "aliased")  # a sliced head needs none
+        grown[way] = _load_and_look_up(tmp_path / way, model)
+        assert (tmp_path / way / package.WEIGHTS_FILE).stat().st_size == table  # written once, every way
+    # Without the alias both copies stay (if this fails, ONNX Runtime changed: the alias may be needless); with
+    # it, one copy less (the session's own allocations, ~10 MB, in all)
+    (plain, _), (aliased, aliased_peak), (sliced, sliced_peak) = grown.values()
+    assert plain > 1.75 * table and plain - aliased > 0.8 * table, grown
+    # the peak: a whole head's two copies at once, or one copy and an eighth
+    assert aliased_peak > 1.75 * table and sliced_peak < 1.5 * table, grown
+    assert abs(sliced - aliased) < 0.2 * table, grown  # what stays is the same
+
+
+def _load_and_look_up(folder: Path, model: ir.Model) -> tuple[int, int]:
+    """(resident bytes after a lookup, peak resident bytes) that a fresh process gains from opening `model`."""
     import subprocess
     import sys
 
-    table = 8192 * 1024 * 4  # 32 MiB: well above the session's own allocations
-    grown = {}
-    for aliased in (False, True):
-        model = _tied_model(8192, 1024)
-        if aliased:
-            assert lower.alias_lookup_tables(model) == 1
-        folder = tmp_path / str(aliased)
+    folder.mkdir()
+    package.write_model(model, folder)
+    run = [sys.executable, "-c", _RESIDENT_AFTER_LOAD, str(folder / package.MODEL_FILE)]
+    resident, peak = subprocess.run(run, capture_output=True, text=True, check=True).stdout.split()
+    return int(resident), int(peak)
+
+
+def test_a_large_head_is_computed_in_slices_that_alias_its_bytes(tmp_path) -> None:
+    """chunk_head: the same logits from slices of the vocabulary, each reading its rows' span of the one stored
+    copy, which the lookup reads as it is (no MatMul pre-packs it now: no alias needed)."""
+    vocab, hidden = 5 * lower.SLICE_ROWS, 64
+    logits = {}
+    for slices in (0, 5):
+        model = _tied_model(vocab, hidden)
+        head = next(n for n in model.graph if n.op_type == "FusedMatMul")
+        whole = 4 * vocab * hidden
+        assert lower.chunk_head(model, head, max_bytes=whole // 5 if slices else whole) == slices
+        assert lower.alias_lookup_tables(model) == (not slices)
+        folder = tmp_path / str(slices)
         folder.mkdir()
         package.write_model(model, folder)
-        assert (folder / package.WEIGHTS_FILE).stat().st_size == table  # written once either way
-        run = [sys.executable, "-c", _RESIDENT_AFTER_LOAD, str(folder / package.MODEL_FILE)]
-        grown[aliased] = int(subprocess.run(run, capture_output=True, text=True, check=True).stdout)
-    # Without the alias both copies stay (if this fails, ONNX Runtime changed: the alias may be needless); with
-    # it, one copy less (the session's own allocations, ~10 MB, in both).
-    assert grown[False] > 1.75 * table, grown
-    assert grown[False] - grown[True] > 0.8 * table, grown
+        assert (folder / package.WEIGHTS_FILE).stat().st_size == whole
+        session = ort.InferenceSession(str(folder / package.MODEL_FILE), providers=["CPUExecutionProvider"])
+        logits[slices] = session.run(None, {"ids": np.array([[7]], np.int64)})[0]
+        proto = onnx.load(str(folder / package.MODEL_FILE), load_external_data=False)
+    heads = [n for n in proto.graph.node if n.op_type == "FusedMatMul"]
+    spans = stored_spans(proto)
+    (gather,) = [n for n in proto.graph.node if n.op_type == "Gather"]
+    assert gather.input[0] == "E" and spans["E"] == (0, whole)
+    rows = whole // 5
+    assert [spans[n.input[1]] for n in heads] == [(i * rows, rows) for i in range(5)]  # tiling the table
+    # each logit is the same dot product (MLAS may sum a slice's last columns in another order)
+    np.testing.assert_allclose(logits[5], logits[0], rtol=1e-5, atol=1e-6)
 
 
 # --- the portable target, and the windowed cache -----------------------------------------------------------
