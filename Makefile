@@ -99,9 +99,9 @@ bench-real: install llama-cpp
 # bench-e2b: the Gemma 4 E2B shape (no real Gemma 4 weights are reachable here): a random fp32 checkpoint of the
 # published config (18 GB, written once under build/bench/gemma-4-e2b/), the same weights beside Gemma 3's
 # 262,144-token tokenizer (gemma_export/dev/real_vocab.py: llama.cpp's converter cuts the embedding to the
-# tokenizer), llama.cpp's Q4_K_M of it (convert_hf_to_gguf.py + llama-quantize, cached), our `--quant int4-rtn`
-# build (int4 with GPTQ is the same graph and speed, but calibrating 4.6B parameters takes hours on 2 cores; the
-# gate is recorded, not enforced: random weights have no meaningful top-1), then both side by side, as bench-real.
+# tokenizer), llama.cpp's Q4_K_M of it (convert_hf_to_gguf.py + llama-quantize, cached), our `--quant int4`
+# build (round-to-nearest; the gate is recorded, not enforced: random weights have no meaningful top-1), then
+# both side by side, as bench-real.
 # onnxruntime-genai 0.18's builder cannot build Gemma 4 (README "Gemma 4"). ~1 h on 2 cores, 24 GB of memory.
 E2B = build/bench/gemma-4-e2b
 bench-e2b: install llama-cpp
@@ -109,9 +109,9 @@ bench-e2b: install llama-cpp
 	$(BIN)/python -m gemma_export.dev.random_checkpoint gemma-4-e2b $(E2B)/random; \
 	$(BIN)/python -m gemma_export.dev.real_vocab $(E2B)/random $(E2B)/random-262k; \
 	gguf=$$($(BIN)/python -m gemma_export.bench.llamacpp --from-hf $(E2B)/random-262k --type Q4_K_M); \
-	$(BIN)/gemma-export build $(E2B)/random-262k -o $(E2B)/artifact-int4-rtn --quant int4-rtn \
+	$(BIN)/gemma-export build $(E2B)/random-262k -o $(E2B)/artifact-int4 --quant int4 \
 		--min-top1 0 --max-kl 100 --force; \
-	$(BIN)/gemma-export bench $(E2B)/artifact-int4-rtn --checkpoint $(E2B)/random-262k --gguf "$$gguf" \
+	$(BIN)/gemma-export bench $(E2B)/artifact-int4 --checkpoint $(E2B)/random-262k --gguf "$$gguf" \
 		--systems llama.cpp $(BENCH_REAL_ARGS) --workdir build/bench --json-out build/bench/gemma-4-e2b-int4.json
 
 # CUDA kernels of the ai.gemma ops (graphs/*/kernels/, graphs/README.md "Kernels"): one libgemma_kernels.so with

@@ -154,7 +154,7 @@ class BuildInfo(_Strict):
     target: str = Field(description="the target it was lowered for (targets/: onnx, ort-cpu, tensorrt)")
     providers: list[str] = Field(description="ONNX Runtime execution providers that run it, in order")
     precision: str = Field(description="fp32 (tensorrt: also bf16, fp16)")
-    quant: str = Field(description="none | int8 | int4 | int4-rtn | int4-plain")
+    quant: str = Field(description="none | int8 | int4 | int4-gptq | int4-rtn | int4-plain")
     opset: int = Field(description="the default-domain ONNX opset")
     domains: dict[str, int] = Field(description="every opset import: domain -> version")
     max_length: int = Field(description="the longest sequence (prompt + generated) it serves")
@@ -189,19 +189,22 @@ class CalibrationText(_Strict):
 
 class Quantization(_Strict):
     method: str
-    bits: int = Field(description="the projections' width (`widths` has every role's)")
+    bits: int = Field(description="the narrowest width, what --quant names (`widths` has every role's)")
     block_size: int
     symmetric: bool
     accuracy_level: int = Field(description="MatMulNBits: 0 float32 activations, 4 int8")
-    widths: dict[str, Width] = Field(description="per role: projections, embedding, and the roles kept wider")
+    widths: dict[str, Width] = Field(
+        description="per role: projections, embedding (`embedding_tail`: its second half of rows), other roles"
+    )
     quantized: dict[str, int | str] = Field(
-        description="what was rewritten: MatMul count (`matmul_gptq`: by GPTQ), LM head, embedding, `lookup_tables` "
-        "(other tables looked up by token id, e.g. Gemma 4's per-layer embeddings)"
+        description="what was rewritten: MatMul count (`matmul_gptq`: by GPTQ), LM head, embedding "
+        "(`embedding_tail_from`: its first row at `widths.embedding_tail`), `lookup_tables` (other tables looked up "
+        "by token id, e.g. Gemma 4's per-layer embeddings)"
     )
     kept_float32: str
     weight_bytes: dict[Literal["before", "after"], int]
-    gptq: GptqSettings | None = Field(None, description="--quant int4: GPTQ's settings (2.1)")
-    calibration: CalibrationText | None = Field(None, description="--quant int4: GPTQ's calibration text (2.1)")
+    gptq: GptqSettings | None = Field(None, description="--quant int4-gptq: GPTQ's settings (2.1)")
+    calibration: CalibrationText | None = Field(None, description="--quant int4-gptq: GPTQ's calibration text (2.1)")
 
 
 class RandomCheckpoint(_Strict):

@@ -55,9 +55,9 @@ def build(
     quant: Annotated[
         str | None,
         typer.Option(
-            help="Weight-only quantization (MatMulNBits): none, int8, int4 (int4 projections by GPTQ, up/k/v and "
-            "the embedding at int8), int4-rtn (the same widths, rounded to nearest: no calibration) or int4-plain "
-            "(int4 everywhere). Default: none."
+            help="Weight-only quantization (MatMulNBits): none, int8, int4 (a mix: half the embedding and the "
+            "o projections at int4, the rest at int8), int4-gptq (the same widths by GPTQ on calibration text), "
+            "int4-rtn (int4's earlier name) or int4-plain (int4 everywhere). Default: none."
         ),
     ] = None,
     block_size: Annotated[
@@ -72,7 +72,8 @@ def build(
     calibration: Annotated[
         Path | None,
         typer.Option(
-            help="With --quant int4: GPTQ's calibration text, a UTF-8 file (default: a text shipped with gemma-export)."
+            help="With --quant int4-gptq: GPTQ's calibration text, a UTF-8 file (default: a text shipped with "
+            "gemma-export)."
         ),
     ] = None,
     cache_layout: Annotated[

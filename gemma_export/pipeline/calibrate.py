@@ -1,4 +1,4 @@
-"""Calibrate stage (`--quant int4`): GPTQ of every projection on the fp32 reference model, before the quantize
+"""Calibrate stage (`--quant int4-gptq`): GPTQ of every projection on the fp32 reference model, before the quantize
 stage writes the graph's MatMulNBits weights from the result (quantize.py).
 
 Data flows one way. In: the reference model (left exactly as it was: the verify stage compares against it),
@@ -66,8 +66,8 @@ def tokenizer_of(checkpoint_dir: Path) -> Any:
         return gguf.build_tokenizer(vocab)
     path = Path(checkpoint_dir) / "tokenizer.json"
     if not path.is_file():
-        raise BadInput(f"{checkpoint_dir}: --quant int4 calibrates on text and needs the checkpoint's tokenizer "
-                       "(tokenizer.json); --quant int4-rtn needs none")  # fmt: skip
+        raise BadInput(f"{checkpoint_dir}: --quant int4-gptq calibrates on text and needs the checkpoint's "
+                       "tokenizer (tokenizer.json); --quant int4 needs none")  # fmt: skip
     return Tokenizer.from_file(str(path))
 
 

@@ -15,9 +15,9 @@ from gemma_export.pipeline import package, quantize
 from gemma_export.verify import gate as verify
 
 PRECISIONS = ("fp32",)
-# offered wherever a recipe offers int4: int4's widths rounded to nearest (no calibration: minutes, not hours, on a
-# multi-billion-parameter model on a CPU), and int4 everywhere (quantize.py)
-INT4_VARIANTS = ("int4-rtn", "int4-plain")
+# offered wherever a recipe offers int4: int4's widths by GPTQ on calibration text, int4 under its earlier name,
+# and int4 everywhere (quantize.py)
+INT4_VARIANTS = ("int4-gptq", "int4-rtn", "int4-plain")
 
 
 @dataclass(frozen=True)

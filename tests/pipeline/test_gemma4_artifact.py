@@ -75,9 +75,9 @@ def trace_once_per_model():
         patch.setattr(trace, "export_decoder", cached)
         patch.setitem(
             quantize.DEFAULTS,
-            "int4",
+            "int4-gptq",
             dataclasses.replace(
-                quantize.DEFAULTS["int4"], gptq=quantize.GptqSettings(tokens=1024, sequence_length=256)
+                quantize.DEFAULTS["int4-gptq"], gptq=quantize.GptqSettings(tokens=1024, sequence_length=256)
             ),
         )
         yield

@@ -23,7 +23,7 @@ from gemma_export.dev import random_checkpoint
 from gemma_export.errors import BadInput
 from gemma_export.pipeline import calibrate, gptq, quantize
 
-SPEC = quantize.DEFAULTS["int4"]
+SPEC = quantize.DEFAULTS["int4-gptq"]
 LAYERS = {"gemma3_text": 2, "recurrent_gemma": 3}  # Griffin: (recurrent, recurrent, attention)
 
 

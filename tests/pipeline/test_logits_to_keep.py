@@ -190,7 +190,11 @@ def test_manifest_lists_the_optional_input_and_the_head_is_one_node(built, name)
 
     proto = graph_of(artifact)
     heads = [n for n in proto.graph.node if _is_head(n, vocab)]
-    assert len(heads) == 1  # one head, on the kept rows: Slice -> head -> (soft-cap) -> logits, no Reshape
+    # one head, on the kept rows: Slice -> head -> (soft-cap) -> logits, no Reshape; an int4 embedding stored in two
+    # parts of rows (quantize.py) is one MatMulNBits per part, their logits concatenated
+    split = manifest.quantization is not None and "embedding_tail" in manifest.quantization.widths
+    assert len(heads) == (2 if split else 1)
+    assert len({n.input[0] for n in heads}) == 1
     producers = {out: n for n in proto.graph.node for out in n.output}
     hidden = producers[heads[0].input[0]]
     if hidden.op_type == "Reshape" and heads[0].op_type == "Gemm":  # --target onnx: the traced head, flattened
@@ -198,6 +202,10 @@ def test_manifest_lists_the_optional_input_and_the_head_is_one_node(built, name)
     starts = producers[hidden.input[1]]  # 0 - Unsqueeze(logits_to_keep)
     assert hidden.op_type == "Slice" and producers[starts.input[1]].input[0] == logits_to_keep.INPUT
     chain, value = [], heads[0].output[0]
+    if split:
+        (concat,) = [n for n in proto.graph.node if value in n.input]
+        assert concat.op_type == "Concat" and list(concat.input) == [n.output[0] for n in heads]
+        value = concat.output[0]
     while value != "logits":
         (consumer,) = [n for n in proto.graph.node if value in n.input]
         chain.append(consumer.op_type)
@@ -224,6 +232,6 @@ def _ops(proto: onnx.ModelProto) -> collections.Counter:
 
 
 def _is_head(node: onnx.NodeProto, vocab: int) -> bool:
-    if node.op_type == "MatMulNBits":
-        return helper.get_node_attr_value(node, "N") == vocab
+    if node.op_type == "MatMulNBits":  # the head, or a part of its rows (the tied embedding's bytes)
+        return helper.get_node_attr_value(node, "N") == vocab or "embed_tokens" in node.input[1]
     return node.op_type in ("Gemm", "FusedMatMul")
