@@ -269,8 +269,9 @@ def test_a_pre_packed_head_leaves_one_copy_of_the_tied_table_resident(tmp_path) 
     # it, one copy less (the session's own allocations, ~10 MB, in all)
     (plain, _), (aliased, aliased_peak), (sliced, sliced_peak) = grown.values()
     assert plain > 1.75 * table and plain - aliased > 0.8 * table, grown
-    # the peak: a whole head's two copies at once, or one copy and an eighth
-    assert aliased_peak > 1.75 * table and sliced_peak < 1.5 * table, grown
+    # the peak over what stays (the session's own allocations cancel): a whole head's second copy while it is
+    # packed, or at most a slice's (an eighth; measured 0.93 and 0.04 tables)
+    assert aliased_peak - aliased > 0.75 * table and sliced_peak - sliced < 0.25 * table, grown
     assert abs(sliced - aliased) < 0.2 * table, grown  # what stays is the same
 
 
