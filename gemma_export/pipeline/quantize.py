@@ -37,7 +37,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from types import ModuleType
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import onnx_ir as ir
@@ -319,15 +319,15 @@ def _quantize_tied_embedding(graph: ir.Graph, head: ir.Node, spec: QuantSpec) ->
             _to_gather_block_quantized(graph, gather, data, packed, spec.embedding, table.name, hidden)
         _remove_initializer(graph, table)
         return True
-    parts = []  # (name, rows, width, packed, the head's MatMulNBits)
+    parts = []
     for start, stop, width in ((0, split, spec.embedding), (split, vocab, spec.embedding_tail)):
         packed = round_to_nearest(lambda lo, hi, start=start: e[start + lo : start + hi].T, stop - start, width)
         name = f"{table.name}_rows{start}"
         node = _matmul_nbits(graph, head.inputs[0], name, hidden, packed, width, spec.accuracy_level,
                              f"{head.name}_rows{start}_Q{width.bits}")  # fmt: skip
-        parts.append((name, width, packed, node))
-    concat = ir.node("Concat", [p[3].outputs[0] for p in parts], {"axis": -1}, name=f"{head.name}_concat")
-    new = [p[3] for p in parts] + [concat]
+        parts.append(_Part(name, width, packed, node))
+    concat = ir.node("Concat", [p.head.outputs[0] for p in parts], {"axis": -1}, name=f"{head.name}_concat")
+    new = [p.head for p in parts] + [concat]
     convenience.replace_nodes_and_values(graph, head, [head], new, head.outputs, concat.outputs)
     for gather in lookups:
         _split_lookup(graph, gather, split, parts, hidden)
@@ -335,7 +335,17 @@ def _quantize_tied_embedding(graph: ir.Graph, head: ir.Node, spec: QuantSpec) ->
     return True
 
 
-def _split_lookup(graph: ir.Graph, gather: ir.Node, split: int, parts: list, hidden: int) -> None:
+class _Part(NamedTuple):
+    """One part of rows of a tied embedding stored in parts: its initializers' name prefix, width, packed bytes,
+    and the head's MatMulNBits over it."""
+
+    name: str
+    width: Width
+    packed: Packed
+    head: ir.Node
+
+
+def _split_lookup(graph: ir.Graph, gather: ir.Node, split: int, parts: list[_Part], hidden: int) -> None:
     """Gather(E, ids) of a table stored in two parts of rows (ids < split, ids >= split):
     Where(ids < split, lookup(part 0, ids or 0), lookup(part 1, ids - split or 0)), each lookup a
     GatherBlockQuantized on its part's packed bytes (`_to_gather_block_quantized`'s)."""
@@ -347,8 +357,9 @@ def _split_lookup(graph: ir.Graph, gather: ir.Node, split: int, parts: list, hid
     below = tape.op("Less", [ids, first])
     rows = [tape.op("Where", [below, ids, zero]), tape.op("Where", [below, zero, tape.op("Sub", [ids, first])])]
     nodes, looked = list(tape.nodes), []
-    for (name, width, packed, head_part), part_ids in zip(parts, rows, strict=True):
-        part_nodes, out = _lookup_nodes(graph, gather, head_part.inputs[1], part_ids, packed, width, name, hidden)
+    for part, part_ids in zip(parts, rows, strict=True):
+        data = part.head.inputs[1]
+        part_nodes, out = _lookup_nodes(graph, gather, data, part_ids, part.packed, part.width, part.name, hidden)
         nodes += part_nodes
         looked.append(out)
     tape = Tape()

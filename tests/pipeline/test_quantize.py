@@ -495,6 +495,45 @@ def test_tied_embedding_lookup_and_head_read_the_same_quantized_rows(bits, symme
     np.testing.assert_allclose(logits, x @ dequantized.T, atol=1e-4)
 
 
+def test_a_tied_embedding_in_two_parts_is_looked_up_and_multiplied_by_the_part_of_each_row() -> None:
+    """`embedding_tail`: rows below vocab // 2 at `embedding`'s width, the rest at the tail's; the lookup takes each
+    id's row from its part (ids on both sides of the split, the first and last of each), the head concatenates
+    the parts' logits in vocabulary order."""
+    vocab, hidden, block = 300, 80, 32
+    rng = np.random.default_rng(0)
+    table = rng.standard_normal((vocab, hidden)).astype(np.float32)
+    float32, int64 = onnx.TensorProto.FLOAT, onnx.TensorProto.INT64
+    nodes = [helper.make_node("Gather", ["E", "ids"], ["emb"], "lookup"),
+             helper.make_node("Gemm", ["x", "E"], ["logits"], "head", transB=1)]  # fmt: skip
+    inputs = [
+        helper.make_tensor_value_info("ids", int64, ["n"]),
+        helper.make_tensor_value_info("x", float32, ["m", hidden]),
+    ]
+    outputs = [helper.make_tensor_value_info(name, float32, None) for name in ("emb", "logits")]
+    graph = helper.make_graph(nodes, "tied", inputs, outputs, [numpy_helper.from_array(table, "E")])
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)], ir_version=10))
+    int8, int4 = (quantize.Width(bits=b, block_size=block, symmetric=False) for b in (8, 4))
+    spec = quantize.QuantSpec(int8, int8, accuracy_level=0, embedding_tail=int4)
+    quantized, record = quantize.quantize(model, spec)
+    assert record["quantized"]["embedding_tail_from"] == vocab // 2
+    assert record["bits"] == 4 and record["widths"]["embedding_tail"]["bits"] == 4
+    proto = ir.to_proto(quantized)
+    assert "E" not in {t.name for t in proto.graph.initializer}  # no float32 copy left
+    split = vocab // 2
+    dequantized = np.concatenate([_dequantize(proto, "E_rows0", 8, block, hidden),
+                                  _dequantize(proto, f"E_rows{split}", 4, block, hidden)])  # fmt: skip
+    errors = np.abs(dequantized - table).max(axis=1)
+    assert errors[:split].max() < errors[split:].min()  # each half at its own width: int8 rows far closer
+
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    ids, x = np.array([0, split - 1, split, vocab - 1, 7]), rng.standard_normal((5, hidden)).astype(np.float32)
+    emb, logits = session.run(None, {"ids": ids, "x": x})
+    np.testing.assert_allclose(emb, dequantized[ids], atol=1e-6)
+    np.testing.assert_allclose(logits, x @ dequantized.T, atol=1e-4)
+
+
 def test_round_to_nearest_by_slices_is_the_kernel_on_the_whole_weight(monkeypatch) -> None:
     """The stage packs a weight a few columns at a time (memory: one slice, not the model); columns are quantized
     independently, so the bytes must be ONNX Runtime's kernel's on the whole weight."""
