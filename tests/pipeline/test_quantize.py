@@ -38,6 +38,9 @@ from tests.support.genai_client import genai_greedy
 
 MODEL_TYPES = ("gemma3_text", "gemma2", "recurrent_gemma")
 QUANTS = ("int8", "int4", "int4-gptq")
+# GPTQ's calibration runs Gemma 3's layers in sequence and re-runs RecurrentGemma from its start (calibrate.py);
+# Gemma 2 takes Gemma 3's path, so its GPTQ build adds time, not coverage
+BUILDS = [(m, q) for m in MODEL_TYPES for q in QUANTS if (m, q) != ("gemma2", "int4-gptq")]
 # Random-weight gates (min top-1, max KL): these checkpoints' good builds measure int8 KL <= 5.1e-4, int4 (rounded
 # to nearest) <= 0.073, GPTQ lower; their broken ones >= 0.086; verify.AGREEMENT_GATES are set for real weights,
 # whose KL is far larger.
@@ -140,8 +143,7 @@ def packed_bytes(k: int, n: int, spec: quantize.Width) -> int:
     return n * blocks * spec.block_size * spec.bits // 8 + n * blocks * 4 + zero_points
 
 
-@pytest.mark.parametrize("quant", QUANTS)
-@pytest.mark.parametrize("model_type", MODEL_TYPES)
+@pytest.mark.parametrize(("model_type", "quant"), BUILDS)
 def test_quantized_build_rewrites_every_projection_and_records_its_agreement(built, checkpoints, model_type, quant):
     artifact = built(model_type, quant)
     cfg, _ = load.load_model(checkpoints[model_type])
