@@ -538,11 +538,11 @@ def chunk_head(model: ir.Model, head: ir.Node | None, max_bytes: int = HEAD_CHUN
         return 0
     parts = [v.producer() for v in head.inputs] if head.op_type == "Concat" else [head]
     sliced = [_slices(model.graph, part, max_bytes) for part in parts]
-    if all(len(s) == 1 and s[0] is part for s, part in zip(sliced, parts, strict=True)):
+    kept = {id(part) for s, part in zip(sliced, parts, strict=True) if s == [part]}  # a small part stays as it is
+    if len(kept) == len(parts):
         return 0
     nodes = [node for s in sliced for node in s]
     concat = ir.node("Concat", [n.outputs[0] for n in nodes], {"axis": -1}, name=f"{head.name}_slices")
-    kept = {id(part) for s, part in zip(sliced, parts, strict=True) if s == [part]}  # a small part stays as it is
     old = [p for p in parts if id(p) not in kept] + ([head] if head.op_type == "Concat" else [])
     new = [n for n in nodes if id(n) not in kept] + [concat]
     convenience.replace_nodes_and_values(model.graph, head, old, new, head.outputs, concat.outputs)
