@@ -11,6 +11,7 @@
 #include "gemma_runtime.h"
 #include "manifest.h"
 #include "ort.h"
+#include "pages.h"
 #include "sampler.h"
 
 namespace gemma {
@@ -80,6 +81,8 @@ struct Model::Impl {
       } catch (const Ort::Exception& e) {
         throw Error(path + ": ONNX Runtime cannot load the model (" + e.what() + ")", 3);
       }
+      auto weights = manifest.files.find("weights");
+      if (weights != manifest.files.end()) settle_weights(dir + "/" + weights->second.path);
     }
     return *session;
   }

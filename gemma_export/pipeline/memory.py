@@ -18,18 +18,17 @@ are no-ops.
 from __future__ import annotations
 
 import bisect
-import ctypes
-import ctypes.util
 import gc
 import mmap
 import os
 import re
 import signal
-import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from gemma_export import libc
 
 PAGE = mmap.PAGESIZE
 _HEADER = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) \S+ ([0-9a-f]+) \S+ (\d+)\s*(.*)$")
@@ -89,7 +88,7 @@ class FileMappings:
             m = self.find(address, nbytes)
             if m is not None:  # whole pages, within the mapping: a neighbour's pages come back on its next read
                 start, end = max(m.start, address // PAGE * PAGE), min(m.end, -(-(address + nbytes) // PAGE) * PAGE)
-                _madvise(start, end - start)
+                libc.madvise(start, end - start, getattr(mmap, "MADV_DONTNEED", None))
 
 
 def buffer_span(array: Any) -> tuple[int, int] | None:
@@ -156,34 +155,14 @@ def drop_after_forward(model: Any) -> int:
 def release_heap() -> None:
     """Collect garbage and hand the allocator's free memory back to the system (glibc's malloc_trim)."""
     gc.collect()
-    trim = _libc_function("malloc_trim")
+    trim = libc.function("malloc_trim")
     if trim is not None:
         trim(0)
 
 
-def _madvise(start: int, length: int) -> None:
-    madvise, advice = _libc_function("madvise"), getattr(mmap, "MADV_DONTNEED", None)
-    if madvise is not None and advice is not None and length > 0:
-        madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), advice)
-
-
-_LIBC: dict[str, Any] = {}
-
-
-def _libc_function(name: str) -> Any:
-    if not sys.platform.startswith("linux"):
-        return None
-    if "libc" not in _LIBC:
-        try:
-            _LIBC["libc"] = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        except OSError:
-            _LIBC["libc"] = None
-    return getattr(_LIBC["libc"], name, None)
-
-
 def die_with_parent(parent_pid: int) -> None:
     """Linux: this process gets SIGKILL when its parent dies, so that a child never outlives a killed build."""
-    prctl = _libc_function("prctl")
+    prctl = libc.function("prctl")
     if prctl is not None:
         pr_set_pdeathsig = 1
         prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)

@@ -16,6 +16,7 @@ import numpy as np
 
 from gemma_export.errors import BadInput
 from gemma_export.manifest import Manifest
+from gemma_export.runtime.pages import settle_weights
 from gemma_export.runtime.sampler import SplitMix64, sample_row
 
 Cache = list[np.ndarray]  # the carried state, in the order of the manifest's `state` list
@@ -60,11 +61,15 @@ def session_options(threads: int = 0, low_memory: bool = False):
 
 
 def open_session(artifact_dir: Path, manifest: Manifest, threads: int = 0, low_memory: bool = False):
-    """The artifact's model in an ONNX Runtime session, on the execution providers its target runs on."""
+    """The artifact's model in an ONNX Runtime session, on the execution providers its target runs on; its
+    weights file's pages settled once loaded (runtime/pages.py: only what the lookups read stays resident)."""
     import onnxruntime as ort
 
     path = str(Path(artifact_dir) / manifest.files["model"].path)
-    return ort.InferenceSession(path, session_options(threads, low_memory), providers=list(manifest.build.providers))
+    session = ort.InferenceSession(path, session_options(threads, low_memory), providers=list(manifest.build.providers))
+    if not low_memory and "weights" in manifest.files:  # unpacked, every run reads the weights from the file
+        settle_weights(Path(artifact_dir) / manifest.files["weights"].path)
+    return session
 
 
 class OrtDecoder:
