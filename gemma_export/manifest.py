@@ -194,11 +194,13 @@ class Quantization(_Strict):
     symmetric: bool
     accuracy_level: int = Field(description="MatMulNBits: 0 float32 activations, 4 int8")
     widths: dict[str, Width] = Field(
-        description="per role: projections, embedding (`embedding_tail`: its second half of rows), other roles"
+        description="per role: projections, embedding (`embedding_tail`: its less common rows), other roles"
     )
     quantized: dict[str, int | str] = Field(
         description="what was rewritten: MatMul count (`matmul_gptq`: by GPTQ), LM head, embedding "
-        "(`embedding_tail_from`: its first row at `widths.embedding_tail`), `lookup_tables` (other tables looked up "
+        "(`embedding_parts`: its runs of ids and their widths, `0-40165 int8, 40165-236743 int4, ...`; "
+        "`embedding_selection`: how the wide rows were chosen, `bpe-merge-rank` (the tokenizer's commonest "
+        "tokens) or `id` (the first half)), `lookup_tables` (other tables looked up "
         "by token id, e.g. Gemma 4's per-layer embeddings)"
     )
     kept_float32: str

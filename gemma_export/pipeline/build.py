@@ -19,7 +19,18 @@ from gemma_export.checkpoint import load
 from gemma_export.checkpoint.gguf import manifest_source
 from gemma_export.errors import BadInput, ParityError
 from gemma_export.manifest import FORMAT, MANIFEST, ArtifactSpec, BuildInfo, FileEntry, Manifest
-from gemma_export.pipeline import calibrate, gptq, logits_to_keep, memory, optimize, package, quantize, trace, vision
+from gemma_export.pipeline import (
+    calibrate,
+    gptq,
+    logits_to_keep,
+    memory,
+    optimize,
+    package,
+    quantize,
+    trace,
+    vision,
+    vocab_parts,
+)
 from gemma_export.pipeline.options import BuildOptions, check_output_location, check_recipe_architecture
 from gemma_export.pipeline.progress import Stages
 from gemma_export.runtime.session import OrtEncoder
@@ -228,7 +239,10 @@ def build(checkpoint_dir: Path, out_dir: Path, options: BuildOptions, stages: St
             with stages.stage("calibrate") as st:
                 calibrated = calibrate_decoder(loaded, checkpoint_dir, spec, options.calibration, st.report)
         with stages.stage("quantize"):
-            graph, quantization = quantize.quantize(graph, spec, calibrated)
+            parts = None  # the tied embedding's runs of common tokens' ids, stored wide (vocab_parts.py)
+            if spec.embedding_tail is not None and not encoder:
+                parts = vocab_parts.of_checkpoint(checkpoint_dir, loaded.cfg.vocab_size)
+            graph, quantization = quantize.quantize(graph, spec, calibrated, parts)
             del calibrated
     if target.name != "onnx":  # `onnx` keeps the portable graph: ai.gemma ops + their function bodies
         with stages.stage("lower"):

@@ -44,7 +44,8 @@ import onnx_ir as ir
 from onnx_ir import convenience
 from onnx_ir.tape import Tape
 
-from gemma_export.pipeline import gptq, graph_patterns, memory
+from gemma_export.pipeline import gptq, graph_patterns, memory, vocab_parts
+from gemma_export.pipeline.vocab_parts import Part
 
 QUANTS = ("none", "int8", "int4", "int4-gptq", "int4-rtn", "int4-plain")
 MS_DOMAIN = "com.microsoft"
@@ -63,6 +64,11 @@ class Width:
     def with_block(self, block_size: int | None) -> Width:
         return self if block_size is None else Width(self.bits, block_size, self.symmetric)
 
+    @property
+    def name(self) -> str:
+        """`int8 b128`: bits and block size, as the manifest's summaries write them."""
+        return f"int{self.bits} b{self.block_size}"
+
 
 @dataclass(frozen=True)
 class GptqSettings:
@@ -79,8 +85,9 @@ class GptqSettings:
 class QuantSpec:
     """Which width each weight gets. Projections are named by their module (`layers.3.mlp.down_proj`, as the
     trace stage names their MatMul nodes); `other_roles` lists the roles (`o_proj`) stored at `other` instead.
-    `embedding_tail`: the tied embedding's rows from the middle of the vocabulary on (ids >= vocab // 2) are
-    stored at this width, the first half at `embedding` (None: every row at `embedding`)."""
+    `embedding_tail`: the tied embedding's less common rows are stored at this width, the common ones at
+    `embedding` (vocab_parts.py: a quarter of the vocabulary by the tokenizer's merge ranks; without a tokenizer,
+    the first half of the ids); None: every row at `embedding`."""
 
     projections: Width
     embedding: Width  # the tied embedding: the LM head and the lookup, one copy
@@ -147,14 +154,19 @@ INT8_B128 = Width(bits=8, block_size=128, symmetric=False)
 # weight) it costs nothing measurable (13.59), at int4 +10% (14.89); its second half of the vocabulary (by id) at
 # int4, the first at int8, +1.5% (13.78), which leaves room for the projections at int8 (13.61 with the whole
 # embedding at int8). Each projection role alone at int4: up +8.5%, down +6.9%, gate +4.9%, v +2.7%, q +2.1%,
-# k +1.9%, o 0%: o stays at int4 (ROLES_AT_INT4). Built and measured on the held-out text (fp32 14.412): this mix
-# 14.668 (1.018x, 229 MiB); with q and k at int4 too 14.884 (1.033x, 224 MiB).
+# k +1.9%, o 0%: o stays at int4 (ROLES_AT_INT4). Built and measured on the held-out text (fp32 14.412): with the
+# embedding split by id, this mix 14.668 (1.018x, 229 MiB), with q and k at int4 too 14.884 (1.033x, 224 MiB).
 #
 # `int4` rounds to nearest. `int4-gptq` chooses the same widths' integers by GPTQ on calibration text: on these
-# widths it measured worse on the held-out text (14.829, and 15.141 with q/k/o at int4), though closer on the
-# gate's random-token prompts (KL 0.19 vs 0.29): its gain was on the MLP projections, which this mix keeps at
-# int8 (the previous mix, gate/down/q/o at int4: GPTQ 15.23 vs 16.38 rounded to nearest). `int4-rtn` is `int4`
-# under its earlier name. `int4-plain` is int4 everywhere, rounded to nearest (the smallest and fastest).
+# widths it measured worse on the held-out text (14.521 against 14.429; with the id split 14.829 against 14.668),
+# though closer on the gate's random-token prompts (KL 0.20 vs 0.30): its gain was on the MLP projections, which
+# this mix keeps at int8 (the previous mix, gate/down/q/o at int4: GPTQ 15.23 vs 16.38 rounded to nearest).
+# `int4-rtn` is `int4` under its earlier name. `int4-plain` is int4 everywhere, rounded to nearest (the smallest
+# and fastest).
+#
+# Which rows of the embedding get int8 matters more than how many: the common tokens by the tokenizer's BPE merge
+# ranks, a quarter of the vocabulary, measured 13.679 on GPL-2 against the first half of the ids' 13.764, and
+# built 14.429 on the held-out text (1.001x fp32) against 14.668, 15 MiB smaller (vocab_parts.py).
 ROLES_AT_INT4 = ("o_proj",)
 _MIX = {"projections": INT8_B128, "other_roles": ROLES_AT_INT4, "other": INT4_B32, "embedding": INT8_B128,
         "embedding_tail": INT4_B32}  # fmt: skip
@@ -193,10 +205,12 @@ class Packed:
 
 
 def quantize(
-    model: ir.Model, spec: QuantSpec, calibrated: gptq.Calibrated | None = None
+    model: ir.Model, spec: QuantSpec, calibrated: gptq.Calibrated | None = None, parts: list[Part] | None = None
 ) -> tuple[ir.Model, dict[str, Any]]:
     """The model with its weights quantized, in place, and the manifest's `quantization` record. The MatMuls named
     in `calibrated` (the calibrate stage's GPTQ) take its weights; the others are rounded to nearest here.
+    `parts`: with an `embedding_tail`, the tied embedding's runs of ids and which are wide (vocab_parts.py);
+    None: the first half of the ids wide.
 
     One weight at a time: each is read (a view of the checkpoint's mapping), packed, and its pages dropped from
     the resident set (memory.py), so the stage's memory is the packed weights plus one weight's transient slice,
@@ -220,8 +234,10 @@ def quantize(
             packed = round_to_nearest(lambda lo, hi, b=b: b[:, lo:hi], b.shape[1], width)
         _to_matmul_nbits(graph, node, packed, width, spec.accuracy_level)
     kept_float = sum(1 for n in graph if n.op_type == "MatMul")
-    head_split = _tail_from(head.inputs[1].const_value.shape[0], spec) if head is not None else 0
-    tied = head is not None and _quantize_tied_embedding(graph, head, spec)
+    selection = vocab_parts.SELECTION if parts else "id"
+    if head is not None and spec.embedding_tail is not None:
+        parts = parts if parts and parts[-1].stop == head.inputs[1].const_value.shape[0] else _by_id(head)
+    tied = head is not None and _quantize_tied_embedding(graph, head, spec, parts)
     tables = _quantize_lookup_tables(graph, spec.embedding)
     record = {
         "method": GPTQ_METHOD if done else RTN_METHOD,
@@ -232,7 +248,7 @@ def quantize(
             "matmul_kept_float": kept_float,  # a MatMul whose weight is not a constant (or is shared)
             "lm_head": "MatMulNBits on the tied embedding" if tied else "float32 (no tied Gemm head found)",
             "embedding": "GatherBlockQuantized on the LM head's quantized weight" if tied else "float32",
-            **({"embedding_tail_from": head_split} if tied and head_split else {}),
+            **(_parts_record(parts, spec, selection) if tied else {}),
             **({"lookup_tables": "GatherBlockQuantized: " + ", ".join(tables)} if tables else {}),
         },
         "kept_float32": "norms, biases, RoPE, Conv1D, RG-LRU gates, activations, logits",
@@ -293,25 +309,33 @@ def _matmul_nbits(graph: ir.Graph, x: ir.Value, name: str, k: int, packed: Packe
     return ir.node("MatMulNBits", inputs, attrs, domain=MS_DOMAIN, name=node_name)
 
 
-def _tail_from(vocab: int, spec: QuantSpec) -> int:
-    """The first row of the tied embedding stored at `embedding_tail` (0: none is)."""
-    return vocab // 2 if spec.embedding_tail is not None and vocab >= 2 else 0
+def _parts_record(parts: list[Part] | None, spec: QuantSpec, selection: str) -> dict[str, str]:
+    """The manifest's `embedding_parts` and `embedding_selection`, for a tied embedding stored in parts."""
+    if not parts or spec.embedding_tail is None:
+        return {}
+    described = vocab_parts.describe(parts, spec.embedding.name, spec.embedding_tail.name)
+    return {"embedding_parts": described, "embedding_selection": selection}
 
 
-def _quantize_tied_embedding(graph: ir.Graph, head: ir.Node, spec: QuantSpec) -> bool:
+def _by_id(head: ir.Node) -> list[Part] | None:
+    """Without the tokenizer's word: the first half of the ids wide, the rest not."""
+    vocab = head.inputs[1].const_value.shape[0]
+    return [Part(0, vocab // 2, True), Part(vocab // 2, vocab, False)] if vocab >= 2 else None
+
+
+def _quantize_tied_embedding(graph: ir.Graph, head: ir.Node, spec: QuantSpec, parts: list[Part] | None) -> bool:
     """Gemm(x, E, transB=1) -> MatMulNBits(x, Q(E)) and Gather(E, ids) -> GatherBlockQuantized(Q(E), ids), one
-    copy of the packed bytes for both. With an `embedding_tail`, E is stored in two parts of rows, each at its
-    width: the head is Concat(MatMulNBits(x, part 0), MatMulNBits(x, part 1)) along the vocabulary, and the lookup
-    reads each row from its part (`_split_lookup`). Returns whether it was quantized: E stays float32 when it
-    serves anything but that head and lookups."""
+    copy of the packed bytes for both. With `parts` (and an `embedding_tail`), E is stored in parts, runs of ids,
+    each at its width: the head is Concat(MatMulNBits(x, part) for each part) along the vocabulary, its logits in
+    id order, and the lookup reads each row from its part (`_split_lookup`). Returns whether it was quantized: E
+    stays float32 when it serves anything but that head and lookups."""
     table = head.inputs[1]
     lookups = [user for user, _ in table.uses() if user is not head]
     if not all(_is_lookup(user, table) for user in lookups):
         return False  # E serves something else too: leave it float32 rather than guess
     e = table.const_value.numpy()  # [vocab, hidden]: B = E^T is [K = hidden, N = vocab]
     vocab, hidden = e.shape
-    split = _tail_from(vocab, spec)
-    if not split:
+    if not parts or spec.embedding_tail is None:
         packed = round_to_nearest(lambda lo, hi: e[lo:hi].T, vocab, spec.embedding)
         _to_matmul_nbits(graph, head, packed, spec.embedding, spec.accuracy_level)
         data = graph.initializers[f"{table.name}_Q{spec.embedding.bits}"]
@@ -319,52 +343,58 @@ def _quantize_tied_embedding(graph: ir.Graph, head: ir.Node, spec: QuantSpec) ->
             _to_gather_block_quantized(graph, gather, data, packed, spec.embedding, table.name, hidden)
         _remove_initializer(graph, table)
         return True
-    parts = []
-    for start, stop, width in ((0, split, spec.embedding), (split, vocab, spec.embedding_tail)):
+    stored = []
+    for start, stop, wide in parts:
+        width = spec.embedding if wide else spec.embedding_tail
         packed = round_to_nearest(lambda lo, hi, start=start: e[start + lo : start + hi].T, stop - start, width)
         name = f"{table.name}_rows{start}"
         node = _matmul_nbits(graph, head.inputs[0], name, hidden, packed, width, spec.accuracy_level,
                              f"{head.name}_rows{start}_Q{width.bits}")  # fmt: skip
-        parts.append(_Part(name, width, packed, node))
-    concat = ir.node("Concat", [p.head.outputs[0] for p in parts], {"axis": -1}, name=f"{head.name}_concat")
-    new = [p.head for p in parts] + [concat]
+        stored.append(_Part(name, start, width, packed, node))
+    concat = ir.node("Concat", [p.head.outputs[0] for p in stored], {"axis": -1}, name=f"{head.name}_concat")
+    new = [p.head for p in stored] + [concat]
     convenience.replace_nodes_and_values(graph, head, [head], new, head.outputs, concat.outputs)
     for gather in lookups:
-        _split_lookup(graph, gather, split, parts, hidden)
+        _split_lookup(graph, gather, stored, hidden)
     _remove_initializer(graph, table)
     return True
 
 
 class _Part(NamedTuple):
-    """One part of rows of a tied embedding stored in parts: its initializers' name prefix, width, packed bytes,
-    and the head's MatMulNBits over it."""
+    """One part of rows of a tied embedding stored in parts: its initializers' name prefix, first id, width,
+    packed bytes, and the head's MatMulNBits over it."""
 
     name: str
+    start: int
     width: Width
     packed: Packed
     head: ir.Node
 
 
-def _split_lookup(graph: ir.Graph, gather: ir.Node, split: int, parts: list[_Part], hidden: int) -> None:
-    """Gather(E, ids) of a table stored in two parts of rows (ids < split, ids >= split):
-    Where(ids < split, lookup(part 0, ids or 0), lookup(part 1, ids - split or 0)), each lookup a
-    GatherBlockQuantized on its part's packed bytes (`_to_gather_block_quantized`'s)."""
+def _split_lookup(graph: ir.Graph, gather: ir.Node, parts: list[_Part], hidden: int) -> None:
+    """Gather(E, ids) of a table stored in parts, runs of ids from each part's `start` on: each part looked up at
+    Clip(ids - start, 0, its rows - 1) (a GatherBlockQuantized on its packed bytes, `_lookup_nodes`), and each id's
+    row taken from the last part whose start it reaches: Where(ids >= start, this part's, the parts' before)."""
     ids = gather.inputs[1]
-    tape = Tape()
-    first = _initializer(graph, f"{gather.name}_split", np.array(split, np.int64))
     zero = _initializer(graph, f"{gather.name}_zero", np.array(0, np.int64))
     axes = _initializer(graph, f"{gather.name}_hidden_axis", np.array([-1], np.int64))
-    below = tape.op("Less", [ids, first])
-    rows = [tape.op("Where", [below, ids, zero]), tape.op("Where", [below, zero, tape.op("Sub", [ids, first])])]
-    nodes, looked = list(tape.nodes), []
-    for part, part_ids in zip(parts, rows, strict=True):
-        data = part.head.inputs[1]
-        part_nodes, out = _lookup_nodes(graph, gather, data, part_ids, part.packed, part.width, part.name, hidden)
+    nodes: list[ir.Node] = []
+    row: ir.Value | None = None
+    for part in parts:
+        start = _initializer(graph, f"{gather.name}_from{part.start}", np.array(part.start, np.int64))
+        last = _initializer(graph, f"{gather.name}_last{part.start}", np.array(part.packed.data.shape[0] - 1, np.int64))
+        tape = Tape()
+        index = tape.op("Clip", [tape.op("Sub", [ids, start]), zero, last])
+        nodes += tape.nodes
+        part_nodes, looked = _lookup_nodes(graph, gather, part.head.inputs[1], index, part.packed, part.width,
+                                           part.name, hidden)  # fmt: skip
         nodes += part_nodes
-        looked.append(out)
-    tape = Tape()
-    tape.op("Where", [tape.op("Unsqueeze", [below, axes]), *looked])
-    nodes += tape.nodes
+        if row is not None:
+            tape = Tape()
+            row = tape.op("Where", [tape.op("Unsqueeze", [tape.op("GreaterOrEqual", [ids, start]), axes]), looked, row])
+            nodes += tape.nodes
+        else:
+            row = looked
     convenience.replace_nodes_and_values(graph, gather, [gather], nodes, gather.outputs, nodes[-1].outputs)
 
 

@@ -24,7 +24,7 @@ from onnx import helper
 from gemma_export.checkpoint import load
 from gemma_export.dev import random_checkpoint
 from gemma_export.manifest import Manifest
-from gemma_export.pipeline import logits_to_keep, optimize, package, quantize, trace
+from gemma_export.pipeline import logits_to_keep, optimize, package, quantize, trace, vocab_parts
 from gemma_export.pipeline.build import BuildOptions, build
 from gemma_export.pipeline.progress import Stages
 from gemma_export.runtime.session import left_pad, positions, session_options
@@ -91,12 +91,14 @@ def built(checkpoints, traced, tmp_path_factory):
 
 def today(checkpoint: Path, export, target: str = "ort-cpu", quant: str = "none", cache_layout: str | None = None):
     """build()'s graph stages, without `logits_to_keep`."""
-    _, model = load.load_model(checkpoint)
+    cfg, model = load.load_model(checkpoint)
     if cache_layout is not None:
         model.use_cache_layout(cache_layout)
     graph = optimize.attach_functions(optimize.optimize(export(model)), trace.OPSET)
     if quant != "none":
-        graph, _ = quantize.quantize(graph, quantize.spec_for(quant))
+        spec = quantize.spec_for(quant)
+        parts = vocab_parts.of_checkpoint(checkpoint, cfg.vocab_size) if spec.embedding_tail else None
+        graph, _ = quantize.quantize(graph, spec, parts=parts)
     return lower.lower(graph) if target == "ort-cpu" else graph
 
 
@@ -193,7 +195,8 @@ def test_manifest_lists_the_optional_input_and_the_head_is_one_node(built, name)
     # one head, on the kept rows: Slice -> head -> (soft-cap) -> logits, no Reshape; an int4 embedding stored in two
     # parts of rows (quantize.py) is one MatMulNBits per part, their logits concatenated
     split = manifest.quantization is not None and "embedding_tail" in manifest.quantization.widths
-    assert len(heads) == (2 if split else 1)
+    parts = manifest.quantization.quantized["embedding_parts"].split(", ") if split else [""]
+    assert len(heads) == len(parts)
     assert len({n.input[0] for n in heads}) == 1
     producers = {out: n for n in proto.graph.node for out in n.output}
     hidden = producers[heads[0].input[0]]

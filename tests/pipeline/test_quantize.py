@@ -28,7 +28,7 @@ from gemma_export.config.model_config import GriffinConfig
 from gemma_export.dev import random_checkpoint
 from gemma_export.errors import BadInput, ParityError
 from gemma_export.manifest import MANIFEST, Manifest
-from gemma_export.pipeline import package, quantize, trace
+from gemma_export.pipeline import package, quantize, trace, vocab_parts
 from gemma_export.pipeline.build import BuildOptions, build
 from gemma_export.pipeline.progress import Stages
 from gemma_export.runtime import generation
@@ -162,17 +162,23 @@ def test_quantized_build_rewrites_every_projection_and_records_its_agreement(bui
         assert "round-to-nearest" in record["method"] and record["gptq"] is None and record["calibration"] is None
 
     # The bytes: each projection and the tied embedding replaced by exactly MatMulNBits' layout; an int4 embedding
-    # in two parts of rows (the first half of the vocabulary at `embedding`, the rest at `embedding_tail`).
+    # in parts, runs of ids (the tiny checkpoints carry a BPE tokenizer.json: the common tokens' runs by merge rank at
+    # `embedding`, the rest at `embedding_tail`).
     v, h = cfg.vocab_size, cfg.hidden_size
     fp32 = 4 * (sum(k * n for k, n in linears) + v * h)
     packed = sum(packed_bytes(k, n, spec.width_of(role)) for role, k, n in linear_roles(cfg))
     tail = spec.embedding_tail
-    parts = [(v // 2, spec.embedding), (v - v // 2, tail)] if tail else [(v, spec.embedding)]
+    parts = [(v, spec.embedding)]
+    if tail:
+        expected = vocab_parts.of_checkpoint(checkpoints[model_type], v)
+        assert expected is not None and len(expected) >= 2  # the tokenizer's common tokens make a few runs
+        parts = [(p.stop - p.start, spec.embedding if p.wide else tail) for p in expected]
+        assert record["quantized"]["embedding_parts"] == vocab_parts.describe(expected, "int8 b128", "int4 b32")
+        assert record["quantized"]["embedding_selection"] == vocab_parts.SELECTION
     packed += sum(packed_bytes(h, rows, width) for rows, width in parts)
-    assert record["quantized"].get("embedding_tail_from") == (v // 2 if tail else None)
     rows_shape = 16 * len(parts)  # the int64 [rows, bytes per row] each lookup reshapes its packed part with
     unpad = sum(24 for _, width in parts if h % width.block_size)  # int64 Slice starts/ends/axes: padded rows
-    split = 24 if tail else 0  # int64 first tail row, zero, and the Unsqueeze axis choosing each row's part
+    split = 16 + 16 * len(parts) if tail else 0  # int64 zero, Unsqueeze axis; each part's first id and last row
     sizes = record["weight_bytes"]
     assert sizes["after"] == sizes["before"] - fp32 + packed + rows_shape + unpad + split
 
@@ -497,10 +503,12 @@ def test_tied_embedding_lookup_and_head_read_the_same_quantized_rows(bits, symme
     np.testing.assert_allclose(logits, x @ dequantized.T, atol=1e-4)
 
 
-def test_a_tied_embedding_in_two_parts_is_looked_up_and_multiplied_by_the_part_of_each_row() -> None:
-    """`embedding_tail`: rows below vocab // 2 at `embedding`'s width, the rest at the tail's; the lookup takes each
-    id's row from its part (ids on both sides of the split, the first and last of each), the head concatenates
-    the parts' logits in vocabulary order."""
+@pytest.mark.parametrize("given", [None, [(0, 70, True), (70, 200, False), (200, 300, True)]])
+def test_a_tied_embedding_in_parts_is_looked_up_and_multiplied_by_the_part_of_each_row(given) -> None:
+    """`embedding_tail`: the tied embedding stored in parts, runs of ids, the wide ones at `embedding`'s width, the
+    others at the tail's (None: the first half of the ids wide); the lookup takes each id's row from its part (ids
+    on each side of every boundary, the first and last of each part), the head concatenates the parts' logits in
+    id order."""
     vocab, hidden, block = 300, 80, 32
     rng = np.random.default_rng(0)
     table = rng.standard_normal((vocab, hidden)).astype(np.float32)
@@ -516,21 +524,25 @@ def test_a_tied_embedding_in_two_parts_is_looked_up_and_multiplied_by_the_part_o
     model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)], ir_version=10))
     int8, int4 = (quantize.Width(bits=b, block_size=block, symmetric=False) for b in (8, 4))
     spec = quantize.QuantSpec(int8, int8, accuracy_level=0, embedding_tail=int4)
-    quantized, record = quantize.quantize(model, spec)
-    assert record["quantized"]["embedding_tail_from"] == vocab // 2
+    parts = [vocab_parts.Part(*p) for p in given] if given else None
+    quantized, record = quantize.quantize(model, spec, parts=parts)
+    expected = parts or [vocab_parts.Part(0, vocab // 2, True), vocab_parts.Part(vocab // 2, vocab, False)]
+    assert record["quantized"]["embedding_parts"] == vocab_parts.describe(expected, "int8 b32", "int4 b32")
+    assert record["quantized"]["embedding_selection"] == (vocab_parts.SELECTION if parts else "id")
     assert record["bits"] == 4 and record["widths"]["embedding_tail"]["bits"] == 4
     proto = ir.to_proto(quantized)
     assert "E" not in {t.name for t in proto.graph.initializer}  # no float32 copy left
-    split = vocab // 2
-    dequantized = np.concatenate([_dequantize(proto, "E_rows0", 8, block, hidden),
-                                  _dequantize(proto, f"E_rows{split}", 4, block, hidden)])  # fmt: skip
+    dequantized = np.concatenate([_dequantize(proto, f"E_rows{p.start}", 8 if p.wide else 4, block, hidden)
+                                  for p in expected])  # fmt: skip
     errors = np.abs(dequantized - table).max(axis=1)
-    assert errors[:split].max() < errors[split:].min()  # each half at its own width: int8 rows far closer
+    wide = np.concatenate([np.full(p.stop - p.start, p.wide) for p in expected])
+    assert errors[wide].max() < errors[~wide].min()  # each part at its own width: int8 rows far closer
 
     import onnxruntime as ort
 
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-    ids, x = np.array([0, split - 1, split, vocab - 1, 7]), rng.standard_normal((5, hidden)).astype(np.float32)
+    ids = np.array(sorted({i for p in expected for i in (p.start, p.stop - 1)} | {7}))
+    x = rng.standard_normal((5, hidden)).astype(np.float32)
     emb, logits = session.run(None, {"ids": ids, "x": x})
     np.testing.assert_allclose(emb, dequantized[ids], atol=1e-6)
     np.testing.assert_allclose(logits, x @ dequantized.T, atol=1e-4)
