@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gemma_export.checkpoint import gguf
+from gemma_export.checkpoint import tokenizer
 from gemma_export.errors import BadInput
 from gemma_export.pipeline import gptq
 from gemma_export.pipeline.quantize import QuantSpec
@@ -57,18 +57,12 @@ def calibration_text(path: Path | None) -> tuple[str, dict[str, Any]]:
 
 
 def tokenizer_of(checkpoint_dir: Path) -> Any:
-    """The checkpoint's `tokenizers.Tokenizer`: its tokenizer.json, or one built from a GGUF's vocabulary."""
-    from tokenizers import Tokenizer
-
-    found = gguf.find_gguf(checkpoint_dir)
-    vocab = gguf.read_vocabulary(gguf.read_header(found)) if found is not None else None
-    if vocab is not None:
-        return gguf.build_tokenizer(vocab)
-    path = Path(checkpoint_dir) / "tokenizer.json"
-    if not path.is_file():
+    """The checkpoint's `tokenizers.Tokenizer` (checkpoint/tokenizer.py), which calibration cannot do without."""
+    found = tokenizer.find(checkpoint_dir)
+    if found is None:
         raise BadInput(f"{checkpoint_dir}: --quant int4-gptq calibrates on text and needs the checkpoint's "
                        "tokenizer (tokenizer.json); --quant int4 needs none")  # fmt: skip
-    return Tokenizer.from_file(str(path))
+    return found
 
 
 def token_sequences(ids: list[int], bos: int, length: int, tokens: int) -> torch.Tensor:

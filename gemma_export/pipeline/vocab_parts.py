@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from gemma_export.errors import BadInput
+from gemma_export.checkpoint import tokenizer
 
 SELECTION = "bpe-merge-rank"  # the manifest's name for how the wide rows were chosen
 WIDE_FRACTION = 4  # the commonest vocab // WIDE_FRACTION tokens by merge rank are wide
@@ -87,13 +87,8 @@ def by_merge_rank(tokenizer: dict[str, Any], vocab_size: int) -> list[Part] | No
 def of_checkpoint(checkpoint_dir: Path, vocab_size: int) -> list[Part] | None:
     """by_merge_rank of the checkpoint's tokenizer (tokenizer.json, or the one a GGUF's vocabulary makes); None
     when it has none."""
-    from gemma_export.pipeline import calibrate
-
-    try:
-        tokenizer = calibrate.tokenizer_of(checkpoint_dir)
-    except BadInput:
-        return None
-    return by_merge_rank(json.loads(tokenizer.to_str()), vocab_size)
+    found = tokenizer.find(checkpoint_dir)
+    return by_merge_rank(json.loads(found.to_str()), vocab_size) if found is not None else None
 
 
 def describe(parts: list[Part], wide: str, narrow: str) -> str:

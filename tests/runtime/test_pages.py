@@ -6,15 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
-import onnx
-import onnx_ir as ir
 import pytest
-from onnx import TensorProto, helper
 
 from gemma_export.pipeline import package
 from gemma_export.runtime import pages
 from gemma_export.targets import ort_cpu
+from tests.support.tied_head import tied_model
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps (Linux)")
 
@@ -37,16 +34,7 @@ print(pages.resident_bytes(data))
 def _tied_model(folder: Path) -> tuple[Path, Path]:
     """Gather(E, ids) and the head MatMul(x, E^T), as `ort-cpu` writes them: the head in slices that ONNX Runtime
     pre-packs, the lookup reading E's bytes in the external data file (memory-mapped) under its own name."""
-    e = np.random.default_rng(0).standard_normal((VOCAB, HIDDEN), dtype=np.float32)
-    graph = helper.make_graph(
-        [helper.make_node("Gather", ["E", "ids"], ["x"]),
-         helper.make_node("FusedMatMul", ["x", "E"], ["logits"], domain="com.microsoft", transB=1)],
-        "tied", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 1])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 1, VOCAB])],
-        [onnx.numpy_helper.from_array(e, "E")],
-    )  # fmt: skip
-    opsets = [helper.make_opsetid("", 23), helper.make_opsetid("com.microsoft", 1)]
-    model = ir.from_proto(helper.make_model(graph, opset_imports=opsets, ir_version=10))
+    model = tied_model(VOCAB, HIDDEN)
     head = next(n for n in model.graph if n.op_type == "FusedMatMul")
     assert ort_cpu.chunk_head(model, head, max_bytes=VOCAB * HIDDEN) == 4
     folder.mkdir()

@@ -45,6 +45,7 @@ from gemma_export.verify.reference import TorchDecoder
 from tests.support import op_harness as harness
 from tests.support.artifacts import built_once
 from tests.support.attention_vectors import VECTORS, load_vector, row_error
+from tests.support.tied_head import tied_model
 
 TOL = 1e-4
 ONNX_TOL = 1e-5
@@ -216,22 +217,8 @@ def test_lookup_reads_an_alias_of_the_heads_bytes_written_once(artifact) -> None
     assert len(unique) == len(spans) - 1  # the alias is the only name that shares its bytes
 
 
-def _tied_model(vocab: int, hidden: int) -> ir.Model:
-    """The tied embedding alone: Gather(E, ids) -> mean over hidden -> FusedMatMul(x, E, transB=1)."""
-    e = np.random.default_rng(0).standard_normal((vocab, hidden), dtype=np.float32)
-    graph = helper.make_graph(
-        [helper.make_node("Gather", ["E", "ids"], ["x"]),
-         helper.make_node("FusedMatMul", ["x", "E"], ["logits"], domain="com.microsoft", transB=1)],
-        "tied", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 1])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 1, vocab])],
-        [onnx.numpy_helper.from_array(e, "E")],
-    )  # fmt: skip
-    opsets = [helper.make_opsetid("", 23), helper.make_opsetid("com.microsoft", 1)]
-    return ir.from_proto(helper.make_model(graph, opset_imports=opsets, ir_version=10))
-
-
 def test_two_lookups_of_one_table_share_its_alias() -> None:
-    model = _tied_model(64, 16)
+    model = tied_model(64, 16)
     first = next(n for n in model.graph if n.op_type == "Gather")
     second = ir.node("Gather", [first.inputs[0], first.inputs[1]])
     model.graph.insert_after(first, second)
@@ -257,7 +244,7 @@ def test_a_pre_packed_head_leaves_one_copy_of_the_tied_table_resident(tmp_path) 
     table = 8192 * 1024 * 4  # 32 MiB: well above the session's own allocations
     grown = {}
     for way in ("plain", "aliased", "sliced"):
-        model = _tied_model(8192, 1024)
+        model = tied_model(8192, 1024)
         if way == "sliced":
             head = next(n for n in model.graph if n.op_type == "FusedMatMul")
             assert lower.chunk_head(model, head, max_bytes=table // 8) == 8
@@ -293,7 +280,7 @@ def test_a_large_head_is_computed_in_slices_that_alias_its_bytes(tmp_path) -> No
     vocab, hidden = 5 * lower.SLICE_ROWS, 64
     logits = {}
     for slices in (0, 5):
-        model = _tied_model(vocab, hidden)
+        model = tied_model(vocab, hidden)
         head = next(n for n in model.graph if n.op_type == "FusedMatMul")
         whole = 4 * vocab * hidden
         assert lower.chunk_head(model, head, max_bytes=whole // 5 if slices else whole) == slices
