@@ -234,9 +234,10 @@ def quantize(
             packed = round_to_nearest(lambda lo, hi, b=b: b[:, lo:hi], b.shape[1], width)
         _to_matmul_nbits(graph, node, packed, width, spec.accuracy_level)
     kept_float = sum(1 for n in graph if n.op_type == "MatMul")
-    selection = vocab_parts.SELECTION if parts else "id"
+    selection = "id"
     if head is not None and spec.embedding_tail is not None:
-        parts = parts if parts and parts[-1].stop == head.inputs[1].const_value.shape[0] else _by_id(head)
+        fits = bool(parts) and parts[0].start == 0 and parts[-1].stop == head.inputs[1].const_value.shape[0]
+        parts, selection = (parts, vocab_parts.SELECTION) if fits else (_by_id(head), "id")
     tied = head is not None and _quantize_tied_embedding(graph, head, spec, parts)
     tables = _quantize_lookup_tables(graph, spec.embedding)
     record = {
