@@ -56,7 +56,9 @@ def test_a_settled_table_keeps_about_the_rows_looked_up_resident(tmp_path) -> No
     settled = _resident_after_lookups(model, data, settle=True)
     assert 0 < settled <= LOOKUPS * 2 * 4096, settled
     unsettled = _resident_after_lookups(model, data, settle=False)
-    assert unsettled >= settled, (unsettled, settled)
+    # without settling, each lookup maps at least the fault-around window (64 KiB), a large folio at most: the
+    # bound above is what settling buys, not what any run would give
+    assert unsettled > LOOKUPS * 2 * 4096, (unsettled, settled)
 
 
 def test_mappings_of_a_file_are_found_and_measured(tmp_path) -> None:
